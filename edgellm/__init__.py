@@ -1,0 +1,24 @@
+"""edgellm: a small chat LLM on an edge device.
+
+`import edgellm` loads only the runtime (onnxruntime, tokenizers, numpy); the converter and its
+torch/transformers stack load only inside `edgellm convert`.
+"""
+
+from .errors import (
+    ContextLengthError,
+    EdgeLLMError,
+    InvalidParameterError,
+    MissingDependencyError,
+    ModelFormatError,
+    ProviderError,
+    ValidationError,
+)
+from .runtime import LLM, CancelToken, GenerationResult, GenerationTimings, SamplingParams, StreamChunk, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "LLM", "SamplingParams", "GenerationResult", "GenerationTimings", "StreamChunk", "CancelToken",
+    "EdgeLLMError", "ModelFormatError", "ContextLengthError", "InvalidParameterError", "ProviderError",
+    "MissingDependencyError", "ValidationError", "__version__",
+]

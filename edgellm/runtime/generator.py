@@ -1,0 +1,137 @@
+"""The hot loop: reuse cached prefix → prefill the rest in chunks → sample → stop check → step.
+
+Everything that generates text (LLM.generate/stream, the CLI, the voice demo) runs through
+`Stream`. Cancel and deadline are checked before every model call, so they act within one
+step, during prefill too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+from tokenizers import Tokenizer
+
+from .sampling import ResolvedSampling, Sampler
+from .session import DecoderSession
+from .text import IncrementalDecoder, StopMatcher
+from .types import CancelToken, FinishReason, GenerationResult, GenerationTimings, StreamChunk
+
+PREFILL_CHUNK = 64  # tokens per prefill call: big enough for efficient GEMMs, small enough to cancel in ~0.1 s
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def prefill(session: DecoderSession, prompt: Sequence[int], should_stop=None, chunk: int = PREFILL_CHUNK):
+    """Make the cache hold exactly `prompt`, re-using the longest cached prefix.
+
+    Returns (logits of the last prompt token or None if stopped, tokens reused from the cache).
+    The last prompt token is always recomputed, because the logits after it are not kept.
+    """
+    reused = min(common_prefix_length(session.tokens, prompt), len(prompt) - 1)
+    session.truncate(reused)
+    logits = None
+    for start in range(reused, len(prompt), chunk):
+        if should_stop is not None and should_stop():
+            return None, reused
+        logits = session.forward(prompt[start:start + chunk], keep=1)[-1]
+    return logits, reused
+
+
+class Stream:
+    """Iterator of StreamChunk; `result` holds the GenerationResult once iteration ends."""
+
+    def __init__(self, session: DecoderSession, tokenizer: Tokenizer, prompt: list[int], settings: ResolvedSampling,
+                 eos_token_ids: frozenset[int], deadline: float | None, cancel: CancelToken | None,
+                 started: float, on_close=None) -> None:
+        self.result: GenerationResult | None = None
+        self._iterator = self._run(session, tokenizer, prompt, settings, eos_token_ids, deadline, cancel, started)
+        self._on_close = on_close
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        return self
+
+    def __next__(self) -> StreamChunk:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop early; a stream that never started still gives the model back."""
+        self._iterator.close()
+        if self.result is None and self._on_close is not None:
+            self._on_close(self)
+
+    def _run(self, session, tokenizer, prompt, settings, eos_ids, deadline, cancel, started) -> Iterator[StreamChunk]:
+        deadline_at = started + deadline if deadline is not None else None
+        reason: FinishReason | None = None
+
+        def should_stop() -> bool:
+            nonlocal reason
+            if cancel is not None and cancel.cancelled:
+                reason = "cancelled"
+            elif deadline_at is not None and time.perf_counter() >= deadline_at:
+                reason = "deadline"
+            return reason is not None
+
+        sampler = Sampler(settings)
+        decoder = IncrementalDecoder(tokenizer, context=prompt)
+        stops = StopMatcher(settings.stop)
+        generated: list[int] = []
+        text_parts: list[str] = []
+        first_token_at = prefill_done = None
+        decode_steps = emitted = 0
+        reused = 0
+        try:
+            logits, reused = prefill(session, prompt, should_stop)
+            prefill_done = time.perf_counter()
+            budget = min(settings.max_new_tokens, session.capacity - len(prompt) + 1)
+            while logits is not None:
+                token = sampler(logits, prompt + generated if settings.repetition_penalty else generated)
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                if token in eos_ids:
+                    reason = "stop"
+                    break
+                generated.append(token)
+                text, hit = stops.feed(decoder.add(token))
+                if text:
+                    text_parts.append(text)
+                    yield StreamChunk(text, tuple(generated[emitted:]))
+                    emitted = len(generated)
+                if hit:
+                    reason = "stop"
+                    break
+                if len(generated) >= budget:
+                    reason = "length"
+                    break
+                if should_stop():
+                    break
+                logits = session.forward((token,), keep=1)[0]
+                decode_steps += 1
+            if reason != "stop":
+                tail = stops.feed(decoder.flush())[0] + stops.flush()
+                if tail or emitted < len(generated):
+                    text_parts.append(tail)
+                    yield StreamChunk(tail, tuple(generated[emitted:]))
+        finally:
+            end = time.perf_counter()
+            prefill_done = prefill_done or end
+            first = first_token_at or end
+            self.result = GenerationResult(
+                text="".join(text_parts),
+                token_ids=tuple(generated),
+                finish_reason=reason or "cancelled",
+                timings=GenerationTimings(
+                    prompt_tokens=len(prompt), cached_tokens=reused,
+                    prefill_ms=(prefill_done - started) * 1000, ttft_ms=(first - started) * 1000,
+                    decode_ms_per_token=(end - first) * 1000 / decode_steps if decode_steps else 0.0,
+                    generated_tokens=len(generated), total_ms=(end - started) * 1000,
+                ),
+            )
+            if self._on_close is not None:
+                self._on_close(self)

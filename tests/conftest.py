@@ -1,0 +1,106 @@
+"""Shared fixtures: a tiny random Llama (fast, exact checks) and the real default model (integration).
+
+The tiny model is built here with transformers and converted end to end once per session.
+The default model is converted once per machine into .cache/models/ and re-used while its
+manifest says it passed the gate (delete the folder to force a fresh conversion).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = Path(os.environ.get("EDGELLM_TEST_MODEL", REPO / ".cache" / "models" / "smollm2-135m-instruct"))
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE trained in milliseconds on the bundled held-out text, with chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = (REPO / "edgellm" / "data" / "heldout_en.txt").read_text()
+    tokenizer.train_from_iterator([text, "héllo wörld 你好 🙂 café"], trainer)
+    return tokenizer
+
+
+def build_tiny_hf_model(folder: Path, layers: int = 2, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM with GQA and tied embeddings, saved as a Hugging Face folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # larger weights than the init's 0.02, so logits have structure worth comparing
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    return build_tiny_hf_model(tmp_path_factory.mktemp("tiny-hf") / "tiny-llama")
+
+
+def _convert(source: Path, out: Path, precision: str) -> Path:
+    from edgellm.convert.pipeline import ConvertOptions, convert
+    from edgellm.convert.validate import ValidationSettings
+
+    settings = ValidationSettings(heldout_tokens=256, window=128, consistency_tokens=24)
+    # A random model's int8 ppl can drift more than a trained one's: the gate is tested on the real model.
+    convert(str(source), out, ConvertOptions(precision=precision, gate=False, progress=False, validation=settings))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+    return _convert(tiny_hf_dir, tmp_path_factory.mktemp("tiny-fp32") / "model", "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+    return _convert(tiny_hf_dir, tmp_path_factory.mktemp("tiny-int8") / "model", "int8")
+
+
+def _usable(folder: Path) -> bool:
+    manifest = folder / "edgellm.json"
+    if not manifest.is_file():
+        return False
+    data = json.loads(manifest.read_text())
+    return data.get("precision") == "int8" and data.get("validation", {}).get("gate", {}).get("passed", False)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The real default model, int8, converted once per machine (about 2 minutes on 2 cores)."""
+    if not _usable(DEFAULT_MODEL_DIR):
+        DEFAULT_MODEL_DIR.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "edgellm.cli", "convert", "smollm2-135m-instruct", "-o", str(DEFAULT_MODEL_DIR),
+               "--force", "--quiet"]
+        subprocess.run(cmd, check=True)
+    return DEFAULT_MODEL_DIR

@@ -1,0 +1,108 @@
+"""The real default model (SmolLM2-135M-Instruct, int8), converted once per machine by the fixture."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import edgellm
+from edgellm import CancelToken, SamplingParams
+from edgellm.convert.sources import KNOWN_MODELS
+
+pytestmark = pytest.mark.integration
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def llm(default_model_dir):
+    return edgellm.load(default_model_dir, threads=2)
+
+
+def test_manifest_reports_a_passing_gate(default_model_dir):
+    m = json.loads((default_model_dir / "edgellm.json").read_text())
+    v = m["validation"]
+    assert m["source"]["sha256"] == KNOWN_MODELS["smollm2-135m-instruct"].sha256
+    assert v["perplexity_ratio"] <= 1.03
+    assert v["int8"]["perplexity"] <= 1.03 * v["fp32"]["perplexity"]
+    assert v["greedy_agreement"] >= 0.90
+    assert v["sizes_bytes"]["int8"] <= 0.40 * v["sizes_bytes"]["fp32"]
+    assert v["source_max_abs_diff"] < 1e-2 and v["tokenizer_identical_ids"]
+    assert m["dims"] == {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_layers": 30,
+                         "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "rms_norm_eps": pytest.approx(1e-5),
+                         "max_positions": 8192}
+
+
+def test_generation_in_a_fresh_process_never_imports_torch(default_model_dir):
+    code = (
+        "import sys, edgellm\n"
+        f"llm = edgellm.load({str(default_model_dir)!r}, threads=2)\n"
+        "r = llm.generate([{'role': 'user', 'content': 'Say hello.'}], edgellm.SamplingParams(max_new_tokens=8))\n"
+        "assert r.token_ids, r\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_stream_equals_generate_on_the_real_model(llm):
+    params = SamplingParams(max_new_tokens=24, temperature=0.7, seed=11)
+    llm.reset()
+    result = llm.generate(QUESTION, params)
+    llm.reset()
+    stream = llm.stream(QUESTION, params)
+    assert "".join(c.text for c in stream) == result.text
+    assert stream.result.token_ids == result.token_ids
+
+
+def test_deadline_returns_promptly(llm):
+    llm.reset()
+    started = time.perf_counter()
+    result = llm.generate(QUESTION, SamplingParams(max_new_tokens=200, ignore_eos=True), deadline=0.05)
+    elapsed = time.perf_counter() - started
+    assert result.finish_reason == "deadline"
+    assert elapsed < 0.05 + 0.5  # at most one prefill chunk or decode step past the deadline
+    assert len(result.token_ids) < 200
+
+
+def test_cancel_during_a_long_prefill(llm):
+    llm.reset()
+    prompt = "The history of the Congress is long. " * 125  # ~1,000 tokens
+    assert len(llm.encode(prompt)) >= 1000
+    cancel = CancelToken()
+    threading.Timer(0.1, cancel.cancel).start()
+    started = time.perf_counter()
+    result = llm.generate(prompt, SamplingParams(max_new_tokens=10), cancel=cancel)
+    elapsed = time.perf_counter() - started
+    assert result.finish_reason == "cancelled" and result.token_ids == ()
+    assert elapsed < 0.1 + 0.6
+    assert llm.session.length < 1000  # stopped part-way through the prompt
+
+
+def test_second_turn_reuses_the_first(llm):
+    llm.reset()
+    params = SamplingParams(max_new_tokens=48)
+    turn1 = [{"role": "user", "content": "What is 2 plus 2?"}]
+    first = llm.generate(turn1, params)
+    assert first.finish_reason == "stop"  # a reply that ended on its own: every reply token is in the cache
+    turn2 = turn1 + [{"role": "assistant", "content": first.text},
+                     {"role": "user", "content": "And what is the capital of Germany?"}]
+    second = llm.generate(turn2, params)
+    assert second.timings.cached_tokens >= first.timings.prompt_tokens + len(first.token_ids)
+    llm.reset()
+    fresh = llm.generate(turn2, SamplingParams(max_new_tokens=1))
+    assert fresh.timings.cached_tokens == 0 and fresh.timings.prompt_tokens == second.timings.prompt_tokens
+
+
+def test_cli_generate_and_bad_model_folder(default_model_dir, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", "-m", str(default_model_dir),
+                         "--max-new-tokens", "8", "Say hi."], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip()
+    bad = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", "-m", str(tmp_path), "hi"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+    bad_p = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", "-m", str(default_model_dir),
+                            "--top-p", "2", "hi"], capture_output=True, text=True)
+    assert bad_p.returncode == 1 and "top_p=2.0" in bad_p.stderr and "Traceback" not in bad_p.stderr
