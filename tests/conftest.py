@@ -91,8 +91,11 @@ def _usable(folder: Path) -> bool:
     manifest = folder / "edgellm.json"
     if not manifest.is_file():
         return False
+    from edgellm.convert.pipeline import CONVERTER_REVISION
+
     data = json.loads(manifest.read_text())
-    return data.get("precision") == "int8" and data.get("validation", {}).get("gate", {}).get("passed", False)
+    return (data.get("precision") == "int8" and data.get("validation", {}).get("gate", {}).get("passed", False)
+            and data.get("tools", {}).get("converter_revision") == CONVERTER_REVISION)
 
 
 @pytest.fixture(scope="session")

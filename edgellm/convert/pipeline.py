@@ -30,6 +30,7 @@ from .sources import LoadedModel, ResolvedSource, load_source, resolve_source
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("int8", "fp32")
+CONVERTER_REVISION = 2  # bump when the same source would convert differently (2: SmoothQuant before int8)
 HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "data" / "heldout_en.txt"
 SPEED_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -41,6 +42,7 @@ class ConvertOptions:
     gate: bool = True
     keep_fp32: bool = False
     block_size: int = 32
+    smooth_alpha: float | None = 0.5  # SmoothQuant migration strength for int8; None or 0 turns it off
     threads: int | None = None
     progress: bool = True
     validation: validate.ValidationSettings = field(default_factory=validate.ValidationSettings)
@@ -50,6 +52,8 @@ class ConvertOptions:
             raise InvalidParameterError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}.")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise InvalidParameterError(f"block_size={self.block_size} must be a power of two >= 16.")
+        if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
+            raise InvalidParameterError(f"smooth_alpha={self.smooth_alpha} must be in [0, 1] (0 = off).")
 
 
 @dataclass
@@ -99,7 +103,7 @@ def decoder_dims(loaded: LoadedModel) -> tuple[DecoderDims, np.ndarray, float]:
 
 
 def _tool_versions() -> dict:
-    versions = {"python": platform.python_version()}
+    versions = {"python": platform.python_version(), "converter_revision": CONVERTER_REVISION}
     for package in ("edgellm", "onnxruntime", "onnx", "tokenizers", "torch", "transformers", "numpy"):
         try:
             versions[package] = metadata.version(package)
@@ -156,6 +160,13 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
     loaded = load_source(resolved)
     dims, inv_freq, rope_scaling = decoder_dims(loaded)
     state = {k: v.detach().cpu().float().numpy() for k, v in loaded.model.state_dict().items()}
+    smoothing = None
+    if options.precision == "int8" and options.smooth_alpha:
+        from .smooth import activation_maxima, smooth_state_dict
+
+        smooth_state_dict(state, activation_maxima(loaded.model, loaded.hf_tokenizer), dims, options.smooth_alpha)
+        smoothing = {"method": "SmoothQuant (scales folded into norms, up_proj and v_proj)",
+                     "alpha": options.smooth_alpha, "calibration": "calibration_en.txt + 8 chat prompts"}
     steps.done()
 
     steps.step("export fp32 ONNX with KV cache")
@@ -178,7 +189,8 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
             save_model(quantize_int8(onnx.load(str(fp32_path)), options.block_size), str(model_path))
             quantization = {"scheme": "weight-only block-wise int8 (onnxruntime MatMulNBits)", "bits": 8,
                             "block_size": options.block_size, "symmetric": True, "accuracy_level": ACCURACY_LEVEL,
-                            "embedding": "GatherBlockQuantized over the int8 lm_head (tied, stored once)"}
+                            "embedding": "GatherBlockQuantized over the int8 lm_head (tied, stored once)",
+                            "smoothing": smoothing}
         steps.done()
 
         (staging / "tokenizer.json").write_text(loaded.tokenizer_json)
@@ -241,6 +253,10 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
         report[name] = score.to_dict()
     report["kv_consistency"] = {name: validate.kv_consistency(s, tokens[:settings.consistency_tokens])
                                 for name, s in sessions.items()}
+    if "int8" in sessions and loaded.chat_template:
+        chats = [tokenizer.encode(_render(loaded, q), add_special_tokens=False).ids for q in validate.CHAT_PROMPTS]
+        report["chat_agreement"] = validate.chat_agreement(sessions["fp32"], sessions["int8"], chats,
+                                                           set(loaded.eos_token_ids))
     prompt = tokenizer.encode(_speed_prompt(loaded), add_special_tokens=False).ids
     report["speed"] = {name: validate.decode_speed(s, prompt) for name, s in sessions.items()}
     sizes = {"fp32": validate.folder_bytes([fp32_path, fp32_path.with_name("model.onnx.data")])}
@@ -253,7 +269,10 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
     return report
 
 
+def _render(loaded: LoadedModel, question: str) -> str:
+    return loaded.hf_tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                   add_generation_prompt=True)
+
+
 def _speed_prompt(loaded: LoadedModel) -> str:
-    if loaded.chat_template:
-        return loaded.hf_tokenizer.apply_chat_template(SPEED_PROMPT, tokenize=False, add_generation_prompt=True)
-    return SPEED_PROMPT[0]["content"]
+    return _render(loaded, SPEED_PROMPT[0]["content"]) if loaded.chat_template else SPEED_PROMPT[0]["content"]

@@ -80,6 +80,40 @@ def kv_consistency(session: DecoderSession, tokens: list[int]) -> dict:
     }
 
 
+CHAT_PROMPTS = [
+    "How do plants make food?", "Give me a tip for better sleep.", "What is the boiling point of water?",
+    "Write a haiku about rain.", "Who painted the Mona Lisa?", "How many legs does a spider have?",
+    "Suggest a name for a cat.", "What is machine learning?", "Translate 'good morning' to Spanish.",
+    "Why is the sky blue?", "What should I cook for dinner?", "How far is the Moon?", "What is the largest ocean?",
+    "Tell me a fun fact about bees.", "How do I make tea?", "What does a CPU do?", "Name three fruits.",
+    "What is the tallest mountain?", "How can I save money?", "What language is spoken in Brazil?",
+]
+
+
+def chat_agreement(reference: DecoderSession, candidate: DecoderSession, prompts: list[list[int]],
+                   eos_ids: set[int], max_new_tokens: int = 32) -> dict:
+    """The reference's greedy replies to chat prompts, teacher-forced through the candidate:
+    how often the candidate's argmax is the reference's token (the product's use, not prose)."""
+    agree = total = first = 0
+    for ids in prompts:
+        reference.truncate(0)
+        logits, reply = reference.forward(ids, keep=1)[0], []
+        for _ in range(max_new_tokens):
+            reply.append(int(logits.argmax()))
+            if reply[-1] in eos_ids:
+                break
+            logits = reference.forward([reply[-1]], keep=1)[0]
+        candidate.truncate(0)
+        predicted = candidate.forward(ids + reply[:-1], keep=len(reply)).argmax(-1)
+        agree += int((predicted == np.asarray(reply)).sum())
+        total += len(reply)
+        first += int(predicted[0] == reply[0])
+    reference.truncate(0)
+    candidate.truncate(0)
+    return {"prompts": len(prompts), "tokens": total, "agreement": round(agree / total, 4),
+            "first_token_agreement": round(first / len(prompts), 4)}
+
+
 def decode_speed(session: DecoderSession, prompt: list[int], steps: int = 32) -> dict:
     """Greedy decode ms/token after a prefill (a probe, not a benchmark: see `edgellm bench`)."""
     session.truncate(0)

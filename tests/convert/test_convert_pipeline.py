@@ -29,7 +29,8 @@ def test_manifest_describes_the_folder(tiny_int8_dir, tiny_hf_dir):
     assert m.source["kind"] == "hf" and m.source["path"] == str(tiny_hf_dir)
     assert m.generation.eos_token_ids == (2,)
     v = m.validation
-    for key in ("fp32", "int8", "perplexity_ratio", "greedy_agreement", "kv_consistency", "sizes_bytes", "speed"):
+    for key in ("fp32", "int8", "perplexity_ratio", "greedy_agreement", "kv_consistency", "sizes_bytes", "speed",
+                "chat_agreement"):
         assert key in v
     assert v["tokenizer_identical_ids"] is True
     assert v["source_max_abs_diff"] < 1e-3

@@ -106,3 +106,36 @@ def test_cli_generate_and_bad_model_folder(default_model_dir, tmp_path):
     bad_p = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", "-m", str(default_model_dir),
                             "--top-p", "2", "hi"], capture_output=True, text=True)
     assert bad_p.returncode == 1 and "top_p=2.0" in bad_p.stderr and "Traceback" not in bad_p.stderr
+
+
+def test_500_generations_do_not_grow_memory(default_model_dir):
+    code = (
+        "import resource, edgellm\n"
+        f"llm = edgellm.load({str(default_model_dir)!r}, threads=2)\n"
+        "p = edgellm.SamplingParams(max_new_tokens=4, temperature=0.7, seed=3)\n"
+        "ask = lambda i: llm.generate([{'role': 'user', 'content': f'Count to {i % 7}.'}], p)\n"
+        "for i in range(30): ask(i)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "for i in range(500): ask(i)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(done.stdout.strip().splitlines()[-1]) < 20.0
+
+
+def test_cli_chat_answers_resets_and_quits(default_model_dir):
+    done = subprocess.run([sys.executable, "-m", "edgellm.cli", "chat", "-m", str(default_model_dir),
+                           "--max-new-tokens", "24"], input="What is 2 plus 2?\n/reset\n/quit\n",
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "4" in done.stdout and "(conversation reset)" in done.stderr
+
+
+def test_cli_bench_reports_prefill_and_decode(default_model_dir):
+    done = subprocess.run([sys.executable, "-m", "edgellm.cli", "bench", "-m", str(default_model_dir), "--runs", "2",
+                           "--warmup", "1", "--new-tokens", "8", "--threads", "2", "--json"],
+                          capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout)
+    assert report["decode_ms_per_token"]["median"] > 0 and report["ttft_ms"]["p90"] >= report["ttft_ms"]["median"]
+    assert report["turn2_cached_tokens"] > report["prompt_tokens"]
+    assert report["peak_rss_mb"] > 100 and report["provider"] == "CPUExecutionProvider"
