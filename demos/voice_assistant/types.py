@@ -1,0 +1,59 @@
+"""Small value types passed between the audio, speech-to-text and assistant layers (after wyoming's)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SAMPLE_WIDTH = 2  # bytes per sample: every layer speaks 16-bit little-endian PCM
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """A slice of 16-bit PCM. `timestamp` is seconds since the stream began (audio time, not wall time)."""
+
+    rate: int
+    width: int
+    channels: int
+    audio: bytes
+    timestamp: float = 0.0
+
+    @property
+    def samples(self) -> int:
+        return len(self.audio) // (self.width * self.channels)
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / self.rate
+
+    @property
+    def end(self) -> float:
+        """Audio time at the chunk's last sample."""
+        return self.timestamp + self.seconds
+
+
+@dataclass(frozen=True)
+class Word:
+    """A recognized word with its span in stream audio time (seconds) and the recognizer's confidence."""
+
+    text: str
+    start: float
+    end: float
+    conf: float = 1.0
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """A recognizer hypothesis. Partials may still change; a final closes the utterance."""
+
+    text: str
+    is_final: bool
+    words: tuple[Word, ...] = field(default=())
+
+    @property
+    def word_list(self) -> list[str]:
+        return self.text.split()
+
+    @property
+    def speech_end(self) -> float | None:
+        """Audio time where the last word ended (None when the recognizer gave no word times)."""
+        return self.words[-1].end if self.words else None

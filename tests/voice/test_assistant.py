@@ -1,0 +1,139 @@
+"""The whole loop on real parts: recording → pocketsphinx → commands or the default model → report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import wave
+
+import pytest
+
+from demos.voice_assistant.assistant import AssistantConfig, VoiceAssistant
+from demos.voice_assistant.audio import WavSource
+from demos.voice_assistant.intents import CommandRecognizer
+from demos.voice_assistant.speech import EspeakSpeaker, SpeechOutput
+
+from .helpers import FIXTURES, REPO, SAMPLE
+
+
+@pytest.fixture(scope="module")
+def commands():
+    return CommandRecognizer()
+
+
+def _answer(sphinx, llm, commands=None, path=SAMPLE, **config):
+    shown: list[str] = []
+    assistant = VoiceAssistant(sphinx, llm, commands, config=AssistantConfig(max_new_tokens=24, **config),
+                               on_text=shown.append)
+    reports = list(assistant.run(WavSource(path, fast=True, tail_silence=1.0).chunks()))
+    return reports, "".join(shown)
+
+
+def test_question_is_answered_by_the_llm_with_a_latency_report(sphinx, llm, commands):
+    (report,), shown = _answer(sphinx, llm, commands)
+    assert report.transcript == "What is the capital of france"
+    assert report.route == "llm" and report.intent is None and report.recognizer == "pocketsphinx"
+    assert "Paris" in report.reply and report.reply in shown
+    lat = report.latency_ms
+    assert 0 <= lat.recognizer_final <= lat.first_token <= lat.first_clause_spoken <= lat.reply_done
+    assert lat.final_to_first_token == pytest.approx(lat.first_token - lat.recognizer_final, abs=0.2)
+    assert report.incremental and report.prefills >= 1
+    assert report.cached_tokens >= report.prompt_tokens - 6  # only the tail and the assistant header were left
+    assert json.loads(json.dumps(report.to_dict()))["latency_ms"]["first_token"] == lat.first_token
+
+
+def test_without_incremental_prefill_the_words_are_not_cached_but_the_reply_is_the_same(sphinx, llm):
+    (inc,), _ = _answer(sphinx, llm)
+    (plain,), _ = _answer(sphinx, llm, incremental=False)
+    assert not plain.incremental and plain.prefills == 0
+    assert plain.reply == inc.reply
+    assert plain.cached_tokens < inc.cached_tokens - 5
+
+
+def test_missed_budget_says_the_holding_phrase_first(sphinx, llm, tmp_path):
+    speech = SpeechOutput(EspeakSpeaker(), wav_path=tmp_path / "out.wav", play=False)
+    assistant = VoiceAssistant(sphinx, llm, None, speech, AssistantConfig(max_new_tokens=12, budget_ms=0.001))
+    (report,) = list(assistant.run(WavSource(SAMPLE, fast=True, tail_silence=1.0).chunks()))
+    speech.wait()
+    speech.close()
+    assert report.holding_phrase == "One moment."
+    assert report.latency_ms.first_clause_spoken is not None
+    with wave.open(str(tmp_path / "out.wav")) as wav:
+        assert wav.getnframes() / wav.getframerate() > 1.0  # holding phrase + reply were both spoken
+
+
+def test_within_budget_no_holding_phrase(sphinx, llm):
+    (report,), shown = _answer(sphinx, llm, budget_ms=10_000)
+    assert report.holding_phrase is None and "One moment" not in shown
+
+
+def test_commands_skip_the_llm(sphinx, llm, commands):
+    (report,), _ = _answer(sphinx, llm, commands, path=FIXTURES / "en_what_time.wav")
+    assert report.route == "command" and report.intent == "HassGetCurrentTime"
+    assert report.reply.startswith("It is ") and report.cached_tokens is None
+    assert report.latency_ms.final_to_first_token < 100  # no model call on this path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "demos.voice_assistant", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_json_prints_transcript_reply_and_breakdown(default_model_dir):
+    done = _cli("--wav", str(SAMPLE), "--json", "--fast", "--model", str(default_model_dir), "--max-tokens", "24")
+    assert done.returncode == 0, done.stderr
+    assert "pocketsphinx" in done.stderr  # the fallback is announced on screen, outside the JSON
+    (line,) = done.stdout.strip().splitlines()
+    report = json.loads(line)
+    assert report["transcript"] == "What is the capital of france" and "Paris" in report["reply"]
+    assert set(report["latency_ms"]) == {"recognizer_final", "first_token", "first_clause_spoken", "reply_done",
+                                         "final_to_first_token"}
+
+
+def test_cli_compare_reports_medians_for_both_modes(default_model_dir):
+    done = _cli("--wav", str(SAMPLE), "--json", "--fast", "--model", str(default_model_dir), "--max-tokens", "8",
+                "--runs", "2", "--compare")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(summary) == {"incremental", "no_incremental"}
+    for mode in summary.values():
+        assert mode["replies"] == 2 and mode["median_final_to_first_token_ms"] > 0
+    assert summary["incremental"]["median_cached_tokens"] > summary["no_incremental"]["median_cached_tokens"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--wav", "missing.wav"], "does not exist"),
+    (["--wav", str(FIXTURES / "README.md")], "not a readable PCM WAV"),
+    (["--wav", str(SAMPLE), "--model", "/nonexistent"], "no converted model"),
+    (["--wav", str(SAMPLE), "--vosk-model", str(FIXTURES)], "not a Vosk model folder"),
+])
+def test_cli_bad_input_is_one_line(args, message):
+    done = _cli(*args)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert message in error
+
+
+def test_vosk_partials_feed_the_cache_in_the_loop(ko_recognizer, llm):
+    """Vosk in the loop: its partials drive incremental prefill and its word times the latency origin."""
+    assistant = VoiceAssistant(ko_recognizer, llm, None, config=AssistantConfig(max_new_tokens=4))
+    source = WavSource(FIXTURES / "ko_weather.wav", fast=True, tail_silence=1.5)
+    (report,) = list(assistant.run(source.chunks()))
+    assert report.transcript == "오늘 날씨 어때" and report.recognizer == "vosk"
+    assert report.prefills >= 2
+    assert report.cached_tokens >= report.prompt_tokens - 6
+    assert 0 <= report.latency_ms.recognizer_final <= report.latency_ms.first_token
+
+
+def test_cli_with_a_vosk_model_and_grammar(default_model_dir, ko_model_dir):
+    from .helpers import KO_GRAMMAR
+
+    grammar = [arg for phrase in KO_GRAMMAR for arg in ("--grammar", phrase)]
+    done = _cli("--wav", str(FIXTURES / "ko_time.wav"), "--json", "--fast", "--model", str(default_model_dir),
+                "--max-tokens", "4", "--vosk-model", str(ko_model_dir), "--no-commands", *grammar)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["transcript"] == "지금 몇 시 야" and report["recognizer"] == "vosk"
+    assert "Vosk model" in done.stderr
