@@ -139,6 +139,9 @@ def convert(source: str, out_dir: str | Path, options: ConvertOptions | None = N
     resolved = resolve_source(source)  # all fast checks on user input happen before any slow work
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it owner-only; the final folder should read like any other
     steps = _Steps(["load", "export", "quantize", "validate", "write"], options.progress)
     try:
         manifest = _build(resolved, staging, options, steps)

@@ -38,6 +38,9 @@ def test_manifest_describes_the_folder(tiny_int8_dir, tiny_hf_dir):
     assert v["sizes_bytes"]["int8"] < v["sizes_bytes"]["fp32"]
     assert "onnxruntime" in m.tools and "torch" in m.tools
     verify_checksums(tiny_int8_dir, m)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert tiny_int8_dir.stat().st_mode & 0o777 == 0o777 & ~umask  # like any new folder, not mkdtemp's owner-only
 
 
 def test_interrupted_convert_leaves_nothing_that_loads(tiny_hf_dir, tmp_path):
