@@ -4,7 +4,7 @@ The scheme, and why (measured on SmolLM2-135M, see README "Why this int8 scheme"
 - Every MatMul becomes onnxruntime's MatMulNBits, 8-bit, symmetric, blocks of 32 along K,
   accuracy_level 4 (int8 activations inside the kernel, fp32 accumulation). Block scales
   follow the weight outliers that per-tensor dynamic quantization crushes (ppl 41 vs 23.8),
-  and accuracy_level 4 is the fast AVX2 path (level 0 is ~25x slower per token).
+  and accuracy_level 4 is the fast int8 path (the fp32-activation paths are 4-25x slower per token).
 - The lm_head is quantized too, and the input embedding reads the very same int8 bytes
   through GatherBlockQuantized, so the tied 49k x 576 matrix is stored once, in int8.
 Both steps use onnxruntime's own quantizer and kernels; the only hand-written part is
