@@ -1,0 +1,282 @@
+"""Speculative decoding: a cheap drafter proposes k tokens, the model checks them all in one forward pass.
+
+    draft   d1..dk = drafter(context + [t])            (a small model with the same tokenizer, or prompt lookup)
+    verify  logits(t, d1..dk) = model.forward([t, d1..dk], keep=k+1)     one pass, in place in the KV cache
+    use     the generator samples from logits row 0; if it picks d1, row 1 is already there, and so on;
+            at the first token it does not pick, the unused rows are dropped and the cache rolled back.
+
+`SpeculativeSession` does this behind the `DecoderSession` interface, so the one generation loop
+(`generator.Stream`: prefill → sample → stop check → step) runs unchanged: it still samples every
+token itself from the model's own logits, which is why the output equals plain decoding (greedy, and
+seeded sampling too) — the drafter only decides how much work one forward pass does.
+
+On a CPU a (k+1)-token pass costs more than a 1-token one, so speculation pays only while enough drafts
+are accepted. The session measures its acceptance rate and the pass times as it goes, picks the k with
+the best expected tokens per second, and decodes plainly when no k beats plain decoding (probing now
+and then, in case the text becomes easier to predict).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import InvalidParameterError, ModelFormatError
+from .generator import prefill
+from .session import DecoderSession
+
+
+class Drafter(Protocol):
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        """Up to k tokens likely to follow context (may be fewer, or none)."""
+
+
+class ModelDrafter:
+    """Greedy drafts from a smaller model (its own DecoderSession and KV cache, same tokenizer)."""
+
+    def __init__(self, session: DecoderSession, eos_token_ids: Sequence[int] = ()) -> None:
+        self.session = session
+        self.eos = frozenset(eos_token_ids)
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        if len(context) + k > self.session.capacity:
+            return []  # the draft's cache is full; the model decodes on alone
+        logits, _ = prefill(self.session, context)  # re-uses the draft's cached prefix
+        drafts: list[int] = []
+        while True:
+            token = int(np.argmax(logits))
+            drafts.append(token)
+            if len(drafts) == k or token in self.eos:
+                return drafts
+            logits = self.session.forward((token,), keep=1)[0]
+
+
+class PromptLookupDrafter:
+    """Drafts by copying: find the latest earlier occurrence of the context's last n tokens (n = max..min)
+    and propose what followed it. No second model; pays off on replies that quote the prompt."""
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 2) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise InvalidParameterError(f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got "
+                                        f"{min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        ids = np.asarray(context, dtype=np.int64)
+        n_ctx = len(ids)
+        for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):
+            pattern = ids[n_ctx - n:]
+            # Start positions i < n_ctx - n whose n tokens equal the pattern; latest first.
+            starts = np.flatnonzero(ids[:n_ctx - n] == pattern[0])
+            for i in starts[::-1]:
+                if np.array_equal(ids[i:i + n], pattern):
+                    return ids[i + n:i + n + k].tolist()
+        return []
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    max_draft: int = 6            # largest k tried
+    probe_every: int = 32         # while off, plain steps between two probing speculation cycles
+    margin: float = 0.05          # speculate only if expected to be this much faster than plain decoding
+    acceptance_prior: float = 0.6 # initial guess of the per-token acceptance rate
+    memory: float = 0.9           # forgetting factor of the running estimates (per cycle)
+    adaptive: bool = True         # False: always draft max_draft tokens (for tests and k sweeps)
+
+    def __post_init__(self) -> None:
+        if self.max_draft < 1 or self.probe_every < 1 or not 0 <= self.margin < 1 or not 0 < self.memory < 1 \
+                or not 0 < self.acceptance_prior < 1:
+            raise InvalidParameterError(f"invalid speculative settings {self}: need max_draft >= 1, "
+                                        "probe_every >= 1, 0 <= margin < 1, 0 < memory < 1, 0 < prior < 1")
+
+
+@dataclass(frozen=True)
+class SpeculationStats:
+    cycles: int             # verify passes with at least one draft
+    drafted: int            # draft tokens checked by the generator
+    accepted: int           # of those, the ones it picked
+    plain_steps: int        # single-token steps (speculation off, or no draft)
+    acceptance_rate: float  # accepted / drafted
+    tokens_per_pass: float  # decode tokens per model forward pass (1.0 = no gain)
+    current_k: int          # 0 while speculation is off
+    plain_ms: float         # measured mean of one plain step
+    verify_ms_per_extra_token: float
+    draft_ms_per_token: float
+
+
+class SpeculativeSession:
+    """Wraps the model's DecoderSession; everything the generator uses behaves as before."""
+
+    def __init__(self, target: DecoderSession, drafter: Drafter, config: SpeculativeConfig | None = None) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.config = config or SpeculativeConfig()
+        self._pending: deque[tuple[int, np.ndarray]] = deque()  # drafted tokens in the cache, with their logits
+        prior, weight = self.config.acceptance_prior, 4.0
+        self._acc, self._rej = prior * weight, (1 - prior) * weight  # forgetting counts of accept / reject
+        self._plain_ms: float | None = None
+        self._extra_ms: float | None = None  # verify cost per extra token beyond the first
+        self._draft_ms: float | None = None
+        self._k = min(3, self.config.max_draft)
+        self._off_steps = 0
+        self._cycles = self._drafted = self._accepted = self._plain = self._passes_tokens = 0
+
+    # --- the DecoderSession interface ---------------------------------------------------------------
+    @property
+    def provider(self) -> str:
+        return self.target.provider
+
+    @property
+    def capacity(self) -> int:
+        return self.target.capacity
+
+    @property
+    def vocab_size(self) -> int:
+        return self.target.vocab_size
+
+    @property
+    def tokens(self) -> list[int]:
+        """Tokens the generator has committed (drafts waiting for its decision are not among them)."""
+        return self.target.tokens[:self.length]
+
+    @property
+    def length(self) -> int:
+        return self.target.length - len(self._pending)
+
+    def truncate(self, length: int) -> None:
+        self._drop_pending()
+        self.target.truncate(length)
+
+    def forward(self, token_ids: Sequence[int], keep: int = 1) -> np.ndarray:
+        decode_step = len(token_ids) == 1 and keep == 1
+        if decode_step and self._pending:
+            token, row = self._pending[0]
+            if token == int(token_ids[0]):
+                self._pending.popleft()
+                self._accepted += 1
+                self._acc += 1
+                return row
+            self._rej += 1  # the generator went another way: the chain from here on is dropped below
+        self._drop_pending()
+        if not decode_step:
+            return self.target.forward(token_ids, keep)
+        k = self._choose_k()
+        if k == 0:
+            return self._plain_step(token_ids)
+        started = time.perf_counter()
+        drafts = self.drafter.propose(self.target.tokens + [int(token_ids[0])], k)
+        drafted_at = time.perf_counter()
+        if not drafts or self.length + 1 + len(drafts) > self.capacity:
+            return self._plain_step(token_ids)
+        rows = self.target.forward([int(token_ids[0]), *drafts], keep=len(drafts) + 1)
+        done = time.perf_counter()
+        self._learn_cycle(len(drafts), (drafted_at - started) * 1000, (done - drafted_at) * 1000)
+        self._pending.extend(zip(drafts, rows[1:, None, :]))
+        self._drafted += len(drafts)
+        return rows[:1]
+
+    # --- adaptation ---------------------------------------------------------------------------------
+    def _plain_step(self, token_ids: Sequence[int]) -> np.ndarray:
+        started = time.perf_counter()
+        logits = self.target.forward(token_ids, keep=1)
+        self._plain_ms = self._mix(self._plain_ms, (time.perf_counter() - started) * 1000)
+        self._plain += 1
+        return logits
+
+    def _learn_cycle(self, k: int, draft_ms: float, verify_ms: float) -> None:
+        self._cycles += 1
+        self._passes_tokens += k
+        self._draft_ms = self._mix(self._draft_ms, draft_ms / k)
+        if self._plain_ms is not None:
+            self._extra_ms = self._mix(self._extra_ms, max(0.0, verify_ms - self._plain_ms) / k)
+        m = self.config.memory
+        self._acc, self._rej = self._acc * m, self._rej * m
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else self.config.memory * old + (1 - self.config.memory) * new
+
+    @property
+    def acceptance_estimate(self) -> float:
+        return self._acc / (self._acc + self._rej)
+
+    def expected_speedup(self, k: int) -> float:
+        """Expected tokens per ms with k drafts, relative to plain decoding (needs both timings measured)."""
+        a = min(self.acceptance_estimate, 0.999)
+        tokens = (1 - a ** (k + 1)) / (1 - a)  # accepted drafts + the model's own next token
+        cost = k * (self._draft_ms or 0.0) + self._plain_ms + k * (self._extra_ms or 0.0)
+        return tokens / cost * self._plain_ms
+
+    def _choose_k(self) -> int:
+        if not self.config.adaptive:
+            return self.config.max_draft
+        if self._plain_ms is None:
+            return 0  # the first step measures plain decoding
+        if self._extra_ms is None:
+            return self._k  # the first cycle measures verification
+        best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup)
+        if self.expected_speedup(best_k) >= 1 + self.config.margin:
+            self._k, self._off_steps = best_k, 0
+            return best_k
+        self._k = 0
+        self._off_steps += 1
+        if self._off_steps >= self.config.probe_every:  # look again: the text may have become predictable
+            self._off_steps = 0
+            return 2
+        return 0
+
+    def _drop_pending(self) -> None:
+        if self._pending:
+            self.target.truncate(self.length)
+            self._pending.clear()
+
+    @property
+    def stats(self) -> SpeculationStats:
+        passes = self._cycles + self._plain
+        return SpeculationStats(
+            cycles=self._cycles, drafted=self._drafted, accepted=self._accepted, plain_steps=self._plain,
+            acceptance_rate=self._accepted / self._drafted if self._drafted else 0.0,
+            tokens_per_pass=(passes + self._accepted) / passes if passes else 1.0,
+            current_k=self._k, plain_ms=self._plain_ms or math.nan,
+            verify_ms_per_extra_token=self._extra_ms if self._extra_ms is not None else math.nan,
+            draft_ms_per_token=self._draft_ms if self._draft_ms is not None else math.nan)
+
+
+def enable_speculation(llm, draft="prompt-lookup", config: SpeculativeConfig | None = None) -> SpeculativeSession:
+    """Make `llm` decode speculatively, in place; returns the session, whose `.stats` report acceptance.
+
+    draft: another loaded LLM with the same tokenizer (e.g. a distilled student), or "prompt-lookup".
+    """
+    if isinstance(llm.session, SpeculativeSession):
+        disable_speculation(llm)
+    if isinstance(draft, str):
+        if draft != "prompt-lookup":
+            raise InvalidParameterError(f"draft={draft!r}: pass a loaded LLM or 'prompt-lookup'.")
+        drafter: Drafter = PromptLookupDrafter()
+    else:
+        if draft is llm:
+            raise InvalidParameterError("the draft must be a second loaded model, not the model itself.")
+        if draft.tokenizer.to_str() != llm.tokenizer.to_str():
+            raise ModelFormatError(f"the draft {draft.manifest.name!r} has a different tokenizer from "
+                                   f"{llm.manifest.name!r}. Fix: draft with a model distilled from this one "
+                                   "(edgellm distill), or use draft='prompt-lookup'.")
+        drafter = ModelDrafter(draft.session, llm.manifest.generation.eos_token_ids)
+    with llm._lock:
+        llm.session = SpeculativeSession(llm.session, drafter, config)
+    return llm.session
+
+
+def disable_speculation(llm) -> None:
+    with llm._lock:
+        if isinstance(llm.session, SpeculativeSession):
+            llm.session.truncate(llm.session.length)
+            llm.session = llm.session.target
+
+
+__all__ = ["SpeculativeSession", "SpeculativeConfig", "SpeculationStats", "ModelDrafter", "PromptLookupDrafter",
+           "enable_speculation", "disable_speculation"]

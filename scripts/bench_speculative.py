@@ -1,0 +1,96 @@
+"""Speculative decoding on held-out prompts: same tokens as plain greedy decoding? how much faster?
+
+    python scripts/bench_speculative.py --teacher .cache/models/smollm2-135m-instruct \
+        --draft .cache/models/smollm2-distilled-10l --prompts 20 --threads 1
+
+For each prompt, plain and speculative generation run back to back (order alternating), so load
+from other processes hits both alike. Reports per-mode total and decode time, the speed-up, the
+acceptance rate, and whether every output equals plain greedy decoding token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import edgellm
+from edgellm.convert import corpus
+from edgellm.runtime.speculative import SpeculativeConfig, disable_speculation, enable_speculation
+
+
+def run(llm, prompts, params):
+    out = []
+    for p in prompts:
+        llm.reset()  # every prompt from a cold cache, in every mode
+        r = llm.generate([{"role": "user", "content": p}], params)
+        out.append(r)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--draft", default=None, help="draft model folder (same tokenizer)")
+    ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--fixed-k", type=int, default=None, help="no adaptation: always draft this many")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    prompts = corpus.prompts(corpus.load_split(("chitchat", "chatterbot", "intents")).heldout, args.prompts)
+    params = edgellm.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    teacher = edgellm.load(args.teacher, threads=args.threads)
+    modes = {"plain": None, "prompt-lookup": "prompt-lookup"}
+    if args.draft:
+        draft = edgellm.load(args.draft, threads=args.threads)
+        modes["draft-model"] = draft
+    config = SpeculativeConfig(max_draft=args.fixed_k, adaptive=False) if args.fixed_k else SpeculativeConfig()
+
+    run(teacher, prompts[:2], params)  # warm-up
+    sessions, results = {}, {m: [] for m in modes}
+    for repeat in range(args.repeats):
+        order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
+        for mode in order:
+            disable_speculation(teacher)
+            if modes[mode] is not None:
+                sessions[mode] = sessions.get(mode) or enable_speculation(teacher, modes[mode], config)
+                teacher.session = sessions[mode]  # keep the learned estimates across repeats
+            results[mode].append(run(teacher, prompts, params))
+    disable_speculation(teacher)
+
+    reference = [r.token_ids for r in results["plain"][0]]
+    summary = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+               "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "modes": {}}
+    plain_total = None
+    for mode, runs in results.items():
+        identical = all([r.token_ids for r in run_] == reference for run_ in runs)
+        total = statistics.median(sum(r.timings.total_ms for r in run_) for run_ in runs)
+        tokens = sum(r.timings.generated_tokens for r in runs[0])
+        decode = statistics.median(sum(r.timings.decode_ms_per_token * max(0, r.timings.generated_tokens - 1)
+                                       for r in run_) / max(1, tokens - len(run_)) for run_ in runs)
+        plain_total = plain_total or total
+        entry = {"identical_to_plain": identical, "total_ms": round(total, 1), "tokens": tokens,
+                 "decode_ms_per_token": round(decode, 2), "speedup_end_to_end": round(plain_total / total, 3)}
+        if mode in sessions:
+            entry["stats"] = sessions[mode].stats.__dict__
+        summary["modes"][mode] = entry
+    if args.draft:  # the draft alone, as a model: its decode cost relative to the teacher's
+        draft_runs = run(draft, prompts, params)
+        tokens = sum(max(0, r.timings.generated_tokens - 1) for r in draft_runs)
+        summary["draft_alone_decode_ms_per_token"] = round(
+            sum(r.timings.decode_ms_per_token * max(0, r.timings.generated_tokens - 1) for r in draft_runs)
+            / max(1, tokens), 2)
+    text = json.dumps(summary, indent=1, default=float)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as handle:
+            handle.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Speculative decoding returns exactly the tokens plain decoding returns, whatever the drafter proposes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgellm
+from edgellm.runtime.speculative import (PromptLookupDrafter, SpeculativeConfig, disable_speculation,
+                                         enable_speculation)
+
+from ..conftest import _convert, build_tiny_hf_model
+
+PROMPTS = [
+    [{"role": "user", "content": "Turn on the kitchen light and tell me the time."}],
+    "the cat sat on the mat, the cat sat on the mat, the cat sat on the",
+    [{"role": "user", "content": "Repeat after me: one two three four five six seven."}],
+]
+GREEDY = edgellm.SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+SAMPLED = edgellm.SamplingParams(max_new_tokens=40, temperature=0.8, top_k=50, seed=7, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    """A different random model (1 layer, other seed) with the same tokenizer."""
+    hf = build_tiny_hf_model(tmp_path_factory.mktemp("draft-hf") / "draft", layers=1, seed=1)
+    return _convert(hf, tmp_path_factory.mktemp("draft-fp32") / "model", "fp32")
+
+
+def plain_tokens(model_dir, params):
+    llm = edgellm.load(model_dir, threads=1)
+    return [llm.generate(p, params).token_ids for p in PROMPTS]
+
+
+def speculative_tokens(model_dir, draft, params, config):
+    llm = edgellm.load(model_dir, threads=1)
+    draft_llm = edgellm.load(draft, threads=1) if draft != "prompt-lookup" else draft
+    session = enable_speculation(llm, draft_llm, config)
+    out = [llm.generate(p, params).token_ids for p in PROMPTS]
+    # A second pass over the same prompts re-uses cached prefixes with drafts in flight: still exact.
+    out2 = [llm.generate(p, params).token_ids for p in PROMPTS]
+    assert out2 == out
+    return out, session.stats
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_self_draft_is_exact_and_accepts_nearly_everything(tiny_fp32_dir, params, k):
+    expected = plain_tokens(tiny_fp32_dir, params)
+    config = SpeculativeConfig(max_draft=k, adaptive=False)
+    got, stats = speculative_tokens(tiny_fp32_dir, tiny_fp32_dir, params, config)
+    assert got == expected
+    if params.temperature == 0:
+        assert stats.acceptance_rate > 0.9 and stats.tokens_per_pass > 1 + 0.5 * k
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_a_bad_draft_is_rolled_back_exactly(tiny_fp32_dir, draft_dir, params):
+    expected = plain_tokens(tiny_fp32_dir, params)
+    got, stats = speculative_tokens(tiny_fp32_dir, draft_dir, params, SpeculativeConfig(max_draft=3, adaptive=False))
+    assert got == expected
+    assert stats.drafted > 50 and stats.accepted < stats.drafted  # rejections happened and were rolled back
+
+
+def test_prompt_lookup_is_exact(tiny_fp32_dir):
+    expected = plain_tokens(tiny_fp32_dir, GREEDY)
+    config = SpeculativeConfig(max_draft=4, adaptive=False)
+    got, stats = speculative_tokens(tiny_fp32_dir, "prompt-lookup", GREEDY, config)
+    assert got == expected
+    assert stats.cycles > 0
+
+
+def test_adaptive_switches_off_when_drafts_are_rejected(tiny_fp32_dir, draft_dir):
+    llm = edgellm.load(tiny_fp32_dir, threads=1)
+    session = enable_speculation(llm, edgellm.load(draft_dir, threads=1), SpeculativeConfig(probe_every=1000))
+    expected = plain_tokens(tiny_fp32_dir, GREEDY)
+    assert [llm.generate(p, GREEDY).token_ids for p in PROMPTS] == expected
+    stats = session.stats
+    if stats.acceptance_rate < 0.3:  # a random 1-layer draft rarely agrees with a random 2-layer model
+        assert stats.current_k == 0 and stats.plain_steps > 3 * stats.cycles
+    disable_speculation(llm)
+    assert llm.session is session.target
+    assert [llm.generate(p, GREEDY).token_ids for p in PROMPTS] == expected
+
+
+def test_prompt_lookup_finds_the_latest_match():
+    drafter = PromptLookupDrafter(max_ngram=3, min_ngram=1)
+    assert drafter.propose([5, 6, 7, 8, 9, 5, 6, 7, 1, 2, 5, 6, 7], 3) == [1, 2, 5]
+    assert drafter.propose([1, 2, 3, 4], 3) == []
+    assert PromptLookupDrafter(max_ngram=2, min_ngram=2).propose([9, 4, 9, 8, 4], 2) == []
+    assert drafter.propose([3, 4, 3], 5) == [4, 3]
+
+
+def test_a_draft_with_another_tokenizer_is_refused(tiny_fp32_dir):
+    from edgellm.errors import ModelFormatError
+
+    llm = edgellm.load(tiny_fp32_dir, threads=1)
+    other = edgellm.load(tiny_fp32_dir, threads=1)
+    other.tokenizer.add_tokens(["<something-new>"])
+    with pytest.raises(ModelFormatError, match="different tokenizer"):
+        enable_speculation(llm, other)
+    assert np.isfinite(llm.generate(PROMPTS[0], GREEDY).timings.total_ms)
