@@ -78,6 +78,43 @@ def convert(source: str, output: str, precision: str, force: bool, no_gate: bool
                    f"decode {v['speed']['fp32']['decode_ms_per_token']} -> {v['speed']['int8']['decode_ms_per_token']} ms/token")
 
 
+@main.command()
+@click.argument("teacher")
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="Student folder (Hugging Face format).")
+@click.option("--layers", default="10", show_default=True, help="Layers to keep: a count, or indices like 0,1,8,29.")
+@click.option("--layer-method", type=click.Choice(["loss", "uniform"]), default="loss", show_default=True,
+              help="How to choose the layers when --layers is a count.")
+@click.option("--intermediate-size", type=int, default=None, help="Narrow the MLP to this many neurons.")
+@click.option("--steps", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT/checkpoint.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--threads", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+def distill(teacher, output, layers, layer_method, intermediate_size, steps, batch_size, lr, resume, force, device,
+            threads, seed) -> None:
+    """Distill TEACHER into a smaller student (layer-drop init + KD); then `edgellm convert OUTPUT -o DIR`."""
+    try:
+        from .convert.distill import run_distill
+    except ImportError as exc:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(exc.name or "torch", "convert,data", "edgellm distill") from exc
+    from .errors import InvalidParameterError
+
+    try:
+        keep = int(layers) if "," not in layers else tuple(int(i) for i in layers.split(","))
+    except ValueError as exc:
+        raise InvalidParameterError(f"--layers {layers!r} is neither a count nor comma-separated indices.") from exc
+    report = run_distill(teacher, output, layers=keep, layer_method=layer_method, intermediate_size=intermediate_size,
+                         steps=steps, batch_size=batch_size, lr=lr, resume=resume, force=force, device=device,
+                         threads=threads, seed=seed)
+    click.echo(f"wrote {output}: {report.student_params / 1e6:.1f}M parameters, {report.tokens_seen} tokens in "
+               f"{report.wall_s:.0f} s")
+
+
 def _sampling_options(func):
     options = [
         click.option("-m", "--model", "model_dir", default=DEFAULT_MODEL_DIR, show_default=True, type=click.Path(),

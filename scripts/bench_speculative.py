@@ -18,7 +18,7 @@ import time
 
 import edgellm
 from edgellm.convert import corpus
-from edgellm.runtime.speculative import SpeculativeConfig, disable_speculation, enable_speculation
+from edgellm.runtime.speculative import SpeculativeConfig, enable_speculation
 
 
 def run(llm, prompts, params):
@@ -51,17 +51,21 @@ def main() -> None:
         modes["draft-model"] = draft
     config = SpeculativeConfig(max_draft=args.fixed_k, adaptive=False) if args.fixed_k else SpeculativeConfig()
 
-    run(teacher, prompts[:2], params)  # warm-up
-    sessions, results = {}, {m: [] for m in modes}
+    sessions = {m: enable_speculation(teacher, d, config) for m, d in modes.items() if d is not None}
+    raw = teacher.session.target
+    results = {m: [[] for _ in range(args.repeats)] for m in modes}
+    for mode in modes:  # warm-up, and first estimates for the adaptive sessions
+        teacher.session = sessions.get(mode, raw)
+        run(teacher, prompts[:2], params)
+    # Per prompt, every mode back to back in a rotating order: load from other processes hits all alike.
     for repeat in range(args.repeats):
-        order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
-        for mode in order:
-            disable_speculation(teacher)
-            if modes[mode] is not None:
-                sessions[mode] = sessions.get(mode) or enable_speculation(teacher, modes[mode], config)
-                teacher.session = sessions[mode]  # keep the learned estimates across repeats
-            results[mode].append(run(teacher, prompts, params))
-    disable_speculation(teacher)
+        for i, prompt in enumerate(prompts):
+            names = list(modes)
+            shift = (i + repeat) % len(names)
+            for mode in names[shift:] + names[:shift]:
+                teacher.session = sessions.get(mode, raw)
+                results[mode][repeat].extend(run(teacher, [prompt], params))
+    teacher.session = raw
 
     reference = [r.token_ids for r in results["plain"][0]]
     summary = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
@@ -69,12 +73,13 @@ def main() -> None:
     plain_total = None
     for mode, runs in results.items():
         identical = all([r.token_ids for r in run_] == reference for run_ in runs)
+        same_prompts = sum(r.token_ids == ref for r, ref in zip(runs[0], reference))
         total = statistics.median(sum(r.timings.total_ms for r in run_) for run_ in runs)
         tokens = sum(r.timings.generated_tokens for r in runs[0])
         decode = statistics.median(sum(r.timings.decode_ms_per_token * max(0, r.timings.generated_tokens - 1)
                                        for r in run_) / max(1, tokens - len(run_)) for run_ in runs)
         plain_total = plain_total or total
-        entry = {"identical_to_plain": identical, "total_ms": round(total, 1), "tokens": tokens,
+        entry = {"identical_to_plain": identical, "identical_prompts": same_prompts, "total_ms": round(total, 1), "tokens": tokens,
                  "decode_ms_per_token": round(decode, 2), "speedup_end_to_end": round(plain_total / total, 3)}
         if mode in sessions:
             entry["stats"] = sessions[mode].stats.__dict__

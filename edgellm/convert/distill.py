@@ -379,14 +379,16 @@ def distill(teacher: nn.Module, tokenizer, config: DistillConfig, out_dir: str |
         raise InvalidParameterError("--device cuda, but torch sees no CUDA GPU. Fix: --device cpu, or install a "
                                     "CUDA build of torch.")
     meta = _check_resume(out_dir, config) if resume else None
-    if not resume and out_dir.exists() and any(out_dir.iterdir()) and not force:
+    # Teacher replies copied from an earlier run of the same teacher are a cache, not a previous result.
+    seeded = (REPLIES_FILE, EVAL_REPLIES_FILE)
+    if not resume and out_dir.exists() and any(p.name not in seeded for p in out_dir.iterdir()) and not force:
         raise OutputExistsError(f"{out_dir} exists and is not empty. Fix: pass --resume to continue the run "
                                 "there, --force to start over, or another output folder.")
     precision = config.mixed_precision or ("bf16" if device == "cuda" else "no")
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision,
                               gradient_accumulation_steps=config.grad_accum)
     if accelerator.is_main_process:  # under `accelerate launch`, only rank 0 touches the folder
-        if not resume and out_dir.exists():
+        if not resume and force and out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()

@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import InvalidParameterError, ModelFormatError
-from .generator import prefill
+from .generator import common_prefix_length, prefill
 from .session import DecoderSession
 
 
@@ -43,11 +43,16 @@ class ModelDrafter:
     def __init__(self, session: DecoderSession, eos_token_ids: Sequence[int] = ()) -> None:
         self.session = session
         self.eos = frozenset(eos_token_ids)
+        self.sync_ms = 0.0  # time of the last call spent catching the draft's cache up (not per-draft cost)
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         if len(context) + k > self.session.capacity:
             return []  # the draft's cache is full; the model decodes on alone
+        started = time.perf_counter()
+        behind = len(context) - common_prefix_length(self.session.tokens, context)
         logits, _ = prefill(self.session, context)  # re-uses the draft's cached prefix
+        # Catching up more than the usual 1-2 tokens (a new prompt, or after a pause) is a one-off cost.
+        self.sync_ms = (time.perf_counter() - started) * 1000 if behind > 2 else 0.0
         drafts: list[int] = []
         while True:
             token = int(np.argmax(logits))
@@ -83,7 +88,7 @@ class PromptLookupDrafter:
 @dataclass(frozen=True)
 class SpeculativeConfig:
     max_draft: int = 6            # largest k tried
-    probe_every: int = 32         # while off, plain steps between two probing speculation cycles
+    probe_every: int = 32         # while off, plain steps before a probing cycle (doubles after each failed probe)
     margin: float = 0.05          # speculate only if expected to be this much faster than plain decoding
     acceptance_prior: float = 0.6 # initial guess of the per-token acceptance rate
     memory: float = 0.9           # forgetting factor of the running estimates (per cycle)
@@ -99,10 +104,11 @@ class SpeculativeConfig:
 @dataclass(frozen=True)
 class SpeculationStats:
     cycles: int             # verify passes with at least one draft
-    drafted: int            # draft tokens checked by the generator
-    accepted: int           # of those, the ones it picked
+    drafted: int            # draft tokens sent to verification
+    accepted: int           # drafts the generator picked
+    rejected: int           # drafts it did not pick (the rest of that chain is never looked at)
     plain_steps: int        # single-token steps (speculation off, or no draft)
-    acceptance_rate: float  # accepted / drafted
+    acceptance_rate: float  # accepted / (accepted + rejected): per-token agreement of draft and model
     tokens_per_pass: float  # decode tokens per model forward pass (1.0 = no gain)
     current_k: int          # 0 while speculation is off
     plain_ms: float         # measured mean of one plain step
@@ -125,7 +131,8 @@ class SpeculativeSession:
         self._draft_ms: float | None = None
         self._k = min(3, self.config.max_draft)
         self._off_steps = 0
-        self._cycles = self._drafted = self._accepted = self._plain = self._passes_tokens = 0
+        self._probe_interval = self.config.probe_every
+        self._cycles = self._drafted = self._accepted = self._rejected = self._plain = 0
 
     # --- the DecoderSession interface ---------------------------------------------------------------
     @property
@@ -163,6 +170,7 @@ class SpeculativeSession:
                 self._acc += 1
                 return row
             self._rej += 1  # the generator went another way: the chain from here on is dropped below
+            self._rejected += 1
         self._drop_pending()
         if not decode_step:
             return self.target.forward(token_ids, keep)
@@ -172,11 +180,12 @@ class SpeculativeSession:
         started = time.perf_counter()
         drafts = self.drafter.propose(self.target.tokens + [int(token_ids[0])], k)
         drafted_at = time.perf_counter()
+        draft_ms = (drafted_at - started) * 1000 - getattr(self.drafter, "sync_ms", 0.0)
         if not drafts or self.length + 1 + len(drafts) > self.capacity:
             return self._plain_step(token_ids)
         rows = self.target.forward([int(token_ids[0]), *drafts], keep=len(drafts) + 1)
         done = time.perf_counter()
-        self._learn_cycle(len(drafts), (drafted_at - started) * 1000, (done - drafted_at) * 1000)
+        self._learn_cycle(len(drafts), draft_ms, (done - drafted_at) * 1000)
         self._pending.extend(zip(drafts, rows[1:, None, :]))
         self._drafted += len(drafts)
         return rows[:1]
@@ -191,7 +200,6 @@ class SpeculativeSession:
 
     def _learn_cycle(self, k: int, draft_ms: float, verify_ms: float) -> None:
         self._cycles += 1
-        self._passes_tokens += k
         self._draft_ms = self._mix(self._draft_ms, draft_ms / k)
         if self._plain_ms is not None:
             self._extra_ms = self._mix(self._extra_ms, max(0.0, verify_ms - self._plain_ms) / k)
@@ -221,12 +229,13 @@ class SpeculativeSession:
             return self._k  # the first cycle measures verification
         best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup)
         if self.expected_speedup(best_k) >= 1 + self.config.margin:
-            self._k, self._off_steps = best_k, 0
+            self._k, self._off_steps, self._probe_interval = best_k, 0, self.config.probe_every
             return best_k
         self._k = 0
         self._off_steps += 1
-        if self._off_steps >= self.config.probe_every:  # look again: the text may have become predictable
+        if self._off_steps >= self._probe_interval:  # look again: the text may have become predictable
             self._off_steps = 0
+            self._probe_interval = min(2 * self._probe_interval, 16 * self.config.probe_every)
             return 2
         return 0
 
@@ -239,8 +248,9 @@ class SpeculativeSession:
     def stats(self) -> SpeculationStats:
         passes = self._cycles + self._plain
         return SpeculationStats(
-            cycles=self._cycles, drafted=self._drafted, accepted=self._accepted, plain_steps=self._plain,
-            acceptance_rate=self._accepted / self._drafted if self._drafted else 0.0,
+            cycles=self._cycles, drafted=self._drafted, accepted=self._accepted, rejected=self._rejected,
+            plain_steps=self._plain,
+            acceptance_rate=self._accepted / checked if (checked := self._accepted + self._rejected) else 0.0,
             tokens_per_pass=(passes + self._accepted) / passes if passes else 1.0,
             current_k=self._k, plain_ms=self._plain_ms or math.nan,
             verify_ms_per_extra_token=self._extra_ms if self._extra_ms is not None else math.nan,
