@@ -81,9 +81,15 @@ def convert(source: str, output: str, precision: str, force: bool, no_gate: bool
 @main.command()
 @click.argument("teacher")
 @click.option("-o", "--output", "output", required=True, type=click.Path(), help="Student folder (Hugging Face format).")
-@click.option("--layers", default="10", show_default=True, help="Layers to keep: a count, or indices like 0,1,8,29.")
-@click.option("--layer-method", type=click.Choice(["loss", "uniform"]), default="loss", show_default=True,
-              help="How to choose the layers when --layers is a count.")
+@click.option("--layers", default="10", show_default=True,
+              help="Layers to keep: a count, indices like 0,1,8,29, or 'all' (e.g. to narrow the MLP only).")
+@click.option("--layer-method", type=click.Choice(["loss", "block_influence", "uniform"]), default="loss",
+              show_default=True, help="How to choose the layers when --layers is a count.")
+@click.option("--init-from", type=click.Path(), default=None,
+              help="Prune this earlier student instead of the teacher (prune -> distill -> prune again).")
+@click.option("--block-size", type=int, default=256, show_default=True, help="Training sequence length.")
+@click.option("--seqkd-prompts", type=int, default=256, show_default=True,
+              help="Teacher replies generated for sequence-level KD.")
 @click.option("--intermediate-size", type=int, default=None, help="Narrow the MLP to this many neurons.")
 @click.option("--steps", type=int, default=200, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True)
@@ -93,8 +99,8 @@ def convert(source: str, output: str, precision: str, force: bool, no_gate: bool
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--threads", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-def distill(teacher, output, layers, layer_method, intermediate_size, steps, batch_size, lr, resume, force, device,
-            threads, seed) -> None:
+def distill(teacher, output, layers, layer_method, init_from, block_size, seqkd_prompts, intermediate_size, steps,
+            batch_size, lr, resume, force, device, threads, seed) -> None:
     """Distill TEACHER into a smaller student (layer-drop init + KD); then `edgellm convert OUTPUT -o DIR`."""
     try:
         from .convert.distill import run_distill
@@ -105,12 +111,13 @@ def distill(teacher, output, layers, layer_method, intermediate_size, steps, bat
     from .errors import InvalidParameterError
 
     try:
-        keep = int(layers) if "," not in layers else tuple(int(i) for i in layers.split(","))
+        keep = None if layers == "all" else int(layers) if "," not in layers else tuple(int(i) for i in layers.split(","))
     except ValueError as exc:
         raise InvalidParameterError(f"--layers {layers!r} is neither a count nor comma-separated indices.") from exc
     report = run_distill(teacher, output, layers=keep, layer_method=layer_method, intermediate_size=intermediate_size,
-                         steps=steps, batch_size=batch_size, lr=lr, resume=resume, force=force, device=device,
-                         threads=threads, seed=seed)
+                         steps=steps, batch_size=batch_size, block_size=block_size, lr=lr,
+                         seqkd_prompts=seqkd_prompts, resume=resume, force=force, device=device, threads=threads,
+                         seed=seed, init_from=init_from)
     click.echo(f"wrote {output}: {report.student_params / 1e6:.1f}M parameters, {report.tokens_seen} tokens in "
                f"{report.wall_s:.0f} s")
 

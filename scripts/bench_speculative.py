@@ -14,7 +14,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import edgellm
 from edgellm.convert import corpus

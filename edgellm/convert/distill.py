@@ -125,7 +125,8 @@ class DistillReport:
     student_params: int
     steps: int
     tokens_seen: int
-    wall_s: float
+    wall_s: float                 # training loop only (summed over resumed runs)
+    prep_s: float                 # this run: corpus, teacher replies, pruning plan, first evaluation
     device: str
     threads: int
     hardware: str
@@ -372,6 +373,7 @@ def distill(teacher: nn.Module, tokenizer, config: DistillConfig, out_dir: str |
     from tqdm.auto import tqdm
 
     config.validate()
+    run_started = time.perf_counter()
     out_dir = Path(out_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -408,7 +410,7 @@ def distill(teacher: nn.Module, tokenizer, config: DistillConfig, out_dir: str |
         student.get_input_embeddings().weight.requires_grad_(False)
     report = DistillReport(
         teacher_layers=teacher.config.num_hidden_layers, plan=plan.to_dict(), teacher_params=_count(teacher),
-        student_params=_count(student), steps=config.steps, tokens_seen=0, wall_s=0.0, device=device,
+        student_params=_count(student), steps=config.steps, tokens_seen=0, wall_s=0.0, prep_s=0.0, device=device,
         threads=torch.get_num_threads(), hardware=_hardware(accelerator.device), teacher_replies=data.n_replies,
         train_blocks=len(data.corpus_blocks) + len(data.reply_blocks), config=config.to_dict())
     if meta is None:
@@ -450,6 +452,7 @@ def distill(teacher: nn.Module, tokenizer, config: DistillConfig, out_dir: str |
     accelerator.register_for_checkpointing(scheduler)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
 
+    report.prep_s = round(time.perf_counter() - run_started, 1)
     step, tokens, elapsed = 0, 0, 0.0
     if meta is not None:
         accelerator.load_state(str(out_dir / CHECKPOINT_DIR))
