@@ -56,17 +56,19 @@ class BenchReport:
     peak_rss_mb: float
     machine: str
     versions: dict
+    draft: str | None = None
+    speculation: dict | None = None  # SpeculationStats after the runs, when a draft was given
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def run_bench(model_dir: str, runs: int = 9, warmup: int = 2, new_tokens: int = 64, threads: int | None = None,
-              providers: str | None = None, progress: bool = True) -> BenchReport:
+              providers: str | None = None, progress: bool = True, draft: str | None = None) -> BenchReport:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    llm = load(model_dir, providers=providers, threads=threads)
+    llm = load(model_dir, providers=providers, threads=threads, draft=draft)
     load_s = time.perf_counter() - started
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     ttft, prefill_rate, decode = [], [], []
@@ -106,7 +108,8 @@ def run_bench(model_dir: str, runs: int = 9, warmup: int = 2, new_tokens: int = 
         turn2_ttft_cached_ms=Stat.of(cached), turn2_ttft_fresh_ms=Stat.of(fresh), turn2_cached_tokens=cached_tokens,
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         machine=f"{platform.machine()} {platform.processor() or ''} ({_cpu_count()} cores), {platform.system()}".strip(),
-        versions=versions,
+        versions=versions, draft=str(draft) if draft else None,
+        speculation=dict(llm.speculation.__dict__) if llm.speculation is not None else None,
     )
 
 
@@ -134,4 +137,8 @@ def format_report(r: BenchReport) -> str:
                         (f"turn-2 TTFT cached (ms)", r.turn2_ttft_cached_ms), ("turn-2 TTFT fresh (ms)", r.turn2_ttft_fresh_ms)):
         lines.append(f"{label:<28}{stat.median:>10.2f}{stat.p90:>10.2f}")
     lines.append(f"turn-2 cached tokens {r.turn2_cached_tokens}; peak RSS {r.peak_rss_mb:.0f} MB")
+    if r.speculation is not None:
+        s = r.speculation
+        lines.append(f"speculative ({r.draft}): acceptance {s['acceptance_rate']:.2f}, {s['tokens_per_pass']:.2f} "
+                     f"tokens per pass, k now {s['current_k']} (0 = off: plain decoding pays better here)")
     return "\n".join(lines)

@@ -136,6 +136,9 @@ def _sampling_options(func):
         click.option("--system", default=None, help="System prompt."),
         click.option("--provider", default=None, help="cpu, cuda or tensorrt (comma-separated for a fallback order)."),
         click.option("--threads", type=int, default=None),
+        click.option("--draft", default=None, metavar="DIR|prompt-lookup",
+                     help="Speculative decoding: a smaller model with the same tokenizer (edgellm distill), or "
+                          "prompt-lookup. Same output; switches itself off when it does not pay."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -157,11 +160,11 @@ def _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
 @click.option("--fallback", default=None, help="Answer printed when the deadline passes before any text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result with timings as JSON instead of streaming.")
 def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, system,
-             provider, threads, raw, deadline, fallback, as_json) -> None:
+             provider, threads, draft, raw, deadline, fallback, as_json) -> None:
     """Stream a reply to PROMPT."""
     from .runtime import load
 
-    llm = load(model_dir, providers=provider, threads=threads)
+    llm = load(model_dir, providers=provider, threads=threads, draft=draft)
     params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     messages = [{"role": "system", "content": system}] if system else []
     request = prompt if raw else messages + [{"role": "user", "content": prompt}]
@@ -177,8 +180,11 @@ def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, repet
             click.echo(fallback, nl=False)
     if as_json:
         t = result.timings
-        click.echo(json.dumps({"text": text, "finish_reason": result.finish_reason, "tokens": len(result.token_ids),
-                               "timings": t.__dict__, "provider": llm.provider}, indent=2))
+        summary = {"text": text, "finish_reason": result.finish_reason, "tokens": len(result.token_ids),
+                   "timings": t.__dict__, "provider": llm.provider}
+        if llm.speculation is not None:
+            summary["speculation"] = llm.speculation.__dict__
+        click.echo(json.dumps(summary, indent=2, default=float))
     else:
         click.echo()
 
@@ -186,11 +192,11 @@ def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, repet
 @main.command()
 @_sampling_options
 def chat(model_dir, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, system,
-         provider, threads) -> None:
+         provider, threads, draft) -> None:
     """Interactive chat. Ctrl-C stops the current answer; /reset forgets the conversation; /quit or Ctrl-D leaves."""
     from .runtime import CancelToken, load
 
-    llm = load(model_dir, providers=provider, threads=threads)
+    llm = load(model_dir, providers=provider, threads=threads, draft=draft)
     params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     base = [{"role": "system", "content": system}] if system else []
     history = list(base)
@@ -255,14 +261,15 @@ def _answer_cancellable(llm, history, params, cancel):
 @click.option("--new-tokens", type=int, default=64, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--provider", default=None)
+@click.option("--draft", default=None, metavar="DIR|prompt-lookup", help="Bench with speculative decoding.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(model_dir, runs, warmup, new_tokens, threads, provider, as_json) -> None:
+def bench(model_dir, runs, warmup, new_tokens, threads, provider, draft, as_json) -> None:
     """Measure load time, TTFT, prefill and decode speed (median and p90), prefix-cache gain and peak RSS."""
     from .bench import format_report, run_bench
 
     report = run_bench(model_dir, runs=runs, warmup=warmup, new_tokens=new_tokens, threads=threads,
-                       providers=provider, progress=not as_json)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
+                       providers=provider, progress=not as_json, draft=draft)
+    click.echo(json.dumps(report.to_dict(), indent=2, default=float) if as_json else format_report(report))
 
 
 @main.command()

@@ -87,23 +87,33 @@ def tiny_int8_dir(tiny_hf_dir, tmp_path_factory) -> Path:
     return _convert(tiny_hf_dir, tmp_path_factory.mktemp("tiny-int8") / "model", "int8")
 
 
-def _usable(folder: Path) -> bool:
+def _usable(folder: Path, precision: str) -> bool:
     manifest = folder / "edgellm.json"
     if not manifest.is_file():
         return False
     from edgellm.convert.pipeline import CONVERTER_REVISION
 
     data = json.loads(manifest.read_text())
-    return (data.get("precision") == "int8" and data.get("validation", {}).get("gate", {}).get("passed", False)
+    return (data.get("precision") == precision and data.get("validation", {}).get("gate", {}).get("passed", False)
             and data.get("tools", {}).get("converter_revision") == CONVERTER_REVISION)
+
+
+def _default_model(folder: Path, precision: str) -> Path:
+    if not _usable(folder, precision):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "edgellm.cli", "convert", "smollm2-135m-instruct", "-o", str(folder),
+               "--precision", precision, "--force", "--quiet"]
+        subprocess.run(cmd, check=True)
+    return folder
 
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The real default model, int8, converted once per machine (about 2 minutes on 2 cores)."""
-    if not _usable(DEFAULT_MODEL_DIR):
-        DEFAULT_MODEL_DIR.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "edgellm.cli", "convert", "smollm2-135m-instruct", "-o", str(DEFAULT_MODEL_DIR),
-               "--force", "--quiet"]
-        subprocess.run(cmd, check=True)
-    return DEFAULT_MODEL_DIR
+    return _default_model(DEFAULT_MODEL_DIR, "int8")
+
+
+@pytest.fixture(scope="session")
+def default_fp32_dir() -> Path:
+    """The real default model at fp32 (no quantization): the reference the int8 model is judged against."""
+    return _default_model(DEFAULT_MODEL_DIR.with_name(DEFAULT_MODEL_DIR.name + "-fp32"), "fp32")

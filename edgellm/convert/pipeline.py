@@ -160,6 +160,10 @@ def convert(source: str, out_dir: str | Path, options: ConvertOptions | None = N
 
 def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, steps: _Steps) -> Manifest:
     steps.step(f"load {resolved.kind} {resolved.name}")
+    if not options.progress:  # --quiet also silences transformers' own per-tensor bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     loaded = load_source(resolved)
     dims, inv_freq, rope_scaling = decoder_dims(loaded)
     state = {k: v.detach().cpu().float().numpy() for k, v in loaded.model.state_dict().items()}

@@ -46,6 +46,13 @@ class LLM:
         return self.session.provider
 
     @property
+    def speculation(self):
+        """Speculative decoding statistics (SpeculationStats), or None when it is not enabled."""
+        from .speculative import SpeculativeSession
+
+        return self.session.stats if isinstance(self.session, SpeculativeSession) else None
+
+    @property
     def context_length(self) -> int:
         return self.session.capacity
 
@@ -138,13 +145,16 @@ class LLM:
 
 
 def load(path: str | Path, providers: Sequence[str] | str | None = None, threads: int | None = None,
-         context_length: int | None = None, verify: bool = True) -> LLM:
+         context_length: int | None = None, verify: bool = True, draft: str | Path | LLM | None = None) -> LLM:
     """Load a model folder written by `edgellm convert`.
 
     providers: "cpu" (default), "cuda", "tensorrt" or onnxruntime provider names, in order of preference.
     threads: CPU threads for the model (default: onnxruntime's choice, one per core).
     context_length: KV cache size in tokens (default min(model's, 2048)).
     verify: check every file against the manifest's sha256 (about 0.2 s for 150 MB).
+    draft: speculative decoding, same output as without it: a smaller model folder with the same tokenizer
+        (e.g. from `edgellm distill`), a loaded LLM, or "prompt-lookup" (no second model). It switches
+        itself off while it does not pay; `llm.speculation` reports acceptance and timings.
     """
     folder = Path(path)
     manifest = read_manifest(folder)
@@ -167,4 +177,12 @@ def load(path: str | Path, providers: Sequence[str] | str | None = None, threads
         template = ChatTemplate((folder / template_file).read_text(), manifest.special_tokens.get("template_vars", {}))
     session = DecoderSession(model_file, manifest.io, manifest.dims, capacity, providers, threads)
     logger.info("loaded %s (%s) on %s, context %d", manifest.name, manifest.precision, session.provider, capacity)
-    return LLM(folder, manifest, session, tokenizer, template)
+    llm = LLM(folder, manifest, session, tokenizer, template)
+    if draft is not None:
+        from .speculative import enable_speculation
+
+        if isinstance(draft, (str, Path)) and str(draft) != "prompt-lookup":
+            draft_limit = read_manifest(Path(draft)).generation.context_length
+            draft = load(draft, providers, threads, context_length=min(capacity, draft_limit), verify=verify)
+        enable_speculation(llm, draft)
+    return llm

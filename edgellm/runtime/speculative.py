@@ -85,6 +85,9 @@ class PromptLookupDrafter:
         return []
 
 
+MIN_PLAIN_SAMPLES = 3
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     max_draft: int = 6            # largest k tried
@@ -126,6 +129,7 @@ class SpeculativeSession:
         self._pending: deque[tuple[int, np.ndarray]] = deque()  # drafted tokens in the cache, with their logits
         prior, weight = self.config.acceptance_prior, 4.0
         self._acc, self._rej = prior * weight, (1 - prior) * weight  # forgetting counts of accept / reject
+        self._plain_samples: deque[float] = deque(maxlen=9)  # recent plain steps; their median is the baseline
         self._plain_ms: float | None = None
         self._extra_ms: float | None = None  # verify cost per extra token beyond the first
         self._draft_ms: float | None = None
@@ -173,6 +177,8 @@ class SpeculativeSession:
             self._rejected += 1
         self._drop_pending()
         if not decode_step:
+            if self._k == 0:  # a new prompt: how predictable its reply is can differ, so look again soon
+                self._off_steps = max(self._off_steps, self._probe_interval - 1)
             return self.target.forward(token_ids, keep)
         k = self._choose_k()
         if k == 0:
@@ -194,7 +200,8 @@ class SpeculativeSession:
     def _plain_step(self, token_ids: Sequence[int]) -> np.ndarray:
         started = time.perf_counter()
         logits = self.target.forward(token_ids, keep=1)
-        self._plain_ms = self._mix(self._plain_ms, (time.perf_counter() - started) * 1000)
+        self._plain_samples.append((time.perf_counter() - started) * 1000)
+        self._plain_ms = float(np.median(self._plain_samples))  # a median: one slow step must not decide k
         self._plain += 1
         return logits
 
@@ -223,8 +230,8 @@ class SpeculativeSession:
     def _choose_k(self) -> int:
         if not self.config.adaptive:
             return self.config.max_draft
-        if self._plain_ms is None:
-            return 0  # the first step measures plain decoding
+        if len(self._plain_samples) < MIN_PLAIN_SAMPLES:
+            return 0  # the first steps measure plain decoding
         if self._extra_ms is None:
             return self._k  # the first cycle measures verification
         best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup)
@@ -235,7 +242,7 @@ class SpeculativeSession:
         self._off_steps += 1
         if self._off_steps >= self._probe_interval:  # look again: the text may have become predictable
             self._off_steps = 0
-            self._probe_interval = min(2 * self._probe_interval, 16 * self.config.probe_every)
+            self._probe_interval = min(2 * self._probe_interval, 4 * self.config.probe_every)
             return 2
         return 0
 

@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import edgellm
@@ -33,6 +34,25 @@ def test_manifest_reports_a_passing_gate(default_model_dir):
     assert m["dims"] == {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_layers": 30,
                          "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "rms_norm_eps": pytest.approx(1e-5),
                          "max_positions": 8192}
+
+
+def _first_token_logits(model, messages):
+    model.reset()
+    logits = model.session.forward(model.encode(messages), keep=1).reshape(-1).copy()
+    model.reset()
+    return logits
+
+
+def test_greedy_chat_answers_the_capital_of_france(default_fp32_dir, llm):
+    """The runtime gives the source model's answer. The reply's first token is a near-tie in the source
+    ("The" vs "L", 0.08 logits apart); the int8 model must keep fp32's choice within its measured logit
+    noise, but which side it lands on is rounding, as with llama.cpp on the same GGUF (README)."""
+    fp32 = edgellm.load(default_fp32_dir, threads=2)
+    reply = fp32.generate(QUESTION, SamplingParams(max_new_tokens=16, temperature=0.0))
+    assert "Paris" in reply.text and reply.finish_reason == "stop"
+    reference, quantized = _first_token_logits(fp32, QUESTION), _first_token_logits(llm, QUESTION)
+    assert quantized[int(reference.argmax())] >= quantized.max() - 0.25
+    assert set(np.argsort(-reference)[:3]) == set(np.argsort(-quantized)[:3])
 
 
 def test_generation_in_a_fresh_process_never_imports_torch(default_model_dir):

@@ -100,3 +100,29 @@ def test_a_draft_with_another_tokenizer_is_refused(tiny_fp32_dir):
     with pytest.raises(ModelFormatError, match="different tokenizer"):
         enable_speculation(llm, other)
     assert np.isfinite(llm.generate(PROMPTS[0], GREEDY).timings.total_ms)
+
+
+@pytest.mark.parametrize("draft", ["model", "prompt-lookup"])
+def test_load_with_a_draft_speculates_and_reports(tiny_fp32_dir, draft_dir, draft):
+    expected = plain_tokens(tiny_fp32_dir, GREEDY)
+    llm = edgellm.load(tiny_fp32_dir, threads=1, draft=draft_dir if draft == "model" else draft)
+    assert [llm.generate(p, GREEDY).token_ids for p in PROMPTS] == expected
+    stats = llm.speculation
+    assert stats is not None and stats.cycles + stats.plain_steps > 0
+    assert edgellm.load(tiny_fp32_dir, threads=1).speculation is None
+
+
+def test_cli_generate_with_a_draft_reports_speculation(tiny_fp32_dir, draft_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgellm.cli import main
+
+    args = ["generate", "-m", str(tiny_fp32_dir), "--draft", str(draft_dir), "--max-new-tokens", "12", "--json", "hi"]
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.output)
+    assert report["speculation"]["cycles"] + report["speculation"]["plain_steps"] > 0
+    bad = CliRunner().invoke(main, ["generate", "-m", str(tiny_fp32_dir), "--draft", "no/such/folder", "hi"])
+    assert bad.exit_code == 1 and "no/such/folder" in bad.output

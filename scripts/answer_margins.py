@@ -1,0 +1,76 @@
+"""How close is a greedy answer to a tie? First-token logits and the greedy reply, per engine.
+
+    python scripts/answer_margins.py --model .cache/models/smollm2-135m-instruct \
+        --model .cache/models/smollm2-135m-instruct-fp32 [--gguf PATH.gguf ...] ["question" ...]
+
+For each edgellm model folder (and, when llama-cpp-python is importable, each GGUF file) it prints
+the top-3 first tokens of the chat reply with their logits, the margin between the first two, and
+the greedy reply. Used to show that "What is the capital of France?" is a near-tie in the source
+model itself (fp32 "The" 25.33 vs "L" 25.24), so any 8-bit rounding, ours or llama.cpp's, can tip it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+import edgellm
+
+DEFAULT_QUESTIONS = ["What is the capital of France?"]
+
+
+def edgellm_answer(folder: str, question: str, max_new_tokens: int) -> dict:
+    llm = edgellm.load(folder, threads=2)
+    messages = [{"role": "user", "content": question}]
+    ids = llm.encode(messages)
+    logits = llm.session.forward(ids, keep=1).reshape(-1).copy()
+    llm.reset()
+    reply = llm.generate(messages, edgellm.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)).text
+    return _describe(f"edgellm {llm.manifest.precision} ({folder})", logits, reply, llm.tokenizer.decode)
+
+
+def llama_cpp_answer(gguf: str, question: str, max_new_tokens: int, ids: list[int], decode) -> dict:
+    import llama_cpp
+
+    model = llama_cpp.Llama(model_path=gguf, n_ctx=512, n_threads=2, verbose=False, logits_all=True)
+    model.eval(ids)
+    logits = np.array(model.scores[model.n_tokens - 1])
+    reply: list[int] = []
+    for token in model.generate(ids, temp=0.0, top_k=1, reset=True):
+        if token == model.token_eos() or len(reply) >= max_new_tokens:
+            break
+        reply.append(token)
+    return _describe(f"llama.cpp ({gguf})", logits, decode(reply), decode)
+
+
+def _describe(engine: str, logits: np.ndarray, reply: str, decode) -> dict:
+    top = np.argsort(-logits)[:3]
+    return {"engine": engine, "top3": [[decode([int(t)]), round(float(logits[t]), 3)] for t in top],
+            "margin": round(float(logits[top[0]] - logits[top[1]]), 3), "reply": reply}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("questions", nargs="*", default=DEFAULT_QUESTIONS)
+    ap.add_argument("--model", action="append", required=True, help="edgellm model folder (repeatable)")
+    ap.add_argument("--gguf", action="append", default=[], help="GGUF file run through llama-cpp-python (repeatable)")
+    ap.add_argument("--max-new-tokens", type=int, default=12)
+    args = ap.parse_args()
+
+    reference = edgellm.load(args.model[0], threads=2)  # its tokenizer renders the chat for llama.cpp too
+    rows = []
+    for question in args.questions:
+        for folder in args.model:
+            rows.append({"question": question, **edgellm_answer(folder, question, args.max_new_tokens)})
+        ids = reference.encode([{"role": "user", "content": question}])
+        for gguf in args.gguf:
+            rows.append({"question": question, **llama_cpp_answer(gguf, question, args.max_new_tokens, ids,
+                                                                   reference.tokenizer.decode)})
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
