@@ -26,7 +26,7 @@ PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 3451
           2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
 
 
-def plain_loop(path, manifest, threads: int, steps: int) -> tuple[float, float]:
+def plain_loop(path, manifest, threads: int, steps: int, prompt: list[int]) -> tuple[float, float]:
     """session.run with dict feeds; past grows by concatenation each step (allocates every token)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -45,20 +45,20 @@ def plain_loop(path, manifest, threads: int, steps: int) -> tuple[float, float]:
         return result[0][0, -1]
 
     start = time.perf_counter()
-    logits = run(PROMPT, len(PROMPT), 1)
+    logits = run(prompt, len(prompt), 1)
     ttft = time.perf_counter() - start
     start = time.perf_counter()
-    total = len(PROMPT)
+    total = len(prompt)
     for _ in range(steps):
         total += 1
         logits = run([int(logits.argmax())], total, 1)
     return ttft * 1000, (time.perf_counter() - start) * 1000 / steps
 
 
-def bound_loop(session: DecoderSession, steps: int, keep_all: bool = False) -> tuple[float, float]:
+def bound_loop(session: DecoderSession, steps: int, prompt: list[int], keep_all: bool = False) -> tuple[float, float]:
     session.truncate(0)
     start = time.perf_counter()
-    logits = session.forward(PROMPT, keep=len(PROMPT) if keep_all else 1)[-1]
+    logits = session.forward(prompt, keep=len(prompt) if keep_all else 1)[-1]
     ttft = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
@@ -73,18 +73,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--context", type=int, default=len(PROMPT),
+                        help="prompt tokens (the chat prompt repeated): per-step costs that grow with context show here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    prompt = (PROMPT * (args.context // len(PROMPT) + 1))[:args.context]
+    capacity = args.context + args.steps + 8
 
     manifests = {k: read_manifest(p) for k, p in (("int8", args.int8), ("fp32", args.fp32))}
     paths = {k: f"{p}/model.onnx" for k, p in (("int8", args.int8), ("fp32", args.fp32))}
-    sessions = {k: DecoderSession(paths[k], m.io, m.dims, 512, threads=args.threads) for k, m in manifests.items()}
+    sessions = {k: DecoderSession(paths[k], m.io, m.dims, capacity, threads=args.threads) for k, m in manifests.items()}
     cases = {
-        "fp32, plain session.run loop": lambda: plain_loop(paths["fp32"], manifests["fp32"], args.threads, args.steps),
-        "fp32, IO binding + in-place KV": lambda: bound_loop(sessions["fp32"], args.steps),
-        "int8, plain session.run loop": lambda: plain_loop(paths["int8"], manifests["int8"], args.threads, args.steps),
-        "int8, IO binding + in-place KV": lambda: bound_loop(sessions["int8"], args.steps),
-        "int8, prefill logits for all positions": lambda: bound_loop(sessions["int8"], args.steps, keep_all=True),
+        "fp32, plain session.run loop": lambda: plain_loop(paths["fp32"], manifests["fp32"], args.threads, args.steps, prompt),
+        "fp32, IO binding + in-place KV": lambda: bound_loop(sessions["fp32"], args.steps, prompt),
+        "int8, plain session.run loop": lambda: plain_loop(paths["int8"], manifests["int8"], args.threads, args.steps, prompt),
+        "int8, IO binding + in-place KV": lambda: bound_loop(sessions["int8"], args.steps, prompt),
+        "int8, prefill logits for all positions": lambda: bound_loop(sessions["int8"], args.steps, prompt, keep_all=True),
     }
     for run in cases.values():  # warm-up
         run()
@@ -99,7 +103,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{len(PROMPT)}-token prompt, {args.steps} greedy steps, {args.threads} threads, medians of {args.repeats}")
+    print(f"{len(prompt)}-token prompt, {args.steps} greedy steps, {args.threads} threads, medians of {args.repeats}")
     print(f"| {'variant':<40} | TTFT ms | decode ms/token |")
     print(f"| {'-' * 40} | ------- | --------------- |")
     for name, row in rows.items():
