@@ -91,12 +91,7 @@ def layer_scores(teacher: nn.Module, batches: list[torch.Tensor], method: str) -
 
         hooks = [layer.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
                  for i, layer in enumerate(teacher.model.layers)]
-        try:
-            for ids in batches:
-                teacher(ids, use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
+        _run_hooked(teacher, hooks, batches)
         return scores
     if method == "loss":
         reference = [teacher(ids, use_cache=False).logits for ids in batches]
@@ -108,6 +103,16 @@ def layer_scores(teacher: nn.Module, batches: list[torch.Tensor], method: str) -
             logger.debug("layer %d dropped alone: KL %.4f", drop, scores[-1])
         return scores
     raise InvalidParameterError(f"unknown layer method {method!r}; pick one of {', '.join(LAYER_METHODS)}")
+
+
+def _run_hooked(teacher: nn.Module, hooks: list, batches: list[torch.Tensor]) -> None:
+    """Run the batches through the teacher for its hooks' side effects, then remove the hooks."""
+    try:
+        for ids in batches:
+            teacher(ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def select_layers(scores: list[float], keep: int, always: tuple[int, ...] = ()) -> tuple[int, ...]:
@@ -133,12 +138,7 @@ def neuron_scores(teacher: nn.Module, batches: list[torch.Tensor], layers: tuple
             sums[i] += args[0].abs().float().mean(dim=(0, 1)).cpu()  # down_proj's input: (B, T, I)
 
         hooks.append(teacher.model.layers[i].mlp.down_proj.register_forward_pre_hook(hook))
-    try:
-        for ids in batches:
-            teacher(ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(teacher, hooks, batches)
     return [sums[i] / len(batches) for i in layers]
 
 
