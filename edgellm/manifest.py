@@ -54,6 +54,7 @@ class Manifest:
     io: dict
     files: dict  # role -> file name: model, weights, tokenizer, chat_template
     generation: GenerationDefaults
+    graph: dict = field(default_factory=dict)  # build choices the runtime may care about (batch_invariant)
     special_tokens: dict = field(default_factory=dict)
     quantization: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)

@@ -1,7 +1,8 @@
 """Speculative decoding on held-out prompts: same tokens as plain greedy decoding? how much faster?
 
     python scripts/bench_speculative.py --teacher .cache/models/smollm2-135m-instruct \
-        --draft .cache/models/smollm2-distilled-10l --prompts 20 --threads 1
+        --draft .cache/models/smollm2-distilled-10l --draft .cache/models/smollm2-distilled-10l-h8k \
+        --prompts 20 --threads 1
 
 For each prompt, plain and speculative generation run back to back (order alternating), so load
 from other processes hits both alike. Reports per-mode total and decode time, the speed-up, the
@@ -14,6 +15,7 @@ import argparse
 import json
 import platform
 import statistics
+from pathlib import Path
 
 import edgellm
 from edgellm.convert import corpus
@@ -32,7 +34,8 @@ def run(llm, prompts, params):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", required=True)
-    ap.add_argument("--draft", default=None, help="draft model folder (same tokenizer)")
+    ap.add_argument("--draft", action="append", default=[],
+                    help="draft model folder (same tokenizer); repeat to compare drafts in the same run")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
@@ -45,9 +48,10 @@ def main() -> None:
     params = edgellm.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
     teacher = edgellm.load(args.teacher, threads=args.threads)
     modes = {"plain": None, "prompt-lookup": "prompt-lookup"}
-    if args.draft:
-        draft = edgellm.load(args.draft, threads=args.threads)
-        modes["draft-model"] = draft
+    drafts = {}
+    for folder in args.draft:
+        name = "draft:" + Path(folder).name
+        drafts[name] = modes[name] = edgellm.load(folder, threads=args.threads)
     config = SpeculativeConfig(max_draft=args.fixed_k, adaptive=False) if args.fixed_k else SpeculativeConfig()
 
     sessions = {m: enable_speculation(teacher, d, config) for m, d in modes.items() if d is not None}
@@ -83,10 +87,10 @@ def main() -> None:
         if mode in sessions:
             entry["stats"] = sessions[mode].stats.__dict__
         summary["modes"][mode] = entry
-    if args.draft:  # the draft alone, as a model: its decode cost relative to the teacher's
+    for name, draft in drafts.items():  # each draft alone, as a model: its decode cost next to the teacher's
         draft_runs = run(draft, prompts, params)
         tokens = sum(max(0, r.timings.generated_tokens - 1) for r in draft_runs)
-        summary["draft_alone_decode_ms_per_token"] = round(
+        summary["modes"][name]["draft_alone_decode_ms_per_token"] = round(
             sum(r.timings.decode_ms_per_token * max(0, r.timings.generated_tokens - 1) for r in draft_runs)
             / max(1, tokens), 2)
     text = json.dumps(summary, indent=1, default=float)

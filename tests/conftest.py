@@ -67,13 +67,14 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     return build_tiny_hf_model(tmp_path_factory.mktemp("tiny-hf") / "tiny-llama")
 
 
-def _convert(source: Path, out: Path, precision: str) -> Path:
+def _convert(source: Path, out: Path, precision: str, batch_invariant: bool = False) -> Path:
     from edgellm.convert.pipeline import ConvertOptions, convert
     from edgellm.convert.validate import ValidationSettings
 
     settings = ValidationSettings(heldout_tokens=256, window=128, consistency_tokens=24)
     # A random model's int8 ppl can drift more than a trained one's: the gate is tested on the real model.
-    convert(str(source), out, ConvertOptions(precision=precision, gate=False, progress=False, validation=settings))
+    convert(str(source), out, ConvertOptions(precision=precision, gate=False, progress=False, validation=settings,
+                                             batch_invariant=batch_invariant))
     return out
 
 
@@ -87,7 +88,13 @@ def tiny_int8_dir(tiny_hf_dir, tmp_path_factory) -> Path:
     return _convert(tiny_hf_dir, tmp_path_factory.mktemp("tiny-int8") / "model", "int8")
 
 
-def _usable(folder: Path, precision: str) -> bool:
+@pytest.fixture(scope="session")
+def tiny_int8_invariant_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+    """The tiny model at int8, converted with --batch-invariant."""
+    return _convert(tiny_hf_dir, tmp_path_factory.mktemp("tiny-int8-bi") / "model", "int8", batch_invariant=True)
+
+
+def _usable(folder: Path, precision: str, batch_invariant: bool) -> bool:
     manifest = folder / "edgellm.json"
     if not manifest.is_file():
         return False
@@ -95,14 +102,15 @@ def _usable(folder: Path, precision: str) -> bool:
 
     data = json.loads(manifest.read_text())
     return (data.get("precision") == precision and data.get("validation", {}).get("gate", {}).get("passed", False)
-            and data.get("tools", {}).get("converter_revision") == CONVERTER_REVISION)
+            and data.get("tools", {}).get("converter_revision") == CONVERTER_REVISION
+            and data.get("graph", {}).get("batch_invariant", False) == batch_invariant)
 
 
-def _default_model(folder: Path, precision: str) -> Path:
-    if not _usable(folder, precision):
+def _default_model(folder: Path, precision: str, batch_invariant: bool = False) -> Path:
+    if not _usable(folder, precision, batch_invariant):
         folder.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "edgellm.cli", "convert", "smollm2-135m-instruct", "-o", str(folder),
-               "--precision", precision, "--force", "--quiet"]
+               "--precision", precision, "--force", "--quiet"] + (["--batch-invariant"] if batch_invariant else [])
         subprocess.run(cmd, check=True)
     return folder
 
@@ -111,6 +119,12 @@ def _default_model(folder: Path, precision: str) -> Path:
 def default_model_dir() -> Path:
     """The real default model, int8, converted once per machine (about 2 minutes on 2 cores)."""
     return _default_model(DEFAULT_MODEL_DIR, "int8")
+
+
+@pytest.fixture(scope="session")
+def default_invariant_dir() -> Path:
+    """The real default model at int8, converted --batch-invariant (exact speculative decoding)."""
+    return _default_model(DEFAULT_MODEL_DIR.with_name(DEFAULT_MODEL_DIR.name + "-bi"), "int8", batch_invariant=True)
 
 
 @pytest.fixture(scope="session")

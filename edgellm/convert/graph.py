@@ -7,11 +7,21 @@ SkipSimplifiedLayerNormalization, one packed QKV MatMul, GroupQueryAttention wit
 inside and an in-place KV buffer — so the graph quantizes to MatMulNBits cleanly and decodes
 at the memory-bandwidth pace. The same graph serves prefill (S > 1) and decode (S = 1).
 
+Batch-invariant graphs (`batch_invariant=True`, `edgellm convert --batch-invariant`) give every
+attention call one padding row (a copy of the last query/key/value) that is sliced off again.
+Why: onnxruntime's CPU attention takes a different GEMM kernel for a single query row than for
+several, so a one-token decode step and a multi-token pass (speculative verification, prefill,
+a prefix-cache hit) disagree in the last float bits, and int8 activation rounding downstream
+blows that up to ~0.5-1 logit. With the pad, attention always sees at least two rows and a
+position's logits are bit-identical however the tokens were batched. The price is one extra
+attention row (decode +3% at short context, +7% at 256-512 tokens, +20% at 1,024 on 2 threads:
+scripts/bench_attention_pad.py) and one cache slot, so it is a choice, not the default.
+
 I/O (batch B, new tokens S, logical length T = past + S, cache buffer length L >= T):
     input_ids               int64   (B, S)
     attention_mask          int64   (B, T)     ones; its length is the logical length
     num_logits_to_keep      int64   ()         logits only for the last n positions
-    past_key_values.{i}.key float32 (B, kvH, L, hd)  shared in place with present.{i}.key
+    past_key_values.{i}.key float32 (B, kvH, L, hd)  shared in place with present.{i}.key; L >= T + 1
     logits                  float32 (B, n, V)
     present.{i}.key/value   float32 (B, kvH, L, hd)
 """
@@ -64,6 +74,11 @@ def io_names(num_layers: int) -> dict:
     }
 
 
+def attention_pad_rows(batch_invariant: bool) -> int:
+    """Padding rows per attention call (see the module docstring); the manifest records it."""
+    return 1 if batch_invariant else 0
+
+
 class _GraphWriter:
     """Collects nodes and initializers; names values by the node that makes them."""
 
@@ -92,12 +107,13 @@ def rotary_caches(inv_freq: np.ndarray, max_positions: int, scaling: float = 1.0
 
 
 def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: np.ndarray,
-                  rope_scaling: float = 1.0) -> onnx.ModelProto:
+                  rope_scaling: float = 1.0, batch_invariant: bool = False) -> onnx.ModelProto:
     """weights: Hugging Face Llama names (model.layers.{i}.self_attn.q_proj.weight, ...) as float32.
 
     Linear weights arrive as (out, in) like torch; MatMul wants (in, out), so they are transposed here.
     """
     g = _GraphWriter()
+    pad_rows = attention_pad_rows(batch_invariant)
     n_layers, hd = dims.num_layers, dims.head_dim
     kv_shape = ["batch", dims.num_kv_heads, "cache_length", hd]
 
@@ -113,7 +129,14 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
     mask_shape = g.node("Shape", ["attention_mask"], "mask/shape")[0]
     total = g.node("Gather", [mask_shape, g.weight("idx_1", np.array(1, dtype=np.int64))], "mask/total", axis=0)[0]
     total_seq_len = g.node("Cast", [total], "mask/total_seq_len", to=TensorProto.INT32)[0]
-    cos, sin = rotary_caches(inv_freq, dims.max_positions, rope_scaling)
+    if pad_rows:  # the padding row sits at position T: attention sees one more token than the caller sent
+        pad_i32 = g.weight("pad_rows_i32", np.array(pad_rows, dtype=np.int32))
+        seqlens_k = g.node("Add", [seqlens_k, pad_i32], "mask/seqlens_k_padded")[0]
+        total_seq_len = g.node("Add", [total_seq_len, pad_i32], "mask/total_seq_len_padded")[0]
+        pad_last_row = g.const_i64("pad/pads", [0, 0, 0, 0, pad_rows, 0])  # (B, S, D): S grows at its end
+        real_rows = [g.const_i64("unpad/start", [0]), g.const_i64("unpad/end", [-pad_rows]),
+                     g.const_i64("unpad/axes", [1])]
+    cos, sin = rotary_caches(inv_freq, dims.max_positions + pad_rows, rope_scaling)
     cos_cache, sin_cache = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
 
     embed = g.weight("model.embed_tokens.weight", w("model.embed_tokens.weight"))
@@ -128,6 +151,8 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
         qkv = np.concatenate([w(f"{p}.self_attn.q_proj.weight"), w(f"{p}.self_attn.k_proj.weight"),
                               w(f"{p}.self_attn.v_proj.weight")], axis=0).T
         qkv_out = g.node("MatMul", [normed, g.weight(f"layers.{i}.qkv_proj", qkv)], f"layers.{i}/qkv_proj")[0]
+        if pad_rows:
+            qkv_out = g.node("Pad", [qkv_out, pad_last_row], f"layers.{i}/qkv_padded", mode="edge")[0]
         attn = g.node(
             "GroupQueryAttention",
             [qkv_out, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
@@ -137,6 +162,8 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
             do_rotary=1, rotary_interleaved=0, local_window_size=-1,
         )[0]
         g.nodes[-1].output.extend([f"present.{i}.key", f"present.{i}.value"])
+        if pad_rows:
+            attn = g.node("Slice", [attn, *real_rows], f"layers.{i}/attn_unpad")[0]
         attn_out = g.node("MatMul", [attn, g.weight(f"layers.{i}.o_proj", w(f"{p}.self_attn.o_proj.weight").T)],
                           f"layers.{i}/o_proj")[0]
         post_norm = g.weight(f"layers.{i}.post_attention_norm", w(f"{p}.post_attention_layernorm.weight"))

@@ -7,6 +7,7 @@ never leaves a folder at OUT that loads.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
@@ -23,8 +24,8 @@ import numpy as np
 from ..errors import InvalidParameterError, OutputExistsError, UnsupportedArchitectureError
 from ..manifest import GenerationDefaults, Manifest
 from ..runtime.session import DecoderSession
-from . import validate
-from .graph import DecoderDims, build_decoder, io_names, save_model
+from . import draft_head, validate
+from .graph import DecoderDims, attention_pad_rows, build_decoder, io_names, save_model
 from .sources import LoadedModel, ResolvedSource, load_source, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class ConvertOptions:
     block_size: int = 32
     smooth_alpha: float | None = 0.5  # SmoothQuant migration strength for int8; None or 0 turns it off
     threads: int | None = None
+    batch_invariant: bool = False  # logits independent of how tokens are batched (see graph.py); costs 3-20% decode
+    draft_head: int | None = None  # a draft-only model: lm_head over the N most frequent chat tokens (draft_head.py)
     progress: bool = True
     validation: validate.ValidationSettings = field(default_factory=validate.ValidationSettings)
 
@@ -52,6 +55,9 @@ class ConvertOptions:
             raise InvalidParameterError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}.")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise InvalidParameterError(f"block_size={self.block_size} must be a power of two >= 16.")
+        if self.draft_head is not None and self.draft_head < 256:
+            raise InvalidParameterError(f"draft_head={self.draft_head} is too small to draft with: use 2048 or more "
+                                        "(8192 keeps ~96% of what the default model says).")
         if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
             raise InvalidParameterError(f"smooth_alpha={self.smooth_alpha} must be in [0, 1] (0 = off).")
 
@@ -81,6 +87,28 @@ class _Steps:
 
     def close(self) -> None:
         self.bar.close()
+
+
+@contextlib.contextmanager
+def _quiet_library_bars(quiet: bool):
+    """--quiet also silences transformers' bars, including the GGUF loader's plain tqdm, which
+    transformers' own disable_progress_bar() does not reach."""
+    if not quiet:
+        yield
+        return
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+        hf_logging.enable_progress_bar()
 
 
 def decoder_dims(loaded: LoadedModel) -> tuple[DecoderDims, np.ndarray, float]:
@@ -160,11 +188,8 @@ def convert(source: str, out_dir: str | Path, options: ConvertOptions | None = N
 
 def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, steps: _Steps) -> Manifest:
     steps.step(f"load {resolved.kind} {resolved.name}")
-    if not options.progress:  # --quiet also silences transformers' own per-tensor bars
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    loaded = load_source(resolved)
+    with _quiet_library_bars(not options.progress):
+        loaded = load_source(resolved)
     dims, inv_freq, rope_scaling = decoder_dims(loaded)
     state = {k: v.detach().cpu().float().numpy() for k, v in loaded.model.state_dict().items()}
     smoothing = None
@@ -181,7 +206,7 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
     fp32_dir = staging if options.precision == "fp32" else staging / "reference"  # inside staging: cleaned on failure
     fp32_dir.mkdir(exist_ok=True)
     fp32_path = fp32_dir / "model.onnx"
-    save_model(build_decoder(dims, state, inv_freq, rope_scaling), str(fp32_path))
+    save_model(build_decoder(dims, state, inv_freq, rope_scaling, options.batch_invariant), str(fp32_path))
     del state
     steps.done()
 
@@ -208,6 +233,9 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
 
         steps.step("validate")
         report = _validate(loaded, dims, fp32_path, model_path, options)
+        if options.draft_head:
+            report["draft_head"] = _restrict_head(resolved, loaded, dims, model_path, staging, options)
+            files["head_tokens"] = draft_head.HEAD_TOKENS_FILE
         steps.done()
     finally:
         if fp32_dir != staging and not options.keep_fp32:
@@ -222,6 +250,9 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
     return Manifest(
         name=resolved.name, architecture="llama", precision=options.precision, dims=dims.to_dict(),
         io=io_names(dims.num_layers), files=files,
+        graph={"batch_invariant": options.batch_invariant,
+               "attention_pad_rows": attention_pad_rows(options.batch_invariant),
+               **({"head_tokens": files["head_tokens"]} if options.draft_head else {})},
         generation=GenerationDefaults(eos_token_ids=loaded.eos_token_ids, bos_token_id=loaded.bos_token_id,
                                       context_length=int(config.max_position_embeddings)),
         special_tokens={"template_vars": loaded.special_tokens, "add_bos_token": loaded.add_bos_token},
@@ -243,7 +274,7 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
     io = io_names(dims.num_layers)
     capacity = max(settings.window, settings.consistency_tokens, 64) + 64
     report: dict = {"heldout": {"text": HELDOUT_TEXT.name, "tokens": len(tokens) - 1, "window": settings.window},
-                    "tokenizer_identical_ids": ids == reference_ids}
+                    "tokenizer_identical_ids": ids == reference_ids, "batch_invariant": options.batch_invariant}
     sessions = {"fp32": DecoderSession(fp32_path, io, dims.to_dict(), capacity, threads=options.threads)}
     if options.precision == "int8":
         sessions["int8"] = DecoderSession(model_path, io, dims.to_dict(), capacity, threads=options.threads)
@@ -274,6 +305,30 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
         sizes["int8_over_fp32"] = round(sizes["int8"] / sizes["fp32"], 4)
     report["sizes_bytes"] = sizes
     return report
+
+
+def _restrict_head(resolved: ResolvedSource, loaded: LoadedModel, dims: DecoderDims, model_path: Path,
+                   staging: Path, options: ConvertOptions) -> dict:
+    """After validation of the whole model: keep the lm_head rows of the most frequent chat tokens."""
+    import onnx
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(loaded.tokenizer_json)
+    folder = resolved.path if resolved.kind == "hf" else None
+    train, heldout = draft_head.chat_texts(folder)
+    encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
+    always = set(loaded.eos_token_ids) | set(tokenizer.get_added_tokens_decoder())
+    token_ids = draft_head.rank_tokens(encode(train), options.draft_head, dims.vocab_size, always)
+    model = onnx.load(str(model_path))
+    draft_head.restrict_lm_head(model, token_ids)
+    save_model(model, str(model_path))
+    np.save(staging / draft_head.HEAD_TOKENS_FILE, token_ids)
+    prompt = tokenizer.encode(_speed_prompt(loaded), add_special_tokens=False).ids
+    session = DecoderSession(model_path, io_names(dims.num_layers), dims.to_dict(), 128, threads=options.threads,
+                             head_tokens=token_ids)
+    return {"tokens": len(token_ids), "of": dims.vocab_size, "counted_texts": len(train),
+            "heldout_coverage": round(draft_head.coverage(token_ids, encode(heldout)), 4),
+            "speed": validate.decode_speed(session, prompt)}
 
 
 def _render(loaded: LoadedModel, question: str) -> str:

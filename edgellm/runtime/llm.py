@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from ..errors import ContextLengthError, InvalidParameterError, ModelFormatError
@@ -175,7 +176,9 @@ def load(path: str | Path, providers: Sequence[str] | str | None = None, threads
     template = None
     if template_file and (folder / template_file).is_file():
         template = ChatTemplate((folder / template_file).read_text(), manifest.special_tokens.get("template_vars", {}))
-    session = DecoderSession(model_file, manifest.io, manifest.dims, capacity, providers, threads)
+    head_file = manifest.graph.get("head_tokens")
+    head_tokens = np.load(folder / head_file) if head_file else None
+    session = DecoderSession(model_file, manifest.io, manifest.dims, capacity, providers, threads, head_tokens)
     logger.info("loaded %s (%s) on %s, context %d", manifest.name, manifest.precision, session.provider, capacity)
     llm = LLM(folder, manifest, session, tokenizer, template)
     if draft is not None:

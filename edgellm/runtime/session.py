@@ -19,6 +19,11 @@ from ..errors import ContextLengthError, ProviderError
 
 logger = logging.getLogger(__name__)
 
+# Batch-invariant graphs (edgellm convert --batch-invariant) give attention one padding row,
+# written to cache slot T (see edgellm/convert/graph.py), so each buffer is one slot longer
+# than the logical capacity. Other graphs never touch the spare slot.
+SPARE_CACHE_SLOTS = 1
+
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -56,7 +61,10 @@ class DecoderSession:
     """Runs forward passes and owns the KV cache; knows nothing about text or sampling."""
 
     def __init__(self, model_path: Path, io: dict, dims: dict, capacity: int,
-                 providers: Sequence[str] | str | None = None, threads: int | None = None) -> None:
+                 providers: Sequence[str] | str | None = None, threads: int | None = None,
+                 head_tokens: np.ndarray | None = None) -> None:
+        """head_tokens: for draft models whose lm_head covers only these ids (edgellm convert --draft-head);
+        their logits are scattered into full-vocabulary rows whose other entries are -inf."""
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -70,9 +78,12 @@ class DecoderSession:
         self.capacity = capacity
         self.vocab_size = int(dims["vocab_size"])
         device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-        kv_shape = (1, int(dims["num_kv_heads"]), capacity, int(dims["head_dim"]))
+        kv_shape = (1, int(dims["num_kv_heads"]), capacity + SPARE_CACHE_SLOTS, int(dims["head_dim"]))
+        self.head_tokens = None if head_tokens is None else np.asarray(head_tokens, dtype=np.int64)
+        head_size = self.vocab_size if self.head_tokens is None else len(self.head_tokens)
         self._binding = self.session.io_binding()
-        self._logits_one = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, self.vocab_size), np.float32, "cpu", 0)
+        self._logits_one = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, head_size), np.float32, "cpu", 0)
+        self._full_one = np.full((1, self.vocab_size), -np.inf, dtype=np.float32)  # only head_tokens' entries change
         self._binding.bind_ortvalue_output(io["logits"], self._logits_one)  # first: get_outputs()[0] is logits
         self._kv = []
         for past, present in zip(io["past_key"] + io["past_value"], io["present_key"] + io["present_value"]):
@@ -117,6 +128,9 @@ class DecoderSession:
             binding.bind_output(self.io["logits"], "cpu")
         self.session.run_with_iobinding(binding)
         self.tokens.extend(int(t) for t in token_ids)
-        if keep == 1:
-            return self._logits_one.numpy()[0]
-        return binding.get_outputs()[0].numpy()[0]
+        logits = self._logits_one.numpy()[0] if keep == 1 else binding.get_outputs()[0].numpy()[0]
+        if self.head_tokens is None:
+            return logits
+        full = self._full_one if keep == 1 else np.full((keep, self.vocab_size), -np.inf, dtype=np.float32)
+        full[:, self.head_tokens] = logits
+        return full

@@ -48,11 +48,14 @@ class ModelDrafter:
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         if len(context) + k > self.session.capacity:
             return []  # the draft's cache is full; the model decodes on alone
-        started = time.perf_counter()
-        behind = len(context) - common_prefix_length(self.session.tokens, context)
+        self.sync_ms = 0.0
+        if len(context) - common_prefix_length(self.session.tokens, context) > 2:
+            # Catching up more than the usual 1-2 tokens (a new prompt, or after plain steps) is a one-off
+            # cost: timed apart, so the per-draft estimate stays the steady-state one.
+            started = time.perf_counter()
+            prefill(self.session, context[:-1])
+            self.sync_ms = (time.perf_counter() - started) * 1000
         logits, _ = prefill(self.session, context)  # re-uses the draft's cached prefix
-        # Catching up more than the usual 1-2 tokens (a new prompt, or after a pause) is a one-off cost.
-        self.sync_ms = (time.perf_counter() - started) * 1000 if behind > 2 else 0.0
         drafts: list[int] = []
         while True:
             token = int(np.argmax(logits))
@@ -86,6 +89,7 @@ class PromptLookupDrafter:
 
 
 MIN_PLAIN_SAMPLES = 3
+MAX_PROMPT_INTERVAL = 8  # while off, probe at least on every 8th new prompt
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,9 @@ class SpeculativeSession:
         self._k = min(3, self.config.max_draft)
         self._off_steps = 0
         self._probe_interval = self.config.probe_every
+        self._decoding = False  # the last call was a decode step (so the next prefill is a new prompt)
+        self._prompts_off = 0
+        self._prompt_interval = 1
         self._cycles = self._drafted = self._accepted = self._rejected = self._plain = 0
 
     # --- the DecoderSession interface ---------------------------------------------------------------
@@ -177,9 +184,15 @@ class SpeculativeSession:
             self._rejected += 1
         self._drop_pending()
         if not decode_step:
-            if self._k == 0:  # a new prompt: how predictable its reply is can differ, so look again soon
-                self._off_steps = max(self._off_steps, self._probe_interval - 1)
+            if self._k == 0 and self._decoding:  # a new prompt: its reply may be easier to predict, so look
+                self._prompts_off += 1             # again soon, on every 1st, 2nd, 4th... prompt while off
+                if self._prompts_off >= self._prompt_interval:
+                    self._prompts_off = 0
+                    self._prompt_interval = min(2 * self._prompt_interval, MAX_PROMPT_INTERVAL)
+                    self._off_steps = max(self._off_steps, self._probe_interval - 1)
+            self._decoding = False
             return self.target.forward(token_ids, keep)
+        self._decoding = True
         k = self._choose_k()
         if k == 0:
             return self._plain_step(token_ids)
@@ -237,6 +250,7 @@ class SpeculativeSession:
         best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup)
         if self.expected_speedup(best_k) >= 1 + self.config.margin:
             self._k, self._off_steps, self._probe_interval = best_k, 0, self.config.probe_every
+            self._prompt_interval = 1
             return best_k
         self._k = 0
         self._off_steps += 1

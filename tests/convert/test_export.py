@@ -61,3 +61,40 @@ def test_int8_model_tracks_fp32(tiny_int8_dir, session):
     assert np.abs(got - ref).max() < 0.1 * scale  # int8 noise, not a different function
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
     assert q.session.get_providers()[0] == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch_invariant_int8_logits_do_not_depend_on_how_tokens_are_batched(tiny_int8_invariant_dir, threads):
+    """Bit for bit: one token at a time, one pass, and chunks after a roll-back give the same logits.
+
+    Speculative decoding relies on this to return exactly what plain decoding returns; without the
+    attention pad row, the one-row attention kernel differs in the last bits and int8 rounding
+    downstream turns that into visibly different logits (the second test shows it).
+    """
+    m = read_manifest(tiny_int8_invariant_dir)
+    assert m.graph == {"batch_invariant": True, "attention_pad_rows": 1}
+    assert m.validation["kv_consistency"]["int8"]["bit_identical"] is True
+    q = DecoderSession(tiny_int8_invariant_dir / "model.onnx", m.io, m.dims, capacity=len(TOKENS), threads=threads)
+    full = q.forward(TOKENS, keep=len(TOKENS)).copy()
+    q.truncate(0)
+    steps = np.stack([q.forward([t])[0].copy() for t in TOKENS])  # fills the cache to its capacity
+    np.testing.assert_array_equal(steps, full)
+    for start, size in [(5, 3), (8, 2), (10, 6)]:
+        q.truncate(start)
+        np.testing.assert_array_equal(q.forward(TOKENS[start:start + size], keep=size), full[start:start + size])
+
+
+def test_default_int8_graph_is_not_batch_invariant(tiny_int8_dir):
+    """Why --batch-invariant exists: the default (faster) graph's one-token steps differ from one pass."""
+    m = read_manifest(tiny_int8_dir)
+    assert m.graph == {"batch_invariant": False, "attention_pad_rows": 0}
+    assert m.validation["kv_consistency"]["int8"]["bit_identical"] is False
+
+
+def test_gate_refuses_a_batch_invariant_claim_the_logits_do_not_keep(tiny_int8_dir):
+    from edgellm.convert.validate import gate
+
+    report = dict(read_manifest(tiny_int8_dir).validation)
+    assert not any("batch-invariant" in f for f in gate(report))
+    report["batch_invariant"] = True  # as if built with the pad row, yet stepwise != one pass
+    assert any("built batch-invariant" in f for f in gate(report))
