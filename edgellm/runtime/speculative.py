@@ -18,6 +18,7 @@ and then, in case the text becomes easier to predict).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -30,6 +31,8 @@ import numpy as np
 from ..errors import InvalidParameterError, ModelFormatError
 from .generator import common_prefix_length, prefill
 from .session import DecoderSession
+
+logger = logging.getLogger(__name__)
 
 
 class Drafter(Protocol):
@@ -297,6 +300,10 @@ def enable_speculation(llm, draft="prompt-lookup", config: SpeculativeConfig | N
                                    f"{llm.manifest.name!r}. Fix: draft with a model distilled from this one "
                                    "(edgellm distill), or use draft='prompt-lookup'.")
         drafter = ModelDrafter(draft.session, llm.manifest.generation.eos_token_ids)
+    if not llm.manifest.graph.get("batch_invariant"):
+        logger.warning("%s was not converted --batch-invariant: speculative output can differ from plain decoding "
+                       "where two tokens nearly tie. Fix, for identical output: re-convert it with "
+                       "`edgellm convert ... --batch-invariant`.", llm.manifest.name)
     with llm._lock:
         llm.session = SpeculativeSession(llm.session, drafter, config)
     return llm.session

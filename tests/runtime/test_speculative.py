@@ -128,3 +128,12 @@ def test_cli_generate_with_a_draft_reports_speculation(tiny_fp32_dir, draft_dir)
     assert report["speculation"]["cycles"] + report["speculation"]["plain_steps"] > 0
     bad = CliRunner().invoke(main, ["generate", "-m", str(tiny_fp32_dir), "--draft", "no/such/folder", "hi"])
     assert bad.exit_code == 1 and "no/such/folder" in bad.output
+
+
+def test_speculation_warns_unless_the_model_is_batch_invariant(tiny_fp32_dir, tiny_int8_invariant_dir, caplog):
+    with caplog.at_level("WARNING", logger="edgellm.runtime.speculative"):
+        enable_speculation(edgellm.load(tiny_fp32_dir, threads=1), "prompt-lookup")
+        assert "--batch-invariant" in caplog.text
+        caplog.clear()
+        enable_speculation(edgellm.load(tiny_int8_invariant_dir, threads=1), "prompt-lookup")
+        assert caplog.text == ""
