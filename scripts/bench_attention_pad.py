@@ -1,4 +1,4 @@
-"""Cost of the attention pad row (converter revision 3): decode ms/token of model folders, side by side.
+"""Cost of `edgellm convert --batch-invariant`: decode ms/token of model folders, side by side.
 
     python scripts/bench_attention_pad.py BASELINE_FOLDER OTHER_FOLDER [...] --threads 2 --context 1024
 
@@ -11,43 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
-import numpy as np
-
+from bench_optimizations import PROMPT  # the same chat prompt as the other runtime benchmarks
+from edgellm.convert.validate import decode_speed, kv_consistency
 from edgellm.manifest import read_manifest
 from edgellm.runtime.session import DecoderSession
-
-PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182,
-          2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
 
 
 def open_session(folder: Path, capacity: int, threads: int) -> DecoderSession:
     m = read_manifest(folder)
     return DecoderSession(folder / "model.onnx", m.io, m.dims, capacity, threads=threads)
-
-
-def decode_ms(session: DecoderSession, prompt: list[int], steps: int) -> float:
-    session.truncate(0)
-    logits = session.forward(prompt)
-    start = time.perf_counter()
-    for _ in range(steps):
-        logits = session.forward([int(np.argmax(logits))])
-    return (time.perf_counter() - start) / steps * 1e3
-
-
-def batch_invariant(session: DecoderSession, prompt: list[int], steps: int = 8) -> float:
-    """Largest logit difference between one-token steps and one pass over the same tokens."""
-    session.truncate(0)
-    logits, stepped, tokens = session.forward(prompt)[-1].copy(), [], []
-    for _ in range(steps):
-        tokens.append(int(np.argmax(logits)))
-        stepped.append(logits)
-        logits = session.forward([tokens[-1]])[-1].copy()
-    session.truncate(len(prompt) - 1)
-    batched = session.forward([prompt[-1]] + tokens[:-1], keep=steps)
-    return float(np.abs(batched - np.stack(stepped)).max())
 
 
 def main() -> None:
@@ -64,10 +38,13 @@ def main() -> None:
     times = {name: [] for name in sessions}
     for _ in range(args.repeats):
         for name, session in sessions.items():
-            times[name].append(decode_ms(session, prompt, args.steps))
-    report = {name: {"decode_ms_per_token": round(statistics.median(t), 2),
-                     "max_logit_diff_step_vs_pass": batch_invariant(sessions[name], prompt)}
-              for name, t in times.items()}
+            times[name].append(decode_speed(session, prompt, args.steps)["decode_ms_per_token"])
+    report = {}
+    for name, session in sessions.items():
+        check = kv_consistency(session, (PROMPT * 2)[:48])  # what `edgellm convert` checks, on 48 tokens
+        report[name] = {"decode_ms_per_token": round(statistics.median(times[name]), 2),
+                        "max_logit_diff_step_vs_pass": check["max_abs_diff_stepwise"],
+                        "bit_identical": check["bit_identical"]}
     baseline = report[str(args.folders[0])]["decode_ms_per_token"]
     for name in sessions:
         report[name]["over_baseline"] = round(report[name]["decode_ms_per_token"] / baseline, 3)

@@ -56,8 +56,8 @@ class ConvertOptions:
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise InvalidParameterError(f"block_size={self.block_size} must be a power of two >= 16.")
         if self.draft_head is not None and self.draft_head < 256:
-            raise InvalidParameterError(f"draft_head={self.draft_head} is too small to draft with: use 2048 or more "
-                                        "(8192 keeps ~96% of what the default model says).")
+            raise InvalidParameterError(f"draft_head={self.draft_head} is too small to draft with: it must be at "
+                                        "least 256 (8192 keeps ~96% of what the default model says).")
         if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
             raise InvalidParameterError(f"smooth_alpha={self.smooth_alpha} must be in [0, 1] (0 = off).")
 
@@ -101,6 +101,7 @@ def _quiet_library_bars(quiet: bool):
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
+    was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     bar = gguf_utils.tqdm
     gguf_utils.tqdm = functools.partial(bar, disable=True)
@@ -108,7 +109,8 @@ def _quiet_library_bars(quiet: bool):
         yield
     finally:
         gguf_utils.tqdm = bar
-        hf_logging.enable_progress_bar()
+        if was_enabled:  # leave the caller's own setting as it was
+            hf_logging.enable_progress_bar()
 
 
 def decoder_dims(loaded: LoadedModel) -> tuple[DecoderDims, np.ndarray, float]:
