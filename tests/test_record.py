@@ -1,0 +1,48 @@
+"""The results-file writer: every field a published figure needs, written atomically, table round-trips."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgellm.record import Recorder, Table, main, read_table
+
+
+def test_results_file_holds_provenance_and_raw_samples(tmp_path: Path) -> None:
+    rec = Recorder("unit", parameters={"threads": 2, "model": tmp_path})
+    path = rec.write(tmp_path / "sub" / "r.json", samples={"a": np.array([1.5, 2.5])},
+                     summary={"a": np.float32(2.0)}, table=Table(["variant", "ms"], [["a", 2.0]]))
+    doc = json.loads(path.read_text())
+    assert doc["name"] == "unit"
+    assert shlex.split(doc["command"])[1:] == sys.argv  # the exact command line that ran
+    assert doc["samples"] == {"a": [1.5, 2.5]} and doc["summary"] == {"a": 2.0}
+    assert doc["parameters"] == {"threads": 2, "model": str(tmp_path)}
+    assert len(doc["git"]["revision"]) == 40 and isinstance(doc["git"]["dirty"], bool)
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    assert doc["machine"]["cpu_model"] in cpuinfo and doc["machine"]["cpu_flags"].split()[0] in cpuinfo
+    assert doc["machine"]["nproc"] == os.cpu_count()
+    assert len(doc["loadavg_before"]) == 3 and len(doc["loadavg_after"]) == 3
+    assert doc["versions"]["onnxruntime"] and doc["versions"]["numpy"] == np.__version__
+    assert doc["started_utc"].endswith("+00:00")
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temp file left behind
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    path.write_text("old")
+    with pytest.raises(TypeError):
+        Recorder("unit").write(path, samples={"bad": object()})
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_table_printed_from_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = Recorder("unit").write(tmp_path / "r.json", samples=[], table=Table(["a", "b"], [["x", 1.234], ["y", 3]]))
+    assert read_table(path).markdown() == "| a | b |\n| --- | --- |\n| x | 1.23 |\n| y | 3 |"
+    main(["table", str(path)])
+    assert "| x | 1.23 |" in capsys.readouterr().out
