@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
-from .runtime import SamplingParams, load
+from .runtime import SamplingParams, load, measure
 
 BENCH_MESSAGES = [
     {"role": "user", "content": "Give me three short tips for staying focused while working from home."},
@@ -58,6 +58,9 @@ class BenchReport:
     versions: dict
     draft: str | None = None
     speculation: dict | None = None  # SpeculationStats after the runs, when a draft was given
+    # The same greedy decode through the bare session (edgellm.runtime.measure.decode_probe): no sampling,
+    # stop matching or detokenizing, so decode_ms_per_token minus this is the generator's own cost per token.
+    session_decode_ms_per_token: Stat | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +86,13 @@ def run_bench(model_dir: str, runs: int = 9, warmup: int = 2, new_tokens: int = 
         ttft.append(t.ttft_ms)
         prefill_rate.append(t.prompt_tokens / (t.prefill_ms / 1000))
         decode.append(t.decode_ms_per_token)
+
+    # The graph alone, same prompt and token count, interleaved with nothing else (after the warm runs above).
+    prompt_ids = llm.encode(BENCH_MESSAGES)
+    with llm._lock:
+        probes = [measure.decode_probe(llm.session, prompt_ids, max(1, new_tokens - 1)).decode_ms_per_token
+                  for _ in range(max(3, runs // 2))]
+    llm.reset()
 
     # Prefix cache: turn 2 re-uses turn 1's prompt and reply from the cache.
     cached, fresh, cached_tokens = [], [], 0
@@ -110,6 +120,7 @@ def run_bench(model_dir: str, runs: int = 9, warmup: int = 2, new_tokens: int = 
         machine=f"{platform.machine()} {platform.processor() or ''} ({_cpu_count()} cores), {platform.system()}".strip(),
         versions=versions, draft=str(draft) if draft else None,
         speculation=dict(llm.speculation.__dict__) if llm.speculation is not None else None,
+        session_decode_ms_per_token=Stat.of(probes),
     )
 
 
@@ -136,6 +147,9 @@ def format_report(r: BenchReport) -> str:
                         ("decode (ms/token)", r.decode_ms_per_token), ("decode (tokens/s)", r.decode_tokens_per_s),
                         (f"turn-2 TTFT cached (ms)", r.turn2_ttft_cached_ms), ("turn-2 TTFT fresh (ms)", r.turn2_ttft_fresh_ms)):
         lines.append(f"{label:<28}{stat.median:>10.2f}{stat.p90:>10.2f}")
+    if r.session_decode_ms_per_token is not None:
+        lines.append(f"{'decode, graph only (ms/tok)':<28}{r.session_decode_ms_per_token.median:>10.2f}"
+                     f"{r.session_decode_ms_per_token.p90:>10.2f}")
     lines.append(f"turn-2 cached tokens {r.turn2_cached_tokens}; peak RSS {r.peak_rss_mb:.0f} MB")
     if r.speculation is not None:
         s = r.speculation

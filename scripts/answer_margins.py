@@ -17,18 +17,19 @@ import json
 import numpy as np
 
 import edgellm
+from edgellm.runtime import measure
 
 DEFAULT_QUESTIONS = ["What is the capital of France?"]
 
 
 def edgellm_answer(folder: str, question: str, max_new_tokens: int) -> dict:
     llm = edgellm.load(folder, threads=2)
-    messages = [{"role": "user", "content": question}]
-    ids = llm.encode(messages)
-    logits = llm.session.forward(ids, keep=1).reshape(-1).copy()
+    ids = llm.encode([{"role": "user", "content": question}])
+    eos = llm.manifest.generation.eos_token_ids
+    run = measure.greedy(llm.session, ids, max_new_tokens, eos, record=True)
     llm.reset()
-    reply = llm.generate(messages, edgellm.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)).text
-    return _describe(f"edgellm {llm.manifest.precision} ({folder})", logits, reply, llm.tokenizer.decode)
+    reply = llm.tokenizer.decode([t for t in run.tokens if t not in eos])
+    return _describe(f"edgellm {llm.manifest.precision} ({folder})", run.logits[0], reply, llm.tokenizer.decode)
 
 
 def llama_cpp_answer(gguf: str, question: str, max_new_tokens: int, ids: list[int], decode) -> dict:
@@ -48,7 +49,7 @@ def llama_cpp_answer(gguf: str, question: str, max_new_tokens: int, ids: list[in
 def _describe(engine: str, logits: np.ndarray, reply: str, decode) -> dict:
     top = np.argsort(-logits)[:3]
     return {"engine": engine, "top3": [[decode([int(t)]), round(float(logits[t]), 3)] for t in top],
-            "margin": round(float(logits[top[0]] - logits[top[1]]), 3), "reply": reply}
+            "margin": round(float(measure.top2_margin(logits)), 3), "reply": reply}
 
 
 def main() -> None:

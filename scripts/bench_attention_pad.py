@@ -14,8 +14,8 @@ import statistics
 from pathlib import Path
 
 from bench_optimizations import PROMPT  # the same chat prompt as the other runtime benchmarks
-from edgellm.convert.validate import decode_speed, kv_consistency
 from edgellm.manifest import read_manifest
+from edgellm.runtime.measure import decode_probe, kv_consistency
 from edgellm.runtime.session import DecoderSession
 
 
@@ -38,13 +38,13 @@ def main() -> None:
     times = {name: [] for name in sessions}
     for _ in range(args.repeats):
         for name, session in sessions.items():
-            times[name].append(decode_speed(session, prompt, args.steps)["decode_ms_per_token"])
+            times[name].append(decode_probe(session, prompt, args.steps).decode_ms_per_token)
     report = {}
     for name, session in sessions.items():
         check = kv_consistency(session, (PROMPT * 2)[:48])  # what `edgellm convert` checks, on 48 tokens
         report[name] = {"decode_ms_per_token": round(statistics.median(times[name]), 2),
-                        "max_logit_diff_step_vs_pass": check["max_abs_diff_stepwise"],
-                        "bit_identical": check["bit_identical"]}
+                        "max_logit_diff_step_vs_pass": check.max_abs_diff_stepwise,
+                        "bit_identical": check.bit_identical}
     baseline = report[str(args.folders[0])]["decode_ms_per_token"]
     for name in sessions:
         report[name]["over_baseline"] = round(report[name]["decode_ms_per_token"] / baseline, 3)

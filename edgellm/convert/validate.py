@@ -9,13 +9,13 @@ Checks (all through the same DecoderSession the runtime uses, so what passes her
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ValidationError
+from ..runtime import measure
 from ..runtime.session import DecoderSession
 
 MAX_PPL_RATIO = 1.03
@@ -29,57 +29,14 @@ KV_TOLERANCE = {"fp32": 2e-3, "int8": 2.5}
 MIN_KV_ARGMAX_MATCH = 0.9
 
 
-@dataclass
-class HeldOutScore:
-    perplexity: float
-    tokens: int
-    argmax: np.ndarray
-
-    def to_dict(self) -> dict:
-        return {"perplexity": round(self.perplexity, 4), "tokens": self.tokens}
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def held_out_score(session: DecoderSession, tokens: list[int], window: int) -> HeldOutScore:
-    """Teacher-forced NLL over non-overlapping windows (each starts with an empty cache)."""
-    nll, count, argmax = 0.0, 0, []
-    for start in range(0, len(tokens) - 1, window):
-        chunk = tokens[start:start + window + 1]
-        if len(chunk) < 2:
-            break
-        session.truncate(0)
-        logits = session.forward(chunk[:-1], keep=len(chunk) - 1)
-        logp = _log_softmax(logits.astype(np.float64))
-        targets = np.asarray(chunk[1:])
-        nll -= float(logp[np.arange(len(targets)), targets].sum())
-        count += len(targets)
-        argmax.append(logits.argmax(-1))
-    session.truncate(0)
-    return HeldOutScore(float(np.exp(nll / count)), count, np.concatenate(argmax))
+def held_out_score(session: DecoderSession, tokens: list[int], window: int) -> measure.Perplexity:
+    """Teacher-forced perplexity over non-overlapping windows (each starts with an empty cache)."""
+    return measure.perplexity(session, tokens, window)
 
 
 def kv_consistency(session: DecoderSession, tokens: list[int]) -> dict:
     """One-pass prefill logits vs token-by-token decode logits for the same tokens."""
-    session.truncate(0)
-    full = session.forward(tokens, keep=len(tokens)).copy()
-    session.truncate(0)
-    steps = np.stack([session.forward([t], keep=1)[0].copy() for t in tokens])
-    half = len(tokens) // 2
-    session.truncate(0)
-    session.forward(tokens[:half], keep=1)
-    chunked = session.forward(tokens[half:], keep=len(tokens) - half).copy()
-    session.truncate(0)
-    return {
-        "tokens": len(tokens),
-        "max_abs_diff_stepwise": float(np.abs(full - steps).max()),
-        "max_abs_diff_chunked": float(np.abs(full[half:] - chunked).max()),
-        "argmax_match": float((full.argmax(-1) == steps.argmax(-1)).mean()),
-        "bit_identical": bool(np.array_equal(full, steps) and np.array_equal(full[half:], chunked)),
-    }
+    return measure.kv_consistency(session, tokens).to_dict()
 
 
 CHAT_PROMPTS = [
@@ -98,13 +55,7 @@ def chat_agreement(reference: DecoderSession, candidate: DecoderSession, prompts
     how often the candidate's argmax is the reference's token (the product's use, not prose)."""
     agree = total = first = 0
     for ids in prompts:
-        reference.truncate(0)
-        logits, reply = reference.forward(ids, keep=1)[0], []
-        for _ in range(max_new_tokens):
-            reply.append(int(logits.argmax()))
-            if reply[-1] in eos_ids:
-                break
-            logits = reference.forward([reply[-1]], keep=1)[0]
+        reply = measure.greedy(reference, ids, max_new_tokens, eos_ids).tokens
         candidate.truncate(0)
         predicted = candidate.forward(ids + reply[:-1], keep=len(reply)).argmax(-1)
         agree += int((predicted == np.asarray(reply)).sum())
@@ -118,16 +69,7 @@ def chat_agreement(reference: DecoderSession, candidate: DecoderSession, prompts
 
 def decode_speed(session: DecoderSession, prompt: list[int], steps: int = 32) -> dict:
     """Greedy decode ms/token after a prefill (a probe, not a benchmark: see `edgellm bench`)."""
-    session.truncate(0)
-    start = time.perf_counter()
-    logits = session.forward(prompt, keep=1)[0]
-    prefill_ms = (time.perf_counter() - start) * 1000
-    start = time.perf_counter()
-    for _ in range(steps):
-        logits = session.forward([int(logits.argmax())], keep=1)[0]
-    ms = (time.perf_counter() - start) * 1000 / steps
-    session.truncate(0)
-    return {"prefill_ms": round(prefill_ms, 2), "prompt_tokens": len(prompt), "decode_ms_per_token": round(ms, 2)}
+    return measure.decode_probe(session, prompt, steps).to_dict()
 
 
 def folder_bytes(paths: list[Path]) -> int:

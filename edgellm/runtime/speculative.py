@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import InvalidParameterError, ModelFormatError
 from .generator import common_prefix_length, prefill
+from .measure import greedy
 from .session import DecoderSession
 
 logger = logging.getLogger(__name__)
@@ -58,14 +59,7 @@ class ModelDrafter:
             started = time.perf_counter()
             prefill(self.session, context[:-1])
             self.sync_ms = (time.perf_counter() - started) * 1000
-        logits, _ = prefill(self.session, context)  # re-uses the draft's cached prefix
-        drafts: list[int] = []
-        while True:
-            token = int(np.argmax(logits))
-            drafts.append(token)
-            if len(drafts) == k or token in self.eos:
-                return drafts
-            logits = self.session.forward((token,), keep=1)[0]
+        return greedy(self.session, context, k, self.eos, reuse_cache=True).tokens  # re-uses the draft's cache
 
 
 class PromptLookupDrafter:

@@ -159,6 +159,7 @@ def test_cli_bench_reports_prefill_and_decode(default_model_dir):
     assert report["decode_ms_per_token"]["median"] > 0 and report["ttft_ms"]["p90"] >= report["ttft_ms"]["median"]
     assert report["turn2_cached_tokens"] > report["prompt_tokens"]
     assert report["peak_rss_mb"] > 100 and report["provider"] == "CPUExecutionProvider"
+    assert report["session_decode_ms_per_token"]["median"] > 0  # the graph alone, via edgellm.runtime.measure
 
 
 def test_batch_invariant_model_speculates_exactly(default_invariant_dir):
