@@ -290,17 +290,17 @@ def bench(model_dir, runs, warmup, new_tokens, threads, provider, draft, as_json
 @click.option("--json", "as_json", is_flag=True)
 def info(model_dir: str, verify: bool, as_json: bool) -> None:
     """Describe a model folder: architecture, precision, source, validation results."""
-    from .manifest import read_manifest, verify_checksums
+    from .manifest import fingerprint, read_manifest, verify_checksums
 
     manifest = read_manifest(model_dir)
     if verify:
         verify_checksums(model_dir, manifest)
     if as_json:
-        click.echo(json.dumps(manifest.to_dict(), indent=2))
+        click.echo(json.dumps({**manifest.to_dict(), "fingerprint": fingerprint(model_dir)}, indent=2))
         return
     d, v = manifest.dims, manifest.validation
-    click.echo(f"{manifest.name}: {manifest.architecture}, {d['num_layers']} layers, hidden {d['hidden_size']}, "
-               f"{d['num_heads']}/{d['num_kv_heads']} heads, vocab {d['vocab_size']}, context "
+    click.echo(f"{manifest.name}: {manifest.architecture}, {d.num_layers} layers, hidden {d.hidden_size}, "
+               f"{d.num_heads}/{d.num_kv_heads} heads, vocab {d.vocab_size}, context "
                f"{manifest.generation.context_length}")
     click.echo(f"precision {manifest.precision}; source {manifest.source.get('kind')} {manifest.source.get('name')} "
                f"sha256 {str(manifest.source.get('sha256'))[:16]}…")
@@ -308,13 +308,14 @@ def info(model_dir: str, verify: bool, as_json: bool) -> None:
         click.echo(f"validation: ppl fp32 {v['fp32']['perplexity']:.3f}, int8 {v['int8']['perplexity']:.3f}, "
                    f"agreement {v['greedy_agreement']:.3f}, gate {'passed' if v['gate']['passed'] else 'FAILED'}")
     graph = manifest.graph
-    if graph.get("batch_invariant"):
+    if graph.batch_invariant:
         click.echo("batch-invariant: logits do not depend on how tokens are batched (exact speculative decoding)")
-    if graph.get("head_tokens") and "draft_head" in v:
+    if graph.head_tokens and "draft_head" in v:
         h = v["draft_head"]
         click.echo(f"draft head: {h['tokens']} of {h['of']} tokens ({h['heldout_coverage']:.1%} of held-out replies)")
     if verify:
         click.echo(f"checksums: {len(manifest.checksums)} files ok")
+    click.echo(f"fingerprint: {fingerprint(model_dir)} (pin it: edgellm.load(..., fingerprint=...))")
 
 
 @main.command("models")

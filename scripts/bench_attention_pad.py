@@ -21,7 +21,7 @@ from edgellm.runtime.session import DecoderSession
 
 def open_session(folder: Path, capacity: int, threads: int) -> DecoderSession:
     m = read_manifest(folder)
-    return DecoderSession(folder / "model.onnx", m.io, m.dims, capacity, threads=threads)
+    return DecoderSession(folder / "model.onnx", m.io, m.dims, capacity, threads=threads, graph=m.graph)
 
 
 def main() -> None:

@@ -34,15 +34,15 @@ def plain_loop(path, manifest, threads: int, steps: int, prompt: list[int]) -> t
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     io, d = manifest.io, manifest.dims
-    empty = np.zeros((1, d["num_kv_heads"], 0, d["head_dim"]), np.float32)
-    past = {name: empty for name in io["past_key"] + io["past_value"]}
-    outputs = [io["logits"]] + io["present_key"] + io["present_value"]
+    empty = np.zeros((1, d.num_kv_heads, 0, d.head_dim), np.float32)
+    past = {name: empty for name in io.past_key + io.past_value}
+    outputs = list(io.outputs)
 
     def run(ids, total, keep):
-        feed = {io["input_ids"]: np.array([ids], np.int64), io["attention_mask"]: np.ones((1, total), np.int64),
-                io["num_logits_to_keep"]: np.array(keep, np.int64), **past}
+        feed = {io.input_ids: np.array([ids], np.int64), io.attention_mask: np.ones((1, total), np.int64),
+                io.num_logits_to_keep: np.array(keep, np.int64), **past}
         result = session.run(outputs, feed)
-        for name, value in zip(io["past_key"] + io["past_value"], result[1:]):
+        for name, value in zip(io.past_key + io.past_value, result[1:]):
             past[name] = value
         return result[0][0, -1]
 
@@ -89,7 +89,8 @@ def main() -> None:
 
     manifests = {k: read_manifest(p) for k, p in (("int8", args.int8), ("fp32", args.fp32))}
     paths = {k: f"{p}/model.onnx" for k, p in (("int8", args.int8), ("fp32", args.fp32))}
-    sessions = {k: DecoderSession(paths[k], m.io, m.dims, capacity, threads=args.threads) for k, m in manifests.items()}
+    sessions = {k: DecoderSession(paths[k], m.io, m.dims, capacity, threads=args.threads, graph=m.graph)
+                for k, m in manifests.items()}
     cases = {
         "fp32, plain session.run loop": lambda: plain_loop(paths["fp32"], manifests["fp32"], args.threads, args.steps, prompt),
         "fp32, IO binding + in-place KV": lambda: bound_loop(sessions["fp32"], args.steps, prompt),

@@ -28,55 +28,27 @@ I/O (batch B, new tokens S, logical length T = past + S, cache buffer length L >
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from ..contract import GraphOptions, IONames, ModelDims
 
 OPSET = 21
 INT64_MAX = np.iinfo(np.int64).max
 
 
-@dataclass(frozen=True)
-class DecoderDims:
-    """Dimensions of a Llama-style decoder; stored in the manifest so the runtime needs no config."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    max_positions: int
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "DecoderDims":
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+DecoderDims = ModelDims  # the contract's type (edgellm.contract), under the name convert has always used
 
 
-def io_names(num_layers: int) -> dict:
+def io_names(num_layers: int) -> IONames:
     """The graph's input/output names; the manifest records them so the runtime reads, not guesses."""
-    return {
-        "input_ids": "input_ids",
-        "attention_mask": "attention_mask",
-        "num_logits_to_keep": "num_logits_to_keep",
-        "logits": "logits",
-        "past_key": [f"past_key_values.{i}.key" for i in range(num_layers)],
-        "past_value": [f"past_key_values.{i}.value" for i in range(num_layers)],
-        "present_key": [f"present.{i}.key" for i in range(num_layers)],
-        "present_value": [f"present.{i}.value" for i in range(num_layers)],
-    }
+    return IONames.for_layers(num_layers)
 
 
 def attention_pad_rows(batch_invariant: bool) -> int:
-    """Padding rows per attention call (see the module docstring); the manifest records it."""
-    return 1 if batch_invariant else 0
+    """Padding rows per attention call (see the module docstring); the manifest records it (graph options)."""
+    return GraphOptions.for_build(batch_invariant).attention_pad_rows
 
 
 class _GraphWriter:
@@ -116,6 +88,7 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
     pad_rows = attention_pad_rows(batch_invariant)
     n_layers, hd = dims.num_layers, dims.head_dim
     kv_shape = ["batch", dims.num_kv_heads, "cache_length", hd]
+    io = io_names(n_layers)
 
     def w(key: str) -> np.ndarray:
         if key not in weights:
@@ -123,10 +96,10 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
         return weights[key].astype(np.float32, copy=False)
 
     # Attention bookkeeping shared by every layer: GQA takes lengths, not a mask.
-    mask_sum = g.node("ReduceSum", ["attention_mask", g.const_i64("axes_1", [1])], "mask/sum", keepdims=0)[0]
+    mask_sum = g.node("ReduceSum", [io.attention_mask, g.const_i64("axes_1", [1])], "mask/sum", keepdims=0)[0]
     seqlens = g.node("Sub", [mask_sum, g.const_i64("one_i64", [1])], "mask/sub")[0]
     seqlens_k = g.node("Cast", [seqlens], "mask/seqlens_k", to=TensorProto.INT32)[0]
-    mask_shape = g.node("Shape", ["attention_mask"], "mask/shape")[0]
+    mask_shape = g.node("Shape", [io.attention_mask], "mask/shape")[0]
     total = g.node("Gather", [mask_shape, g.weight("idx_1", np.array(1, dtype=np.int64))], "mask/total", axis=0)[0]
     total_seq_len = g.node("Cast", [total], "mask/total_seq_len", to=TensorProto.INT32)[0]
     if pad_rows:  # the padding row sits at position T: attention sees one more token than the caller sent
@@ -140,7 +113,7 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
     cos_cache, sin_cache = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
 
     embed = g.weight("model.embed_tokens.weight", w("model.embed_tokens.weight"))
-    hidden = g.node("Gather", [embed, "input_ids"], "embed")[0]
+    hidden = g.node("Gather", [embed, io.input_ids], "embed")[0]
     normed = g.node("SimplifiedLayerNormalization",
                     [hidden, g.weight("layers.0.input_norm", w("model.layers.0.input_layernorm.weight"))],
                     "layers.0/input_norm", axis=-1, epsilon=dims.rms_norm_eps, stash_type=1)[0]
@@ -155,13 +128,13 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
             qkv_out = g.node("Pad", [qkv_out, pad_last_row], f"layers.{i}/qkv_padded", mode="edge")[0]
         attn = g.node(
             "GroupQueryAttention",
-            [qkv_out, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+            [qkv_out, "", "", io.past_key[i], io.past_value[i],
              seqlens_k, total_seq_len, cos_cache, sin_cache],
             f"layers.{i}/attn", n_out=1, domain="com.microsoft",
             num_heads=dims.num_heads, kv_num_heads=dims.num_kv_heads, scale=float(hd ** -0.5),
             do_rotary=1, rotary_interleaved=0, local_window_size=-1,
         )[0]
-        g.nodes[-1].output.extend([f"present.{i}.key", f"present.{i}.value"])
+        g.nodes[-1].output.extend([io.present_key[i], io.present_value[i]])
         if pad_rows:
             attn = g.node("Slice", [attn, *real_rows], f"layers.{i}/attn_unpad")[0]
         attn_out = g.node("MatMul", [attn, g.weight(f"layers.{i}.o_proj", w(f"{p}.self_attn.o_proj.weight").T)],
@@ -190,24 +163,24 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
                                         name, n_out=4, domain="com.microsoft", epsilon=dims.rms_norm_eps)
 
     # Logits only where the caller needs them: the lm_head over a whole prompt is ~20% of prefill.
-    neg_keep = g.node("Neg", ["num_logits_to_keep"], "logits/neg")[0]
+    neg_keep = g.node("Neg", [io.num_logits_to_keep], "logits/neg")[0]
     start = g.node("Unsqueeze", [neg_keep, g.const_i64("axes_0", [0])], "logits/start")[0]
     kept = g.node("Slice", [normed, start, g.const_i64("int64_max", [int(INT64_MAX)]), g.const_i64("axes_1b", [1])],
                   "logits/slice")[0]
     lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
     logits = g.node("MatMul", [kept, g.weight("lm_head", lm_head.astype(np.float32).T)], "lm_head")[0]
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+    g.nodes.append(helper.make_node("Identity", [logits], [io.logits], name="logits"))
 
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
-        helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, []),
+        helper.make_tensor_value_info(io.input_ids, TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(io.attention_mask, TensorProto.INT64, ["batch", "total_sequence"]),
+        helper.make_tensor_value_info(io.num_logits_to_keep, TensorProto.INT64, []),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", dims.vocab_size])]
+    outputs = [helper.make_tensor_value_info(io.logits, TensorProto.FLOAT, ["batch", "kept", dims.vocab_size])]
     for i in range(n_layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+        for past, present in ((io.past_key[i], io.present_key[i]), (io.past_value[i], io.present_value[i])):
+            inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, kv_shape))
     graph = helper.make_graph(g.nodes, "edgellm_decoder", inputs, outputs, initializer=g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid("com.microsoft", 1)],

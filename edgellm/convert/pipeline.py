@@ -25,7 +25,8 @@ from ..errors import InvalidParameterError, OutputExistsError, UnsupportedArchit
 from ..manifest import GenerationDefaults, Manifest
 from ..runtime.session import DecoderSession
 from . import draft_head, validate
-from .graph import DecoderDims, attention_pad_rows, build_decoder, io_names, save_model
+from ..contract import GraphOptions
+from .graph import DecoderDims, build_decoder, io_names, save_model
 from .sources import LoadedModel, ResolvedSource, load_source, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -250,11 +251,9 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
                       "enforced": options.gate, **options.validation.to_dict()}
     config = loaded.model.config
     return Manifest(
-        name=resolved.name, architecture="llama", precision=options.precision, dims=dims.to_dict(),
+        name=resolved.name, architecture="llama", precision=options.precision, dims=dims,
         io=io_names(dims.num_layers), files=files,
-        graph={"batch_invariant": options.batch_invariant,
-               "attention_pad_rows": attention_pad_rows(options.batch_invariant),
-               **({"head_tokens": files["head_tokens"]} if options.draft_head else {})},
+        graph=GraphOptions.for_build(options.batch_invariant, files.get("head_tokens")),
         generation=GenerationDefaults(eos_token_ids=loaded.eos_token_ids, bos_token_id=loaded.bos_token_id,
                                       context_length=int(config.max_position_embeddings)),
         special_tokens={"template_vars": loaded.special_tokens, "add_bos_token": loaded.add_bos_token},
@@ -277,9 +276,10 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
     capacity = max(settings.window, settings.consistency_tokens, 64) + 64
     report: dict = {"heldout": {"text": HELDOUT_TEXT.name, "tokens": len(tokens) - 1, "window": settings.window},
                     "tokenizer_identical_ids": ids == reference_ids, "batch_invariant": options.batch_invariant}
-    sessions = {"fp32": DecoderSession(fp32_path, io, dims.to_dict(), capacity, threads=options.threads)}
+    graph = GraphOptions.for_build(options.batch_invariant)
+    sessions = {"fp32": DecoderSession(fp32_path, io, dims, capacity, threads=options.threads, graph=graph)}
     if options.precision == "int8":
-        sessions["int8"] = DecoderSession(model_path, io, dims.to_dict(), capacity, threads=options.threads)
+        sessions["int8"] = DecoderSession(model_path, io, dims, capacity, threads=options.threads, graph=graph)
 
     sample = tokens[:64]
     with torch.no_grad():
@@ -326,8 +326,8 @@ def _restrict_head(resolved: ResolvedSource, loaded: LoadedModel, dims: DecoderD
     save_model(model, str(model_path))
     np.save(staging / draft_head.HEAD_TOKENS_FILE, token_ids)
     prompt = tokenizer.encode(_speed_prompt(loaded), add_special_tokens=False).ids
-    session = DecoderSession(model_path, io_names(dims.num_layers), dims.to_dict(), 128, threads=options.threads,
-                             head_tokens=token_ids)
+    session = DecoderSession(model_path, io_names(dims.num_layers), dims, 128, threads=options.threads,
+                             head_tokens=token_ids, graph=GraphOptions.for_build(options.batch_invariant))
     return {"tokens": len(token_ids), "of": dims.vocab_size, "counted_texts": len(train),
             "heldout_coverage": round(draft_head.coverage(token_ids, encode(heldout)), 4),
             "speed": validate.decode_speed(session, prompt)}

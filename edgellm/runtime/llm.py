@@ -13,7 +13,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..errors import ContextLengthError, InvalidParameterError, ModelFormatError
-from ..manifest import Manifest, read_manifest, verify_checksums
+from ..manifest import MANIFEST_NAME, Manifest, read_manifest, resolve_file, verify_checksums
+from ..manifest import fingerprint as manifest_fingerprint
 from .chat import ChatTemplate
 from .generator import Stream, prefill
 from .sampling import ResolvedSampling
@@ -146,39 +147,50 @@ class LLM:
 
 
 def load(path: str | Path, providers: Sequence[str] | str | None = None, threads: int | None = None,
-         context_length: int | None = None, verify: bool = True, draft: str | Path | LLM | None = None) -> LLM:
+         context_length: int | None = None, verify: bool = True, draft: str | Path | LLM | None = None,
+         fingerprint: str | None = None) -> LLM:
     """Load a model folder written by `edgellm convert`.
 
     providers: "cpu" (default), "cuda", "tensorrt" or onnxruntime provider names, in order of preference.
     threads: CPU threads for the model (default: onnxruntime's choice, one per core).
     context_length: KV cache size in tokens (default min(model's, 2048)).
-    verify: check every file against the manifest's sha256 (about 0.2 s for 150 MB).
+    verify: check every file against the manifest's sha256 (about 0.2 s for 150 MB); every file the manifest
+        names must have one. Checksums find damage, not tampering: whoever rewrites a file can rewrite them too.
+    fingerprint: the folder's expected fingerprint (`edgellm info` prints it: the manifest's sha256); with
+        verify, this pins every file, so a tampered folder with recomputed checksums is refused.
     draft: speculative decoding, same output as without it: a smaller model folder with the same tokenizer
         (e.g. from `edgellm distill`), a loaded LLM, or "prompt-lookup" (no second model). It switches
         itself off while it does not pay; `llm.speculation` reports acceptance and timings.
     """
     folder = Path(path)
     manifest = read_manifest(folder)
+    if fingerprint is not None:
+        actual = manifest_fingerprint(folder)
+        if not isinstance(fingerprint, str) or actual != fingerprint.strip().lower():
+            raise ModelFormatError(f"{folder / MANIFEST_NAME} has fingerprint {actual}, not the expected "
+                                   f"{fingerprint!r}: the folder is not the one you pinned. Fix: re-convert or re-copy "
+                                   "the model, or pin the new fingerprint if the change was yours.")
+        if not verify:
+            raise InvalidParameterError("fingerprint needs verify=True (the fingerprint pins files only through "
+                                        "their checksums). Fix: drop verify=False.")
     if verify:
         verify_checksums(folder, manifest)
-    model_file = folder / manifest.files["model"]
-    for role in ("model", "tokenizer"):
-        if not (folder / manifest.files[role]).is_file():
-            raise ModelFormatError(f"{folder / manifest.files[role]} is missing. Fix: re-run `edgellm convert`.")
+    paths = {role: resolve_file(folder, manifest, role) for role in manifest.files}
     limit = manifest.generation.context_length
+    if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
+                                       or not 1 < context_length <= limit):
+        raise InvalidParameterError(f"context_length={context_length!r} is out of range: it must be an integer in "
+                                    f"2..{limit} (the model's context). Fix: pass a value in that range, or None.")
     capacity = context_length or min(limit, DEFAULT_CONTEXT)
-    if not 1 < capacity <= limit:
-        raise InvalidParameterError(f"context_length={context_length} is out of range: it must be in 2..{limit}.")
-    if threads is not None and threads < 1:
-        raise InvalidParameterError(f"threads={threads} must be >= 1 (or None for one per core).")
-    tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))
-    template_file = manifest.files.get("chat_template")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InvalidParameterError(f"threads={threads!r} must be an integer >= 1 (or None for one per core).")
+    tokenizer = _load_tokenizer(paths["tokenizer"], manifest)
     template = None
-    if template_file and (folder / template_file).is_file():
-        template = ChatTemplate((folder / template_file).read_text(), manifest.special_tokens.get("template_vars", {}))
-    head_file = manifest.graph.get("head_tokens")
-    head_tokens = np.load(folder / head_file) if head_file else None
-    session = DecoderSession(model_file, manifest.io, manifest.dims, capacity, providers, threads, head_tokens)
+    if "chat_template" in paths:
+        template = ChatTemplate(_read_text(paths["chat_template"]), manifest.special_tokens.get("template_vars", {}))
+    head_tokens = _load_head_tokens(paths, manifest) if manifest.graph.head_tokens else None
+    session = DecoderSession(paths["model"], manifest.io, manifest.dims, capacity, providers, threads, head_tokens,
+                             graph=manifest.graph)
     logger.info("loaded %s (%s) on %s, context %d", manifest.name, manifest.precision, session.provider, capacity)
     llm = LLM(folder, manifest, session, tokenizer, template)
     if draft is not None:
@@ -189,3 +201,42 @@ def load(path: str | Path, providers: Sequence[str] | str | None = None, threads
             draft = load(draft, providers, threads, context_length=min(capacity, draft_limit), verify=verify)
         enable_speculation(llm, draft)
     return llm
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelFormatError(f"{path} cannot be read as UTF-8 text ({exc}). Fix: re-run `edgellm convert`.") from exc
+
+
+def _load_tokenizer(path: Path, manifest: Manifest) -> Tokenizer:
+    try:
+        tokenizer = Tokenizer.from_str(_read_text(path))
+    except Exception as exc:  # noqa: BLE001 - the tokenizers binding raises plain Exception for a bad file
+        if isinstance(exc, ModelFormatError):
+            raise
+        reason = " ".join(str(exc).split())[:200]
+        raise ModelFormatError(f"{path} is not a valid tokenizer ({reason}). Fix: re-run `edgellm convert`.") from exc
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > manifest.dims.vocab_size:
+        raise ModelFormatError(f"{path} has {size} tokens but the model's vocabulary (dims.vocab_size) is "
+                               f"{manifest.dims.vocab_size}: they do not belong together. Fix: re-run `edgellm convert`.")
+    return tokenizer
+
+
+def _load_head_tokens(paths: dict[str, Path], manifest: Manifest) -> np.ndarray:
+    name = manifest.graph.head_tokens
+    path = next((p for p in paths.values() if p.name == name), None)
+    if path is None:
+        raise ModelFormatError(f"graph.head_tokens names {name!r}, which files does not list. "
+                               "Fix: re-run `edgellm convert --draft-head`.")
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ModelFormatError(f"{path} is not a readable .npy file ({exc}). Fix: re-run `edgellm convert`.") from exc
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or len(ids) == 0 \
+            or ids.min() < 0 or ids.max() >= manifest.dims.vocab_size:
+        raise ModelFormatError(f"{path} must hold a 1-D list of token ids in 0..{manifest.dims.vocab_size - 1}. "
+                               "Fix: re-run `edgellm convert --draft-head`.")
+    return ids

@@ -15,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import ContextLengthError, ProviderError
+from ..contract import GraphOptions, IONames, ModelDims, check_session
+from ..errors import ContextLengthError, ModelFormatError, ProviderError
 
 logger = logging.getLogger(__name__)
 
-# Batch-invariant graphs (edgellm convert --batch-invariant) give attention one padding row,
-# written to cache slot T (see edgellm/convert/graph.py), so each buffer is one slot longer
-# than the logical capacity. Other graphs never touch the spare slot.
-SPARE_CACHE_SLOTS = 1
+# What onnxruntime raises for a model it cannot load (its pybind errors derive from Exception directly).
+_ORT_LOAD_ERRORS = (RuntimeError, ValueError, OSError) + tuple(
+    getattr(ort.capi.onnxruntime_pybind11_state, name) for name in
+    ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotFound", "NotImplemented",
+     "RuntimeException", "NoModel") if hasattr(ort.capi.onnxruntime_pybind11_state, name))
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -60,11 +62,20 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
 class DecoderSession:
     """Runs forward passes and owns the KV cache; knows nothing about text or sampling."""
 
-    def __init__(self, model_path: Path, io: dict, dims: dict, capacity: int,
+    def __init__(self, model_path: Path, io: IONames | dict, dims: ModelDims | dict, capacity: int,
                  providers: Sequence[str] | str | None = None, threads: int | None = None,
-                 head_tokens: np.ndarray | None = None) -> None:
-        """head_tokens: for draft models whose lm_head covers only these ids (edgellm convert --draft-head);
-        their logits are scattered into full-vocabulary rows whose other entries are -inf."""
+                 head_tokens: np.ndarray | None = None, graph: GraphOptions | dict | None = None) -> None:
+        """io, dims, graph: the manifest's contract (edgellm.contract; dicts are read with from_dict).
+        graph.attention_pad_rows: cache slots past `capacity` the graph writes (batch-invariant graphs: 1);
+        None means unknown, and one spare slot is kept, which is safe for every graph edgellm builds.
+        head_tokens: for draft models whose lm_head covers only these ids (edgellm convert --draft-head);
+        their logits are scattered into full-vocabulary rows whose other entries are -inf.
+        Raises ModelFormatError when the graph's inputs/outputs disagree with io or dims."""
+        dims = dims if isinstance(dims, ModelDims) else ModelDims.from_dict(dims)
+        io = io if isinstance(io, IONames) else IONames.from_dict(io, dims.num_layers)
+        if isinstance(graph, dict):
+            graph = GraphOptions.from_dict(graph)
+        spare = 1 if graph is None else graph.attention_pad_rows
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -72,21 +83,28 @@ class DecoderSession:
             options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1")
         self.providers = resolve_providers(providers)
-        self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
+        except _ORT_LOAD_ERRORS as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise ModelFormatError(f"onnxruntime cannot load {model_path} ({reason}). Fix: re-run `edgellm convert` "
+                                   "(a truncated, damaged or foreign model file, or weights outside the folder).") from exc
         self.provider = self.session.get_providers()[0]
-        self.io = io
+        self.io, self.dims, self.graph = io, dims, graph
         self.capacity = capacity
-        self.vocab_size = int(dims["vocab_size"])
-        device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-        kv_shape = (1, int(dims["num_kv_heads"]), capacity + SPARE_CACHE_SLOTS, int(dims["head_dim"]))
+        self.vocab_size = dims.vocab_size
         self.head_tokens = None if head_tokens is None else np.asarray(head_tokens, dtype=np.int64)
         head_size = self.vocab_size if self.head_tokens is None else len(self.head_tokens)
+        check_session(self.session.get_inputs(), self.session.get_outputs(), io, dims,
+                      None if self.head_tokens is None else head_size, model=str(model_path))
+        device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        kv_shape = (1, dims.num_kv_heads, capacity + spare, dims.head_dim)
         self._binding = self.session.io_binding()
         self._logits_one = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, head_size), np.float32, "cpu", 0)
         self._full_one = np.full((1, self.vocab_size), -np.inf, dtype=np.float32)  # only head_tokens' entries change
-        self._binding.bind_ortvalue_output(io["logits"], self._logits_one)  # first: get_outputs()[0] is logits
+        self._binding.bind_ortvalue_output(io.logits, self._logits_one)  # first: get_outputs()[0] is logits
         self._kv = []
-        for past, present in zip(io["past_key"] + io["past_value"], io["present_key"] + io["present_value"]):
+        for past, present in io.kv_pairs:
             buffer = ort.OrtValue.ortvalue_from_shape_and_type(kv_shape, np.float32, device, 0)
             self._binding.bind_ortvalue_input(past, buffer)
             self._binding.bind_ortvalue_output(present, buffer)
@@ -119,13 +137,13 @@ class DecoderSession:
         if keep not in self._keep:
             self._keep[keep] = np.array(keep, dtype=np.int64)
         binding = self._binding
-        binding.bind_cpu_input(self.io["input_ids"], ids)
-        binding.bind_cpu_input(self.io["attention_mask"], self._mask[:, :total])
-        binding.bind_cpu_input(self.io["num_logits_to_keep"], self._keep[keep])
+        binding.bind_cpu_input(self.io.input_ids, ids)
+        binding.bind_cpu_input(self.io.attention_mask, self._mask[:, :total])
+        binding.bind_cpu_input(self.io.num_logits_to_keep, self._keep[keep])
         if keep == 1:
-            binding.bind_ortvalue_output(self.io["logits"], self._logits_one)
+            binding.bind_ortvalue_output(self.io.logits, self._logits_one)
         else:
-            binding.bind_output(self.io["logits"], "cpu")
+            binding.bind_output(self.io.logits, "cpu")
         self.session.run_with_iobinding(binding)
         self.tokens.extend(int(t) for t in token_ids)
         logits = self._logits_one.numpy()[0] if keep == 1 else binding.get_outputs()[0].numpy()[0]

@@ -294,7 +294,7 @@ def enable_speculation(llm, draft="prompt-lookup", config: SpeculativeConfig | N
                                    f"{llm.manifest.name!r}. Fix: draft with a model distilled from this one "
                                    "(edgellm distill), or use draft='prompt-lookup'.")
         drafter = ModelDrafter(draft.session, llm.manifest.generation.eos_token_ids)
-    if not llm.manifest.graph.get("batch_invariant"):
+    if not llm.manifest.graph.batch_invariant:
         logger.warning("%s was not converted --batch-invariant: speculative output can differ from plain decoding "
                        "where two tokens nearly tie. Fix, for identical output: re-convert it with "
                        "`edgellm convert ... --batch-invariant`.", llm.manifest.name)

@@ -21,8 +21,8 @@ def run_cli(*args, cwd=None):
 def test_manifest_describes_the_folder(tiny_int8_dir, tiny_hf_dir):
     m = read_manifest(tiny_int8_dir)
     assert m.precision == "int8" and m.architecture == "llama"
-    assert m.dims["num_layers"] == 2 and m.dims["num_kv_heads"] == 2 and m.dims["head_dim"] == 16
-    assert m.io["past_key"][1] == "past_key_values.1.key" and m.io["present_value"][0] == "present.0.value"
+    assert m.dims.num_layers == 2 and m.dims.num_kv_heads == 2 and m.dims.head_dim == 16
+    assert m.io.past_key[1] == "past_key_values.1.key" and m.io.present_value[0] == "present.0.value"
     assert set(m.checksums) == {"model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja"}
     for name, digest in m.checksums.items():
         assert sha256_file(tiny_int8_dir / name) == digest

@@ -146,7 +146,7 @@ def test_distillation_lowers_kd_loss_and_raises_agreement(teacher, tokenizer, tm
     convert(str(out), tmp_path / "onnx", ConvertOptions(precision="fp32", gate=False, progress=False,
                                                         validation=settings))
     llm = edgellm.load(tmp_path / "onnx", threads=1)
-    assert llm.manifest.dims["num_layers"] == 2
+    assert llm.manifest.dims.num_layers == 2
     assert llm.generate("hello", edgellm.SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
                         ).timings.generated_tokens == 4
 

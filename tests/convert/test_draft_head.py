@@ -37,7 +37,7 @@ def test_rank_tokens_keeps_the_most_frequent_and_the_required():
 
 def test_head_folder_records_its_tokens_and_checks_them(head_dir):
     m = read_manifest(head_dir)
-    head = np.load(head_dir / m.graph["head_tokens"])
+    head = np.load(head_dir / m.graph.head_tokens)
     assert len(head) == HEAD and m.files["head_tokens"] in m.checksums
     assert set(m.generation.eos_token_ids) <= set(head.tolist())
     report = m.validation["draft_head"]
@@ -45,7 +45,7 @@ def test_head_folder_records_its_tokens_and_checks_them(head_dir):
 
 
 def test_kept_logits_equal_the_full_models_and_the_rest_are_minus_inf(head_dir, tiny_int8_dir):
-    head = np.load(head_dir / read_manifest(head_dir).graph["head_tokens"])
+    head = np.load(head_dir / read_manifest(head_dir).graph.head_tokens)
     full = edgellm.load(tiny_int8_dir, threads=1).session.forward(TOKENS, keep=4).copy()
     got = edgellm.load(head_dir, threads=1).session.forward(TOKENS, keep=4)
     np.testing.assert_allclose(got[:, head], full[:, head], rtol=0, atol=1e-5)
