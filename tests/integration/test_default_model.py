@@ -157,6 +157,10 @@ def test_cli_bench_reports_prefill_and_decode(default_model_dir):
                           capture_output=True, text=True, check=True)
     report = json.loads(done.stdout)
     assert report["decode_ms_per_token"]["median"] > 0 and report["ttft_ms"]["p90"] >= report["ttft_ms"]["median"]
+    # p90 is the slow tail for rates too, and prefill excludes the template + tokenization (timed apart)
+    assert report["decode_tokens_per_s"]["p90"] <= report["decode_tokens_per_s"]["median"]
+    assert report["prefill_tokens_per_s"]["p90"] <= report["prefill_tokens_per_s"]["median"]
+    assert report["template_ms"]["median"] > 0
     assert report["turn2_cached_tokens"] > report["prompt_tokens"]
     assert report["peak_rss_mb"] > 100 and report["provider"] == "CPUExecutionProvider"
     assert report["session_decode_ms_per_token"]["median"] > 0  # the graph alone, via edgellm.runtime.measure
