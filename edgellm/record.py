@@ -148,20 +148,22 @@ class Recorder:
     loadavg_before: list[float] | None = field(default_factory=_loadavg)
 
     def document(self, samples: Any, summary: Any = None, table: Table | None = None,
-                 notes: str = "", extra_versions: tuple[str, ...] = ()) -> dict[str, Any]:
+                 notes: str = "", extra_versions: tuple[str, ...] = (),
+                 tables: dict[str, Table] | None = None) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION, "name": self.name, "command": self.command,
             "git": git_revision(), "started_utc": self.started_utc, "finished_utc": _now(),
             "machine": asdict(machine()), "loadavg_before": self.loadavg_before, "loadavg_after": _loadavg(),
             "versions": versions(extra_versions), "parameters": _jsonable(self.parameters),
-            "summary": _jsonable(summary), "table": asdict(table) if table else None, "notes": notes,
+            "summary": _jsonable(summary), "table": asdict(table) if table else None,
+            "tables": {k: asdict(t) for k, t in (tables or {}).items()}, "notes": notes,
             "samples": _jsonable(samples),
         }
 
     def write(self, path: str | os.PathLike, samples: Any, summary: Any = None, table: Table | None = None,
-              notes: str = "", extra_versions: tuple[str, ...] = ()) -> Path:
-        """Write the results file atomically; returns its path."""
-        doc = self.document(samples, summary, table, notes, extra_versions)
+              notes: str = "", extra_versions: tuple[str, ...] = (), tables: dict[str, Table] | None = None) -> Path:
+        """Write the results file atomically; returns its path. `tables`: more named tables besides `table`."""
+        doc = self.document(samples, summary, table, notes, extra_versions, tables)
         return write_json_atomic(Path(path), doc)
 
 
@@ -196,11 +198,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def read_table(path: str | os.PathLike) -> Table:
+def read_table(path: str | os.PathLike, name: str | None = None) -> Table:
+    """The file's table, or its table called `name`."""
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not doc.get("table"):
-        raise SystemExit(f"error: {path} stores no table; its summary is: {json.dumps(doc.get('summary'))[:400]}")
-    return Table(**doc["table"])
+    stored = doc.get("tables", {}).get(name) if name else doc.get("table")
+    if not stored:
+        names = ", ".join(doc.get("tables") or {}) or "none"
+        raise SystemExit(f"error: {path} stores no table {name or ''} (named tables: {names}). "
+                         "Fix: name one of those with --name.")
+    return Table(**stored)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m edgellm.record", description="Print what a results file holds.")
     parser.add_argument("what", choices=["table", "machine"])
     parser.add_argument("files", nargs="*")
+    parser.add_argument("--name", help="a named table of the file (default: its main table)")
     args = parser.parse_args(argv)
     if args.what == "machine":
         print(json.dumps({"machine": asdict(machine()), "loadavg": _loadavg(), "versions": versions(),
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     for file in args.files:
         doc = json.loads(Path(file).read_text(encoding="utf-8"))
         m = doc["machine"]
-        print(read_table(file).markdown())
+        print(read_table(file, args.name).markdown())
         print(f"\n`{doc['command']}` → `{file}` ({m['cpu_model']}, {m['affinity']} cores, load "
               f"{doc['loadavg_before'][0] if doc['loadavg_before'] else '?'}, {doc['started_utc'][:10]})\n")
 

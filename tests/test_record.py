@@ -46,3 +46,7 @@ def test_table_printed_from_the_file(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert read_table(path).markdown() == "| a | b |\n| --- | --- |\n| x | 1.23 |\n| y | 3 |"
     main(["table", str(path)])
     assert "| x | 1.23 |" in capsys.readouterr().out
+    named = Recorder("unit").write(tmp_path / "n.json", samples=[], tables={"sweep": Table(["k"], [[1]])})
+    assert read_table(named, "sweep").rows == [[1]]
+    with pytest.raises(SystemExit, match="named tables: sweep"):
+        read_table(named)
