@@ -206,8 +206,13 @@ def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, repet
 def chat(model_dir, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, system,
          provider, threads, draft) -> None:
     """Interactive chat. Ctrl-C stops the current answer; /reset forgets the conversation; /quit or Ctrl-D leaves."""
-    from .runtime import CancelToken, load
+    from .errors import InvalidParameterError
+    from .runtime import load
 
+    if sys.stdin is None or sys.stdin.closed:
+        raise InvalidParameterError("chat reads questions from stdin, which is closed. Fix: run it in a terminal or "
+                                    "pipe questions in (`echo hi | edgellm chat`); for one question use "
+                                    "`edgellm generate PROMPT`.")
     llm = load(model_dir, providers=provider, threads=threads, draft=draft)
     params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     base = [{"role": "system", "content": system}] if system else []
@@ -231,38 +236,43 @@ def chat(model_dir, max_new_tokens, temperature, top_k, top_p, repetition_penalt
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        cancel = CancelToken()
-        result = _answer_cancellable(llm, history, params, cancel)
+        try:
+            result = _answer_cancellable(llm, history, params)
+        except EdgeLLMError as exc:  # e.g. the conversation outgrew the context: say so, and keep the session
+            history.pop()
+            click.echo(f"error: {exc}", err=True)
+            continue
         history.append({"role": "assistant", "content": result.text})
         t = result.timings
         click.echo(f"\n[{t.generated_tokens} tokens, TTFT {t.ttft_ms:.0f} ms, {t.decode_ms_per_token:.1f} ms/token, "
                    f"{t.cached_tokens} cached, {result.finish_reason}]", err=True)
 
 
-def _answer_cancellable(llm, history, params, cancel):
-    """Generate in a worker thread so Ctrl-C in the main thread cancels the answer, not the program."""
-    box = {}
+def _answer_cancellable(llm, history, params):
+    """Stream one answer in this (the main) thread; Ctrl-C cancels the answer, not the program.
 
-    def work():
+    While the answer streams, SIGINT only sets the CancelToken: no KeyboardInterrupt is raised inside
+    onnxruntime's run or the generator's cleanup, so the answer ends within one model step, the model is
+    given back and the conversation goes on. (The previous design joined a worker thread with
+    KeyboardInterrupt; an interrupted Thread.join marks a running thread as stopped, so the answer's result
+    was missing — KeyError 'result' — and the still-running daemon thread aborted the process at exit.)
+    """
+    import signal
+
+    from .runtime import CancelToken
+
+    cancel = CancelToken()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: cancel.cancel())
+    try:
         stream = llm.stream(history, params, cancel=cancel)
-        try:
-            for chunk in stream:
-                click.echo(chunk.text, nl=False)
-        except EdgeLLMError as exc:
-            box["error"] = exc
-        finally:
-            box["result"] = stream.result
-
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    while worker.is_alive():
-        try:
-            worker.join(0.05)
-        except KeyboardInterrupt:
-            cancel.cancel()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+        for chunk in stream:
+            click.echo(chunk.text, nl=False)
+        return stream.result
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 @main.command()

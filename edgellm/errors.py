@@ -14,6 +14,10 @@ class ModelFormatError(EdgeLLMError):
     """A model folder or source file is missing, corrupt, tampered with or of an unknown kind."""
 
 
+class ChatTemplateError(ModelFormatError):
+    """The model's chat template does not compile, fails, or breaks the size or time limit of rendering."""
+
+
 class UnsupportedArchitectureError(ModelFormatError):
     """The source model is of an architecture the converter cannot build."""
 

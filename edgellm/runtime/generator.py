@@ -8,7 +8,8 @@ step, during prefill too.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 from tokenizers import Tokenizer
 
@@ -44,15 +45,40 @@ def prefill(session: DecoderSession, prompt: Sequence[int], should_stop=None, ch
     return logits, reused
 
 
-class Stream:
-    """Iterator of StreamChunk; `result` holds the GenerationResult once iteration ends."""
+class _Outcome:
+    """What the generator shares with its Stream: the result, and a weak link back (never a strong one, so an
+    abandoned Stream is freed at once and its generator's `finally` gives the model back)."""
 
-    def __init__(self, session: DecoderSession, tokenizer: Tokenizer, prompt: list[int], settings: ResolvedSampling,
-                 eos_token_ids: frozenset[int], deadline: float | None, cancel: CancelToken | None,
-                 started: float, on_close=None) -> None:
+    __slots__ = ("result", "stream", "__weakref__")
+
+    def __init__(self) -> None:
         self.result: GenerationResult | None = None
-        self._iterator = self._run(session, tokenizer, prompt, settings, eos_token_ids, deadline, cancel, started)
-        self._on_close = on_close
+        self.stream = None
+
+
+Acquire = Callable[[_Outcome, Callable[[], bool]], "tuple[DecoderSession, Callable[[], None]] | None"]
+
+
+class Stream:
+    """Iterator of StreamChunk; `result` holds the GenerationResult once iteration ends.
+
+    The model is taken at the first next(), not when the stream is made: a stream that is never iterated
+    holds nothing, and one dropped half-way gives the model back as soon as it is garbage (or on close()).
+    """
+
+    def __init__(self, acquire: Acquire, tokenizer: Tokenizer, prompt: list[int], settings: ResolvedSampling,
+                 eos_token_ids: frozenset[int], deadline: float | None, cancel: CancelToken | None,
+                 started: float) -> None:
+        """acquire(outcome, should_stop): wait for the model; returns (session, release), or None if should_stop()
+        became true first."""
+        self._outcome = _Outcome()
+        self._outcome.stream = weakref.ref(self)
+        self._iterator = _run(self._outcome, acquire, tokenizer, prompt, settings, eos_token_ids, deadline, cancel,
+                              started)
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._outcome.result
 
     def __iter__(self) -> Iterator[StreamChunk]:
         return self
@@ -61,32 +87,36 @@ class Stream:
         return next(self._iterator)
 
     def close(self) -> None:
-        """Stop early; a stream that never started still gives the model back."""
+        """Stop early and give the model back (a stream that never started holds nothing)."""
         self._iterator.close()
-        if self.result is None and self._on_close is not None:
-            self._on_close(self)
 
-    def _run(self, session, tokenizer, prompt, settings, eos_ids, deadline, cancel, started) -> Iterator[StreamChunk]:
-        deadline_at = started + deadline if deadline is not None else None
-        reason: FinishReason | None = None
 
-        def should_stop() -> bool:
-            nonlocal reason
-            if cancel is not None and cancel.cancelled:
-                reason = "cancelled"
-            elif deadline_at is not None and time.perf_counter() >= deadline_at:
-                reason = "deadline"
-            return reason is not None
+def _run(outcome: _Outcome, acquire: Acquire, tokenizer, prompt, settings, eos_ids, deadline, cancel,
+         started) -> Iterator[StreamChunk]:
+    deadline_at = started + deadline if deadline is not None else None
+    reason: FinishReason | None = None
 
-        sampler = Sampler(settings)
-        decoder = IncrementalDecoder(tokenizer, context=prompt)
-        stops = StopMatcher(settings.stop)
-        generated: list[int] = []
-        text_parts: list[str] = []
-        first_token_at = prefill_done = None
-        decode_steps = emitted = 0
-        reused = 0
-        try:
+    def should_stop() -> bool:
+        nonlocal reason
+        if cancel is not None and cancel.cancelled:
+            reason = "cancelled"
+        elif deadline_at is not None and time.perf_counter() >= deadline_at:
+            reason = "deadline"
+        return reason is not None
+
+    generated: list[int] = []
+    text_parts: list[str] = []
+    first_token_at = prefill_done = None
+    decode_steps = emitted = 0
+    reused = 0
+    taken = acquire(outcome, should_stop)  # waiting for the model counts against the deadline, and cancel stops it
+    release = taken[1] if taken is not None else None
+    try:
+        if taken is not None:
+            session = taken[0]
+            sampler = Sampler(settings)
+            decoder = IncrementalDecoder(tokenizer, context=prompt)
+            stops = StopMatcher(settings.stop)
             logits, reused = prefill(session, prompt, should_stop)
             prefill_done = time.perf_counter()
             budget = min(settings.max_new_tokens, session.capacity - len(prompt) + 1)
@@ -118,11 +148,12 @@ class Stream:
                 if tail or emitted < len(generated):
                     text_parts.append(tail)
                     yield StreamChunk(tail, tuple(generated[emitted:]))
-        finally:
+    finally:
+        try:
             end = time.perf_counter()
             prefill_done = prefill_done or end
             first = first_token_at or end
-            self.result = GenerationResult(
+            outcome.result = GenerationResult(
                 text="".join(text_parts),
                 token_ids=tuple(generated),
                 finish_reason=reason or "cancelled",
@@ -133,5 +164,6 @@ class Stream:
                     generated_tokens=len(generated), total_ms=(end - started) * 1000,
                 ),
             )
-            if self._on_close is not None:
-                self._on_close(self)
+        finally:
+            if release is not None:
+                release()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import threading
 import time
 from collections.abc import Sequence
@@ -15,8 +17,8 @@ from tokenizers import Tokenizer
 from ..errors import ContextLengthError, InvalidParameterError, ModelFormatError
 from ..manifest import MANIFEST_NAME, Manifest, read_manifest, resolve_file, verify_checksums
 from ..manifest import fingerprint as manifest_fingerprint
-from .chat import ChatTemplate
-from .generator import Stream, prefill
+from .chat import ChatTemplate, check_text, validate_messages
+from .generator import Stream, _Outcome, prefill
 from .sampling import ResolvedSampling
 from .session import DecoderSession
 from .types import CancelToken, GenerationResult, SamplingParams
@@ -24,6 +26,7 @@ from .types import CancelToken, GenerationResult, SamplingParams
 logger = logging.getLogger(__name__)
 
 Prompt = Union[str, Sequence[dict[str, Any]], Sequence[int]]
+_WAIT_POLL_S = 0.05  # how often a stream waiting for the model looks at its cancel token and deadline
 DEFAULT_CONTEXT = 2048  # KV buffer tokens unless asked for more: 94 MB for SmolLM2-135M instead of 377 MB at 8k
 
 
@@ -40,7 +43,7 @@ class LLM:
         self.template = template
         self._eos = frozenset(manifest.generation.eos_token_ids)
         self._lock = threading.Lock()
-        self._active: Stream | None = None
+        self._active: _Outcome | None = None  # the generation holding the model
         self._active_thread = 0
 
     @property
@@ -58,23 +61,39 @@ class LLM:
     def context_length(self) -> int:
         return self.session.capacity
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                    seconds: float | None = None) -> str:
+        """seconds: time left for rendering (the rest of a deadline); the template's own limit applies anyway."""
         if self.template is None:
             raise ModelFormatError(f"model {self.manifest.name!r} has no chat template. Fix: pass a plain text prompt.")
-        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt, seconds=seconds)
 
-    def encode(self, prompt: Prompt, add_generation_prompt: bool = True) -> list[int]:
-        """str → raw text; list of dicts → chat template; list of ints → token ids as they are."""
+    def encode(self, prompt: Prompt, add_generation_prompt: bool = True, seconds: float | None = None) -> list[int]:
+        """str → raw text; list of dicts → chat template; list of ints → token ids as they are.
+
+        seconds: time left for rendering a chat template (see render_chat)."""
         if isinstance(prompt, str):
+            check_text(prompt, "prompt")
             ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
             bos = self.manifest.generation.bos_token_id
             if self.manifest.special_tokens.get("add_bos_token") and bos is not None:
                 ids = [bos] + ids
-        elif len(prompt) > 0 and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-        else:
-            text = self.render_chat(prompt, add_generation_prompt=add_generation_prompt)  # type: ignore[arg-type]
+        elif isinstance(prompt, np.ndarray) and prompt.ndim == 1 and np.issubdtype(prompt.dtype, np.integer):
+            ids = self._check_ids(prompt.tolist())
+        elif isinstance(prompt, (list, tuple)) and prompt and all(_is_int(t) for t in prompt):
+            ids = self._check_ids([int(t) for t in prompt])
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            text = self.render_chat(prompt, add_generation_prompt=add_generation_prompt, seconds=seconds)
             ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        elif isinstance(prompt, (list, tuple)) and not prompt:
+            validate_messages(prompt)  # raises: "messages is empty ..."
+            ids = []
+        else:
+            hint = (" Fix: decode bytes first, e.g. prompt.decode('utf-8')." if isinstance(prompt, (bytes, bytearray))
+                    else " Fix: pass one of those (a list may not mix token ids and messages).")
+            raise InvalidParameterError(
+                f"prompt={prompt!r:.60} ({type(prompt).__name__}) is not a prompt: it must be a str, a list of token "
+                "ids or a list of {'role': ..., 'content': ...} messages." + hint)
         if not ids:
             raise InvalidParameterError("the prompt is empty. Fix: pass some text or at least one message.")
         if len(ids) >= self.context_length:
@@ -84,7 +103,18 @@ class LLM:
                 f"(the model allows up to {self.manifest.generation.context_length}).")
         return ids
 
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        vocab = self.manifest.dims.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidParameterError(f"token id {bad} in the prompt is outside the vocabulary 0..{vocab - 1}. "
+                                        "Fix: pass ids from this model's tokenizer (llm.tokenizer.encode).")
+        return ids
+
     def resolve(self, params: SamplingParams | None) -> ResolvedSampling:
+        if params is not None and not isinstance(params, SamplingParams):
+            raise InvalidParameterError(f"params={params!r:.60} is a {type(params).__name__}, not SamplingParams. "
+                                        "Fix: pass edgellm.SamplingParams(...) (or None for the model's defaults).")
         p, d = params or SamplingParams(), self.manifest.generation
         pick = lambda value, default: default if value is None else value  # noqa: E731
         return ResolvedSampling(
@@ -97,32 +127,38 @@ class LLM:
                cancel: CancelToken | None = None) -> Stream:
         """Yield StreamChunk as tokens come; `.result` holds the GenerationResult afterwards.
 
-        deadline: seconds from this call; when it passes, generation ends with finish_reason "deadline".
+        deadline: seconds from this call, covering template rendering, waiting for the model (another thread's
+            generation) and generation; when it passes, generation ends with finish_reason "deadline".
+        cancel: a CancelToken; cancel() ends generation (or the wait for the model) within one model step.
+        The model is taken at the first next(): one generation at a time, in the order threads ask.
         """
         started = time.perf_counter()
-        if deadline is not None and not deadline > 0:
-            raise InvalidParameterError(f"deadline={deadline!r} must be a positive number of seconds.")
+        if deadline is not None and not (_is_real(deadline) and deadline > 0):
+            raise InvalidParameterError(f"deadline={deadline!r:.40} must be a positive number of seconds (or None). "
+                                        "Fix: pass e.g. deadline=1.5.")
+        if cancel is not None and not isinstance(cancel, CancelToken):
+            raise InvalidParameterError(f"cancel={cancel!r:.40} is not a CancelToken. Fix: pass "
+                                        "cancel=edgellm.CancelToken() and call its cancel() to stop.")
         settings = self.resolve(params)
-        ids = self.encode(prompt)
-        self._close_active()
-        self._lock.acquire()
+        ids = self.encode(prompt, seconds=None if deadline is None else deadline - (time.perf_counter() - started))
         eos = frozenset() if settings.ignore_eos else self._eos
-        stream = Stream(self.session, self.tokenizer, ids, settings, eos, deadline, cancel, started,
-                        on_close=self._release)
-        self._active, self._active_thread = stream, threading.get_ident()
-        return stream
+        return Stream(self._acquire, self.tokenizer, ids, settings, eos, deadline, cancel, started)
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, deadline: float | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
         stream = self.stream(prompt, params, deadline, cancel)
         for _ in stream:
             pass
-        assert stream.result is not None
-        return stream.result
+        result = stream.result
+        if result is None:  # only if iteration ended without the generator finishing, which it always does
+            raise RuntimeError("generation ended without a result")
+        return result
 
     def prefill(self, prompt: Prompt, cancel: CancelToken | None = None) -> int:
         """Put a prompt in the KV cache ahead of time (a system prompt at start-up, a user turn while it is
         being spoken). Messages are rendered without the generation prompt. Returns tokens now cached."""
+        if cancel is not None and not isinstance(cancel, CancelToken):
+            raise InvalidParameterError(f"cancel={cancel!r:.40} is not a CancelToken. Fix: pass edgellm.CancelToken().")
         ids = self.encode(prompt, add_generation_prompt=False)
         self._close_active()
         with self._lock:
@@ -135,15 +171,36 @@ class LLM:
         with self._lock:
             self.session.truncate(0)
 
-    def _close_active(self) -> None:
-        # An abandoned stream of this thread gives the model back; another thread's is waited for (lock).
-        if self._active is not None and self._active_thread == threading.get_ident():
-            self._active.close()
+    def _acquire(self, outcome: _Outcome, should_stop) -> tuple[DecoderSession, Any] | None:
+        """Wait for the model (giving up when should_stop() turns true); the stream calls release() when done."""
+        self._close_active()
+        while not self._lock.acquire(timeout=_WAIT_POLL_S):
+            if should_stop():
+                return None
+        self._active, self._active_thread = outcome, threading.get_ident()
 
-    def _release(self, stream: Stream) -> None:
-        if self._active is stream:
-            self._active = None
-            self._lock.release()
+        def release() -> None:
+            if self._active is outcome:
+                self._active = None
+                self._lock.release()
+
+        return self.session, release
+
+    def _close_active(self) -> None:
+        # A stream this thread started and left half-way gives the model back (another thread's is waited for).
+        active = self._active
+        if active is not None and self._active_thread == threading.get_ident():
+            stream = active.stream()
+            if stream is not None:
+                stream.close()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load(path: str | Path, providers: Sequence[str] | str | None = None, threads: int | None = None,

@@ -1,7 +1,13 @@
 """Choose the next token from logits: greedy, or temperature / top-k / top-p with a repetition penalty.
 
 numpy only. Greedy is one argmax; sampling narrows to top-k with argpartition before any
-softmax, so per-token work is O(vocab) once and O(k log k) after.
+softmax, so per-token work is O(vocab) once and O(k log k) after. top_p alone is exact (no
+hidden candidate cap): softmax over the whole vocabulary, then the most likely 64, 256, ...
+tokens are sorted until they hold top_p of the mass, so it costs a full sort only on the rare
+near-flat distribution.
+
+Scores are (logit - max) / temperature, so any temperature > 0, however small, gives finite
+probabilities (1e-310 is greedy in effect, never NaN).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_SAMPLING_TOP_K = 200  # bounds per-token sorting when only top_p is set; mass past 200 is negligible
+TOP_P_FIRST_CANDIDATES = 64  # top_p without top_k: sort this many first, 4x more while they hold < top_p
 
 
 @dataclass(frozen=True)
@@ -42,17 +48,33 @@ class Sampler:
             logits[seen] = np.where(values > 0, values / s.repetition_penalty, values * s.repetition_penalty)
         if s.temperature == 0:
             return int(np.argmax(logits))
-        k = s.top_k or (DEFAULT_SAMPLING_TOP_K if s.top_p is not None else None)
-        if k is not None and k < logits.shape[-1]:
-            candidates = np.argpartition(logits, -k)[-k:]
+        if s.top_k is not None and s.top_k < logits.shape[-1]:
+            candidates = np.argpartition(logits, -s.top_k)[-s.top_k:]
+            scores = logits[candidates].astype(np.float64)
+            order = np.argsort(-scores)
+            candidates, scores = candidates[order], scores[order]
+            probs = np.exp((scores - scores[0]) / s.temperature)
+            probs /= probs.sum()
         else:
-            candidates = np.arange(logits.shape[-1])
-        scores = logits[candidates].astype(np.float64) / s.temperature
-        order = np.argsort(-scores)
-        candidates, scores = candidates[order], scores[order]
-        probs = np.exp(scores - scores[0])
-        probs /= probs.sum()
+            full = logits.astype(np.float64)
+            full = np.exp((full - full.max()) / s.temperature)
+            full /= full.sum()
+            candidates, probs = _most_likely(full, s.top_p)
         if s.top_p is not None and s.top_p < 1.0:
             cutoff = int(np.searchsorted(np.cumsum(probs), s.top_p)) + 1
             candidates, probs = candidates[:cutoff], probs[:cutoff] / probs[:cutoff].sum()
         return int(candidates[self.rng.choice(len(candidates), p=probs)])
+
+
+def _most_likely(probs: np.ndarray, top_p: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids by falling probability, enough of them to hold top_p of the mass (all, unsorted, if top_p is None)."""
+    vocab = probs.shape[-1]
+    if top_p is None or top_p >= 1.0:
+        return np.arange(vocab), probs  # nothing is cut: no order needed
+    k = min(TOP_P_FIRST_CANDIDATES, vocab)
+    while True:
+        candidates = np.argpartition(-probs, k - 1)[:k] if k < vocab else np.arange(vocab)
+        candidates = candidates[np.argsort(-probs[candidates], kind="stable")]
+        if k == vocab or probs[candidates].sum() >= top_p:
+            return candidates, probs[candidates]
+        k = min(k * 4, vocab)

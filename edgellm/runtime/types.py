@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,25 +31,47 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks: always make max_new_tokens tokens
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        _check(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1),
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, (list, tuple)):
+            stop = tuple(stop)
+        _check(isinstance(stop, tuple) and all(isinstance(s, str) and s for s in stop), "stop", self.stop,
+               "a string or a list of non-empty strings")
+        object.__setattr__(self, "stop", stop)
+        _check(self.max_new_tokens is None or (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
                "max_new_tokens", self.max_new_tokens, "an integer >= 1")
-        _check(self.temperature is None or (math.isfinite(self.temperature) and self.temperature >= 0),
+        _check(self.temperature is None or (_is_real(self.temperature) and self.temperature >= 0),
                "temperature", self.temperature, "a number >= 0 (0 = greedy)")
-        _check(self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1),
+        _check(self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
                "top_k", self.top_k, "an integer >= 1 (or None for no limit)")
-        _check(self.top_p is None or (0 < self.top_p <= 1), "top_p", self.top_p, "in (0, 1]")
-        _check(self.repetition_penalty is None or (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0),
+        _check(self.top_p is None or (_is_real(self.top_p) and 0 < self.top_p <= 1), "top_p", self.top_p,
+               "a number in (0, 1]")
+        _check(self.repetition_penalty is None or (_is_real(self.repetition_penalty) and self.repetition_penalty > 0),
                "repetition_penalty", self.repetition_penalty, "a number > 0 (1 = off)")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
+        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**128), "seed", self.seed,
+               "an integer in 0..2**128-1 (or None for a random one)")
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "True or False")
+        for name in ("max_new_tokens", "top_k", "seed"):  # numpy integers become plain ints
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
     if not ok:
-        raise InvalidParameterError(f"{name}={value!r} is out of range: it must be {allowed}. Fix: pass a value in that range.")
+        raise InvalidParameterError(f"{name}={value!r:.80} is out of range: it must be {allowed}. "
+                                    "Fix: pass a value in that range.")
 
 
 class CancelToken:
