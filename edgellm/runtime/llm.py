@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -219,6 +220,9 @@ def load(path: str | Path, providers: Sequence[str] | str | None = None, threads
         (e.g. from `edgellm distill`), a loaded LLM, or "prompt-lookup" (no second model). It switches
         itself off while it does not pay; `llm.speculation` reports acceptance and timings.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidParameterError(f"path={path!r:.60} must be a model folder path (str or Path). "
+                                    "Fix: pass e.g. edgellm.load('models/smollm2-135m-instruct').")
     folder = Path(path)
     manifest = read_manifest(folder)
     if fingerprint is not None:
@@ -240,7 +244,8 @@ def load(path: str | Path, providers: Sequence[str] | str | None = None, threads
                                     f"2..{limit} (the model's context). Fix: pass a value in that range, or None.")
     capacity = context_length or min(limit, DEFAULT_CONTEXT)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise InvalidParameterError(f"threads={threads!r} must be an integer >= 1 (or None for one per core).")
+        raise InvalidParameterError(f"threads={threads!r:.40} must be an integer >= 1 (or None for one per core). "
+                                    "Fix: pass e.g. threads=2.")
     tokenizer = _load_tokenizer(paths["tokenizer"], manifest)
     template = None
     if "chat_template" in paths:

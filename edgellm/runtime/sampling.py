@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+GREEDY_BELOW = 1e-30  # temperatures this small pick the argmax (float32 logits cannot tell them from 0)
 TOP_P_FIRST_CANDIDATES = 64  # top_p without top_k: sort this many first, 4x more while they hold < top_p
 
 
@@ -55,26 +56,30 @@ class Sampler:
             candidates, scores = candidates[order], scores[order]
             probs = np.exp((scores - scores[0]) / s.temperature)
             probs /= probs.sum()
+        elif s.temperature < GREEDY_BELOW:
+            return int(np.argmax(logits))
         else:
-            full = logits.astype(np.float64)
-            full = np.exp((full - full.max()) / s.temperature)
-            full /= full.sum()
-            candidates, probs = _most_likely(full, s.top_p)
+            weights = np.exp((logits - logits.max()) / np.float32(s.temperature))  # float32: one cheap pass
+            candidates, probs = _most_likely(logits, weights, float(weights.sum(dtype=np.float64)), s.top_p)
         if s.top_p is not None and s.top_p < 1.0:
             cutoff = int(np.searchsorted(np.cumsum(probs), s.top_p)) + 1
             candidates, probs = candidates[:cutoff], probs[:cutoff] / probs[:cutoff].sum()
         return int(candidates[self.rng.choice(len(candidates), p=probs)])
 
 
-def _most_likely(probs: np.ndarray, top_p: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids by falling probability, enough of them to hold top_p of the mass (all, unsorted, if top_p is None)."""
-    vocab = probs.shape[-1]
+def _most_likely(logits: np.ndarray, weights: np.ndarray, total: float,
+                 top_p: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids by falling probability (weights / total), enough to hold top_p of the mass (all, unsorted, if
+    top_p is None)."""
+    vocab = logits.shape[-1]
     if top_p is None or top_p >= 1.0:
-        return np.arange(vocab), probs  # nothing is cut: no order needed
+        return np.arange(vocab), weights.astype(np.float64) / total  # nothing is cut: no order needed
     k = min(TOP_P_FIRST_CANDIDATES, vocab)
     while True:
-        candidates = np.argpartition(-probs, k - 1)[:k] if k < vocab else np.arange(vocab)
-        candidates = candidates[np.argsort(-probs[candidates], kind="stable")]
-        if k == vocab or probs[candidates].sum() >= top_p:
-            return candidates, probs[candidates]
+        candidates = np.argpartition(logits, -k)[-k:] if k < vocab else np.arange(vocab)
+        probs = weights[candidates].astype(np.float64) / total
+        order = np.argsort(-probs, kind="stable")
+        candidates, probs = candidates[order], probs[order]
+        if k == vocab or probs.sum() >= top_p:
+            return candidates, probs
         k = min(k * 4, vocab)

@@ -40,6 +40,9 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
         return ["CPUExecutionProvider"]
     if isinstance(providers, str):
         providers = [p.strip() for p in providers.split(",") if p.strip()]
+    if not isinstance(providers, (list, tuple)) or not providers or not all(isinstance(p, str) for p in providers):
+        raise ProviderError(f"providers={providers!r:.60} must be a name like 'cpu', 'cuda' or 'tensorrt', or a "
+                            "non-empty list of them in order of preference. Fix: pass e.g. providers='cpu'.")
     available = ort.get_available_providers()
     resolved = []
     for name in providers:

@@ -200,3 +200,21 @@ def test_manifest_write_is_atomic(model_copy):
     assert read_manifest(model_copy.path) == manifest
     assert [p.name for p in model_copy.path.iterdir() if p.name.startswith(".")] == []
     assert os.path.getsize(model_copy.path / MANIFEST_NAME) > 100
+
+
+@pytest.mark.parametrize("kwargs,error,fragment", [
+    ({"threads": "2"}, InvalidParameterError, "threads='2'"),
+    ({"threads": 0}, InvalidParameterError, "threads=0"),
+    ({"providers": 5}, edgellm.errors.ProviderError, "providers=5"),
+    ({"providers": []}, edgellm.errors.ProviderError, "providers=[]"),
+    ({"providers": ["nosuch"]}, edgellm.errors.ProviderError, "'nosuch' is not available"),
+])
+def test_bad_load_arguments(tiny_int8_dir, kwargs, error, fragment):
+    with pytest.raises(error) as info:
+        edgellm.load(tiny_int8_dir, **kwargs)
+    assert fragment in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_load_path_of_the_wrong_type():
+    with pytest.raises(InvalidParameterError, match="path=None must be a model folder path"):
+        edgellm.load(None)
