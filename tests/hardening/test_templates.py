@@ -114,3 +114,43 @@ def test_real_template_renders_like_the_plain_sandbox(default_model_dir):
     for _ in range(100):
         llm.render_chat(messages)
     assert (time.perf_counter() - started) / 100 < 0.01
+
+
+# Idioms of real templates (Llama 3, Mistral, Qwen 2 with tools, Zephyr): the limits must not change their output.
+REAL_IDIOMS = {
+    "llama3": "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>'"
+              " + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+              "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    "mistral": "{{ bos_token }}{% for message in messages if message['role'] != 'system' %}"
+               "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+               "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+               "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}",
+    "qwen2-tools": "{%- if tools %}{{- '<|im_start|>system\n' }}{%- for tool in tools %}{{- '\n' }}"
+                   "{{- tool | tojson }}{%- endfor %}{{- '<|im_end|>\n' }}{%- endif %}"
+                   "{%- for message in messages %}{{- '<|im_start|>' ~ message.role ~ '\n' ~ message.content ~ "
+                   "'<|im_end|>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+                   "{%- endif %}",
+    "zephyr": "{% set ns = namespace(n=0) %}{% for message in messages %}{% set ns.n = ns.n + 1 %}"
+              "{{ '<|' ~ message['role'] ~ '|>\n' ~ message['content'] ~ eos_token ~ '\n' }}"
+              "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' ~ ns.n }}{% endif %}{% endfor %}"
+              "{{ '%d messages, %s' % (messages|length, messages[-1]['content'][:5]) }}"
+              "{{ messages|map(attribute='role')|join(', ') }}{{ ' x'|center(6) }}{{ 'a\tb'.expandtabs(4) }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_IDIOMS))
+def test_real_template_idioms_render_as_in_the_plain_sandbox(name):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    source = REAL_IDIOMS[name]
+    tokens = {"bos_token": "<s>", "eos_token": "</s>"}
+    messages = [{"role": "user", "content": "Hi ~ {{ x }} 100%"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "What is 2 plus 2?"}]
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    plain.globals["raise_exception"] = lambda message: (_ for _ in ()).throw(ValueError(message))
+    tools = [{"name": "add", "parameters": {"a": "int"}}]
+    expected = plain.from_string(source).render(messages=messages, add_generation_prompt=True, tools=tools, **tokens)
+    ours = ChatTemplate(source, {**tokens, "tools": tools})
+    assert ours.render(messages) == expected and len(expected) > 40
