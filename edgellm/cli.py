@@ -23,6 +23,10 @@ class _OneLineErrors(click.Group):
         except EdgeLLMError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except click.UsageError as exc:  # a bad option value: one line too, with where to look
+            command = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(f"error: {exc.format_message()} Fix: see `{command} --help`.", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_OneLineErrors)
@@ -278,9 +282,9 @@ def _answer_cancellable(llm, history, params):
 @main.command()
 @click.option("-m", "--model", "model_dir", default=DEFAULT_MODEL_DIR, show_default=True, envvar="EDGELLM_MODEL",
               type=click.Path())
-@click.option("--runs", type=int, default=9, show_default=True)
-@click.option("--warmup", type=int, default=2, show_default=True)
-@click.option("--new-tokens", type=int, default=64, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=9, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--provider", default=None)
 @click.option("--draft", default=None, metavar="DIR|prompt-lookup", help="Bench with speculative decoding.")

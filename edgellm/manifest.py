@@ -161,6 +161,8 @@ class Manifest:
             if not isinstance(value, dict):
                 raise _bad(name, value, "a JSON object")
             extras[name] = value
+        if not isinstance(extras["special_tokens"].get("add_bos_token", False), bool):
+            raise _bad("special_tokens.add_bos_token", extras["special_tokens"]["add_bos_token"], "true or false")
         template_vars = extras["special_tokens"].get("template_vars", {})
         if not isinstance(template_vars, dict) or not all(isinstance(v, str) for v in template_vars.values()):
             raise _bad("special_tokens.template_vars", template_vars, "an object of strings")

@@ -223,6 +223,9 @@ def load(path: str | Path, providers: Sequence[str] | str | None = None, threads
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidParameterError(f"path={path!r:.60} must be a model folder path (str or Path). "
                                     "Fix: pass e.g. edgellm.load('models/smollm2-135m-instruct').")
+    if draft is not None and not isinstance(draft, (str, os.PathLike, LLM)):
+        raise InvalidParameterError(f"draft={draft!r:.60} must be a model folder, a loaded LLM or 'prompt-lookup'. "
+                                    "Fix: pass one of those, or None for no speculative decoding.")
     folder = Path(path)
     manifest = read_manifest(folder)
     if fingerprint is not None:

@@ -110,6 +110,10 @@ CLI_CASES = [
     ("stop as empty string", ["generate", "hi", "--stop", ""], "stop=('',)"),
     ("deadline zero", ["generate", "hi", "--deadline", "0"], "deadline=0.0"),
     ("missing model folder", ["generate", "hi", "-m", "/nonexistent/model"], "does not exist"),
+    ("unparsable number", ["generate", "hi", "--temperature", "abc"], "Invalid value for '--temperature'"),
+    ("bench with no runs", ["bench", "--runs", "0"], "0 is not in the range x>=1"),
+    ("unknown option", ["chat", "--nosuch"], "No such option '--nosuch'"),
+    ("lone surrogate in argv", ["generate", "caf\udce9", "--max-new-tokens", "2"], "has a lone surrogate"),
 ]
 
 

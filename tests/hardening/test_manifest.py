@@ -46,6 +46,8 @@ MANIFEST_CASES = [
     ("temperature default a string", _set("generation", "temperature", "0.7"), True, ["generation.temperature"]),
     ("attention_pad_rows a string", _set("graph", "attention_pad_rows", "1"), True, ["graph.attention_pad_rows"]),
     ("checksums empty", _set(None, "checksums", {}), True, ["model.onnx (model)", "have no sha256"]),
+    ("add_bos_token a string", _set("special_tokens", "add_bos_token", "yes"), True,
+     ["special_tokens.add_bos_token='yes'"]),
     ("checksums leave out the template", lambda d: d["checksums"].pop("chat_template.jinja"), True,
      ["chat_template.jinja (chat_template) have no sha256"]),
     ("checksum not a digest", _set("checksums", "model.onnx", "abc"), True, ["checksums", "sha256"]),
@@ -208,6 +210,7 @@ def test_manifest_write_is_atomic(model_copy):
     ({"providers": 5}, edgellm.errors.ProviderError, "providers=5"),
     ({"providers": []}, edgellm.errors.ProviderError, "providers=[]"),
     ({"providers": ["nosuch"]}, edgellm.errors.ProviderError, "'nosuch' is not available"),
+    ({"draft": 5}, InvalidParameterError, "draft=5 must be a model folder"),
 ])
 def test_bad_load_arguments(tiny_int8_dir, kwargs, error, fragment):
     with pytest.raises(error) as info:
