@@ -137,9 +137,7 @@ class LLM:
         if deadline is not None and not (_is_real(deadline) and deadline > 0):
             raise InvalidParameterError(f"deadline={deadline!r:.40} must be a positive number of seconds (or None). "
                                         "Fix: pass e.g. deadline=1.5.")
-        if cancel is not None and not isinstance(cancel, CancelToken):
-            raise InvalidParameterError(f"cancel={cancel!r:.40} is not a CancelToken. Fix: pass "
-                                        "cancel=edgellm.CancelToken() and call its cancel() to stop.")
+        _check_cancel(cancel)
         settings = self.resolve(params)
         ids = self.encode(prompt, seconds=None if deadline is None else deadline - (time.perf_counter() - started))
         eos = frozenset() if settings.ignore_eos else self._eos
@@ -158,8 +156,7 @@ class LLM:
     def prefill(self, prompt: Prompt, cancel: CancelToken | None = None) -> int:
         """Put a prompt in the KV cache ahead of time (a system prompt at start-up, a user turn while it is
         being spoken). Messages are rendered without the generation prompt. Returns tokens now cached."""
-        if cancel is not None and not isinstance(cancel, CancelToken):
-            raise InvalidParameterError(f"cancel={cancel!r:.40} is not a CancelToken. Fix: pass edgellm.CancelToken().")
+        _check_cancel(cancel)
         ids = self.encode(prompt, add_generation_prompt=False)
         self._close_active()
         with self._lock:
@@ -194,6 +191,13 @@ class LLM:
             stream = active.stream()
             if stream is not None:
                 stream.close()
+
+
+def _check_cancel(cancel: Any) -> None:
+    # A CancelToken, or anything with the same `cancelled` property (e.g. a server's per-request token).
+    if cancel is not None and not isinstance(cancel, CancelToken) and not hasattr(type(cancel), "cancelled"):
+        raise InvalidParameterError(f"cancel={cancel!r:.40} is not a CancelToken. Fix: pass "
+                                    "cancel=edgellm.CancelToken() and call its cancel() to stop.")
 
 
 def _is_int(value: Any) -> bool:
