@@ -281,6 +281,64 @@ def _answer_cancellable(llm, history, params):
 
 @main.command()
 @click.option("-m", "--model", "model_dir", default=DEFAULT_MODEL_DIR, show_default=True, envvar="EDGELLM_MODEL",
+              type=click.Path(), help="Model folder (env EDGELLM_MODEL).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port (0 = any free one; printed at start).")
+@click.option("--api-key", envvar="EDGELLM_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1/* (env EDGELLM_API_KEY keeps it out of `ps`).")
+@click.option("--model-name", default=None, help="Model id clients see (default: the model's name).")
+@click.option("--draft", default=None, metavar="DIR|prompt-lookup", help="Speculative decoding, as in generate.")
+@click.option("--sessions", type=int, default=1, show_default=True,
+              help="KV caches kept (one model session each): how many interleaved conversations keep their "
+                   "prefix cache.")
+@click.option("--max-queue", type=int, default=16, show_default=True,
+              help="Requests that may wait for the model; more get 503 + Retry-After.")
+@click.option("--deadline-ms", type=float, default=None,
+              help="Default per-request deadline (a request's X-Edgellm-Deadline-Ms header overrides it).")
+@click.option("--fallback-text", default=None, help="Text appended when a deadline cuts an answer short.")
+@click.option("--no-response-cache", is_flag=True, help="Do not cache answers to deterministic requests.")
+@click.option("--response-cache-entries", type=int, default=256, show_default=True)
+@click.option("--response-cache-mb", type=float, default=8.0, show_default=True)
+@click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest request body.")
+@click.option("--max-prompt-tokens", type=int, default=None, help="Longest prompt (default: the context window).")
+@click.option("--context-length", type=int, default=None, help="KV cache tokens (default min(model's, 2048)).")
+@click.option("--cors-origin", multiple=True, help="Allow browser pages from this origin (repeatable; off by default).")
+@click.option("--threads", type=int, default=None)
+@click.option("--provider", default=None)
+def serve(model_dir, host, port, api_key, model_name, draft, sessions, max_queue, deadline_ms, fallback_text,
+          no_response_cache, response_cache_entries, response_cache_mb, max_body_bytes, max_prompt_tokens,
+          context_length, cors_origin, threads, provider) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
+    try:
+        from .serve.server import ServeOptions, run_server
+    except ImportError as exc:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(exc.name or "starlette", "serve", "edgellm serve") from exc
+    from pathlib import Path
+
+    from .errors import InvalidParameterError
+    from .serve.app import HttpSettings
+    from .serve.engine import EngineConfig
+
+    if deadline_ms is not None and not deadline_ms > 0:
+        raise InvalidParameterError(f"--deadline-ms {deadline_ms} must be > 0 (leave it out for no deadline).")
+    if max_body_bytes < 1024:
+        raise InvalidParameterError(f"--max-body-bytes {max_body_bytes} is too small: it must be >= 1024.")
+    if api_key is not None and not api_key.strip():
+        raise InvalidParameterError("--api-key is empty. Fix: pass a non-empty key, or leave it out for no auth.")
+    engine = EngineConfig(max_queue=max_queue, deadline_ms=deadline_ms, response_cache=not no_response_cache,
+                          response_cache_entries=response_cache_entries,
+                          response_cache_bytes=int(response_cache_mb * 2**20), max_prompt_tokens=max_prompt_tokens,
+                          **({"fallback_text": fallback_text} if fallback_text is not None else {}))
+    http = HttpSettings(api_key=api_key, cors_origins=tuple(cors_origin), max_body_bytes=max_body_bytes)
+    run_server(ServeOptions(model_dir=Path(model_dir), host=host, port=port, model_name=model_name, draft=draft,
+                            sessions=sessions, context_length=context_length, threads=threads, providers=provider,
+                            engine=engine, http=http))
+
+
+@main.command()
+@click.option("-m", "--model", "model_dir", default=DEFAULT_MODEL_DIR, show_default=True, envvar="EDGELLM_MODEL",
               type=click.Path())
 @click.option("--runs", type=click.IntRange(min=1), default=9, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
