@@ -314,7 +314,8 @@ def serve(model_dir, host, port, api_key, model_name, draft, sessions, max_queue
     except ImportError as exc:
         from .errors import MissingDependencyError
 
-        raise MissingDependencyError(exc.name or "starlette", "serve", "edgellm serve") from exc
+        module = (exc.name or "starlette").split(".")[0]
+        raise MissingDependencyError(module.replace("_", "-"), "serve", "edgellm serve") from exc
     from pathlib import Path
 
     from .errors import InvalidParameterError

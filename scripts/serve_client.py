@@ -93,6 +93,8 @@ def chat(http: httpx.Client, url: str, body: dict, client: int, index: int, dead
         error = f"{type(exc).__name__}: {exc}"
     total = (time.perf_counter() - started) * 1000
     tokens = usage.get("completion_tokens") if usage else None
+    if tokens is None and stream and error is None:
+        tokens = len(parts)  # a server without stream usage: one delta per token (llama.cpp streams so)
     cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") if usage else None)
     decode = (last - first) * 1000 / (tokens - 1) if first and last and tokens and tokens > 1 and last > first else None
     if error is None and finish in ("stop", "length"):

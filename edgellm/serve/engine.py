@@ -113,6 +113,7 @@ class Engine:
         self._stopping = False
         self._ready = threading.Event()
         self._last_used = [0.0] * len(self.llms)
+        self._prompt_len = [0] * len(self.llms)  # length of the last prompt each pool member ran
         self._mean_job_s = 1.0  # running mean of job time, for Retry-After
         self._worker = threading.Thread(target=self._work, name="edgellm-serve-worker", daemon=True)
 
@@ -240,9 +241,20 @@ class Engine:
         logger.info("model warmed up; ready")
 
     def _pick(self, ids: Sequence[int]) -> int:
-        """The pool member whose KV cache shares the longest prefix with ids; least recently used on a tie."""
+        """The pool member to run a prompt on.
+
+        A member whose last prompt is a prefix of this one holds this conversation: it is used (the longest
+        if several). Any other prompt (a new conversation, or one that left its member) goes to the least
+        recently used member — not to the one that merely shares the system prompt, which would evict
+        another live conversation to save a few tokens.
+        """
+        if len(self.llms) == 1:
+            return 0
         shared = [common_prefix_length(llm.session.tokens, ids) for llm in self.llms]
-        return max(range(len(self.llms)), key=lambda i: (shared[i], -self._last_used[i]))
+        extending = [i for i in range(len(self.llms)) if self._prompt_len[i] and shared[i] >= self._prompt_len[i]]
+        if extending:
+            return max(extending, key=lambda i: shared[i])
+        return min(range(len(self.llms)), key=lambda i: self._last_used[i])
 
     def _run(self, job: Job) -> None:
         p = job.prepared
@@ -257,6 +269,7 @@ class Engine:
             return
         index = self._pick(p.prompt_ids)
         self._last_used[index] = time.perf_counter()
+        self._prompt_len[index] = len(p.prompt_ids)
         stream = self.llms[index].stream(list(p.prompt_ids), p.params, deadline=remaining, cancel=job.cancel)
         parts: list[str] = []
         try:

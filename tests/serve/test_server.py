@@ -272,3 +272,45 @@ def test_import_edgellm_leaves_the_server_stack_out():
             "print(sorted(m for m in ('starlette', 'uvicorn', 'prometheus_client', 'edgellm.serve') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def run_cli(*code_or_args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *code_or_args], capture_output=True, text=True, timeout=120)
+
+
+def test_missing_serve_extra_and_a_bad_folder_are_one_line_errors(tmp_path):
+    blocked = run_cli("-c", "import sys; sys.modules['starlette'] = None; from edgellm.cli import main; "
+                            f"main(['serve', '-m', {str(tmp_path)!r}])")
+    assert blocked.returncode == 1
+    assert blocked.stderr.strip().splitlines() == [
+        "error: edgellm serve needs the 'starlette' package, which is not installed. Fix: pip install 'edgellm[serve]'"]
+    missing = run_cli("-m", "edgellm.cli", "serve", "-m", str(tmp_path / "nowhere"), "--port", "0")
+    assert missing.returncode == 1 and missing.stderr.startswith("error: ") and len(missing.stderr.splitlines()) == 1
+
+
+def test_a_pool_of_sessions_keeps_each_interleaved_conversation_cached(tiny_fp32_dir):
+    """--sessions 2: two conversations taking turns each find their whole history cached; one KV cache
+    (the default server) finds only the shared system prompt."""
+    def converse(server) -> list[int]:
+        client = server.client()
+        histories = [[{"role": "system", "content": "You are a helpful assistant. " * 3}] for _ in (1, 2)]
+        cached, previous = [], {}
+        for turn in range(3):
+            for n, history in enumerate(histories):
+                history.append({"role": "user", "content": f"Question {turn} of person {n}?"})
+                reply = client.chat.completions.create(model="any", messages=history, max_tokens=5, temperature=0)
+                history.append({"role": "assistant", "content": reply.choices[0].message.content})
+                cached.append((turn, previous.get(id(history), 0), reply.usage.prompt_tokens_details.cached_tokens))
+                previous[id(history)] = reply.usage.prompt_tokens
+        return cached
+
+    pool = start_server(tiny_fp32_dir, "--sessions", "2", "--no-response-cache")
+    single = start_server(tiny_fp32_dir, "--no-response-cache")
+    try:
+        with_pool, without = converse(pool), converse(single)
+    finally:
+        pool.stop(), single.stop()
+    # (turn, the conversation's previous prompt length, cached tokens now): with the pool, at least the whole
+    # previous prompt is cached; with one cache, the other conversation's turn left only the shared start.
+    assert all(cached >= before for turn, before, cached in with_pool if turn > 0), with_pool
+    assert all(cached < before for turn, before, cached in without if turn > 0), without
