@@ -130,15 +130,15 @@ def _common(body: dict, kind: Kind, prompt, max_context: int) -> GenerationReque
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise _type_error("stream_options", options, "an object")
-    include_usage = _bool(options or {}, "include_usage") if options else False
-    if options is not None and not isinstance(options.get("include_usage", False), bool):
-        raise _type_error("stream_options.include_usage", options.get("include_usage"), "true or false")
+    include_usage = (options or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise _type_error("stream_options.include_usage", include_usage, "true or false")
     return GenerationRequest(
         kind=kind, prompt=prompt, max_tokens=max_tokens,
         temperature=_optional_number(body, "temperature", 0.0, 2.0),
         top_p=_optional_number(body, "top_p", 0.0, 1.0, open_below=True),
         seed=_optional_int(body, "seed", 0, MAX_SEED), stop=_stop(body), stream=_bool(body, "stream"),
-        include_usage=include_usage, ignore_eos=_bool(body, "ignore_eos"))
+        include_usage=bool(include_usage), ignore_eos=_bool(body, "ignore_eos"))
 
 
 def _message_text(index: int, content: Any) -> str:

@@ -85,8 +85,10 @@ def run_server(options: ServeOptions) -> None:
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}"
     app = create_app(engine, options.http)
+    # Open connections are bounded too (uvicorn answers 503 beyond): the queue bound plus room for
+    # /health, /metrics and requests being parsed or answered from the response cache.
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10, access_log=False,
-                            server_header=False)
+                            server_header=False, limit_concurrency=max(64, 4 * options.engine.max_queue))
     server = _Server(config, engine)
     engine.start()
     auth = f" -H 'Authorization: Bearer $EDGELLM_API_KEY'" if options.http.api_key else ""

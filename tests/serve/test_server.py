@@ -104,7 +104,7 @@ def error_of(exc: openai.APIStatusError) -> dict:
 
 @pytest.mark.parametrize("field,value", [("temperature", "hot"), ("max_tokens", 1.5), ("max_tokens", True),
                                          ("stream", "yes"), ("stop", 3), ("seed", -1), ("top_p", 0),
-                                         ("n", 2), ("logprobs", True)])
+                                         ("n", 2), ("logprobs", True), ("stream_options", 1)])
 def test_wrong_fields_get_a_400_naming_the_field(server, field, value):
     with pytest.raises(openai.BadRequestError) as caught:
         server.client().chat.completions.create(model="any", messages=QUESTION, extra_body={field: value})
@@ -314,3 +314,10 @@ def test_a_pool_of_sessions_keeps_each_interleaved_conversation_cached(tiny_fp32
     # previous prompt is cached; with one cache, the other conversation's turn left only the shared start.
     assert all(cached >= before for turn, before, cached in with_pool if turn > 0), with_pool
     assert all(cached < before for turn, before, cached in without if turn > 0), without
+
+
+def test_stream_options_include_usage_must_be_a_boolean(server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.client().chat.completions.create(model="any", messages=QUESTION, stream=True,
+                                                stream_options={"include_usage": "yes"})
+    assert error_of(caught.value)["param"] == "stream_options.include_usage"
