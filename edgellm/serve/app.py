@@ -48,7 +48,7 @@ def _error_response(error: RequestError) -> JSONResponse:
 def create_app(engine: Engine, settings: HttpSettings) -> Starlette:
     metrics = engine.metrics
     model_id = engine.model_id
-    context = engine.llms[0].context_length
+    context = engine.pool.first.context_length
 
     def counted(endpoint: str, handler: Callable[[Request], Awaitable[Response]]):
         async def wrapper(request: Request) -> Response:
@@ -169,8 +169,8 @@ def create_app(engine: Engine, settings: HttpSettings) -> Starlette:
 
 
 def _model_card(engine: Engine) -> dict:
-    return {"id": engine.model_id, "object": "model", "created": int(engine.llms[0].folder.stat().st_mtime),
-            "owned_by": "edgellm", "context_length": engine.llms[0].context_length}
+    return {"id": engine.model_id, "object": "model", "created": int(engine.pool.first.folder.stat().st_mtime),
+            "owned_by": "edgellm", "context_length": engine.pool.first.context_length}
 
 
 class _Shape:

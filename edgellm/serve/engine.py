@@ -7,9 +7,8 @@ generation loop — and hands text back to the request's event loop as it comes.
 client has gone is cancelled with its CancelToken: while queued it is skipped, while running the
 runtime stops within one model step.
 
-Prefix cache: each LLM in the pool keeps its own KV cache; a request goes to the one whose cached
-tokens share the longest prefix with its prompt (least recently used on a tie), so up to `sessions`
-interleaved conversations keep their history cached (see the README's Server section for the cost).
+Prefix cache: the runtime reuses the longest cached prefix by itself; with `--sessions N` a pool of N
+models (pool.py) keeps N interleaved conversations cached (the README's Server section has the cost).
 """
 
 from __future__ import annotations
@@ -19,20 +18,17 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ContextLengthError, EdgeLLMError
-from ..runtime import LLM, CancelToken, SamplingParams
-from ..runtime.generator import common_prefix_length
+from ..runtime import CancelToken, SamplingParams
 from ..runtime.sampling import ResolvedSampling
 from .cache import CachedAnswer, ResponseCache, cache_key, is_deterministic
 from .metrics import Metrics
+from .pool import SessionPool
 from .schema import GenerationRequest, RequestError
 
 logger = logging.getLogger(__name__)
-
-WARMUP_PROMPT = "Hello"
 
 
 @dataclass(frozen=True)
@@ -97,23 +93,19 @@ class Job:
 
 
 class Engine:
-    def __init__(self, llms: Sequence[LLM], config: EngineConfig, metrics: Metrics, model_id: str) -> None:
-        if not llms:
-            raise ValueError("Engine needs at least one loaded LLM")
-        self.llms = list(llms)
+    def __init__(self, pool: SessionPool, config: EngineConfig, metrics: Metrics, model_id: str) -> None:
+        self.pool = pool
         self.config = config
         self.metrics = metrics
         self.model_id = model_id
         self.cache = ResponseCache(config.response_cache_entries, config.response_cache_bytes) \
             if config.response_cache else None
-        self.max_prompt_tokens = min(config.max_prompt_tokens or 10**9, self.llms[0].context_length - 1)
+        self.max_prompt_tokens = min(config.max_prompt_tokens or 10**9, pool.first.context_length - 1)
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._running: Job | None = None
         self._stopping = False
         self._ready = threading.Event()
-        self._last_used = [0.0] * len(self.llms)
-        self._prompt_len = [0] * len(self.llms)  # length of the last prompt each pool member ran
         self._mean_job_s = 1.0  # running mean of job time, for Retry-After
         self._worker = threading.Thread(target=self._work, name="edgellm-serve-worker", daemon=True)
 
@@ -145,7 +137,7 @@ class Engine:
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         """Tokenize and resolve (in a thread: a long prompt takes a while); errors become 400s."""
-        llm = self.llms[0]
+        llm = self.pool.first
         try:
             params = request.sampling()
             ids = llm.encode(list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt)
@@ -230,31 +222,10 @@ class Engine:
                 self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.perf_counter() - started)
 
     def _warm_up(self) -> None:
-        for llm in self.llms:
-            try:
-                llm.generate(WARMUP_PROMPT, SamplingParams(max_new_tokens=2, temperature=0.0))
-                llm.reset()
-            except EdgeLLMError:
-                logger.exception("warm-up failed")
+        self.pool.warm_up()
         self._ready.set()
         self.metrics.ready.set(1)
         logger.info("model warmed up; ready")
-
-    def _pick(self, ids: Sequence[int]) -> int:
-        """The pool member to run a prompt on.
-
-        A member whose last prompt is a prefix of this one holds this conversation: it is used (the longest
-        if several). Any other prompt (a new conversation, or one that left its member) goes to the least
-        recently used member — not to the one that merely shares the system prompt, which would evict
-        another live conversation to save a few tokens.
-        """
-        if len(self.llms) == 1:
-            return 0
-        shared = [common_prefix_length(llm.session.tokens, ids) for llm in self.llms]
-        extending = [i for i in range(len(self.llms)) if self._prompt_len[i] and shared[i] >= self._prompt_len[i]]
-        if extending:
-            return max(extending, key=lambda i: shared[i])
-        return min(range(len(self.llms)), key=lambda i: self._last_used[i])
 
     def _run(self, job: Job) -> None:
         p = job.prepared
@@ -267,10 +238,7 @@ class Engine:
         if remaining is not None and remaining <= 0:
             self._finish(job, "", "deadline", 0, 0)
             return
-        index = self._pick(p.prompt_ids)
-        self._last_used[index] = time.perf_counter()
-        self._prompt_len[index] = len(p.prompt_ids)
-        stream = self.llms[index].stream(list(p.prompt_ids), p.params, deadline=remaining, cancel=job.cancel)
+        stream = self.pool.take(p.prompt_ids).stream(list(p.prompt_ids), p.params, deadline=remaining, cancel=job.cancel)
         parts: list[str] = []
         try:
             for chunk in stream:

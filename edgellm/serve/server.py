@@ -15,6 +15,7 @@ from ..runtime import load
 from .app import HttpSettings, create_app
 from .engine import Engine, EngineConfig
 from .metrics import Metrics
+from .pool import SessionPool
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def build_engine(options: ServeOptions) -> Engine:
     llms = [load(options.model_dir, providers=options.providers, threads=options.threads,
                  context_length=options.context_length, draft=options.draft, verify=(i == 0))
             for i in range(options.sessions)]
-    return Engine(llms, options.engine, Metrics(), options.model_name or llms[0].manifest.name)
+    return Engine(SessionPool(llms), options.engine, Metrics(), options.model_name or llms[0].manifest.name)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -92,7 +93,7 @@ def run_server(options: ServeOptions) -> None:
     server = _Server(config, engine)
     engine.start()
     auth = f" -H 'Authorization: Bearer $EDGELLM_API_KEY'" if options.http.api_key else ""
-    print(f"edgellm serve: {engine.model_id} ({engine.llms[0].provider}) at {url}/v1  (Ctrl-C to stop)\n"
+    print(f"edgellm serve: {engine.model_id} ({engine.pool.first.provider}) at {url}/v1  (Ctrl-C to stop)\n"
           f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'", flush=True)
     if options.host not in LOOPBACK and options.http.api_key is None:
