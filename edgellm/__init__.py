@@ -14,11 +14,12 @@ from .errors import (
     ValidationError,
 )
 from .runtime import LLM, CancelToken, GenerationResult, GenerationTimings, SamplingParams, StreamChunk, load
+from .runtime.benchmarks import DeviceBenchmark, read_benchmarks
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load", "LLM", "SamplingParams", "GenerationResult", "GenerationTimings", "StreamChunk", "CancelToken",
     "EdgeLLMError", "ModelFormatError", "ContextLengthError", "InvalidParameterError", "ProviderError",
-    "MissingDependencyError", "ValidationError", "__version__",
+    "MissingDependencyError", "ValidationError", "read_benchmarks", "DeviceBenchmark", "__version__",
 ]

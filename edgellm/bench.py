@@ -10,6 +10,7 @@ measures the prefix cache: turn 2 of a chat with the cache vs the same prompt pr
 
 from __future__ import annotations
 
+import datetime as _dt
 import platform
 import resource
 import statistics
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 
 from .runtime import SamplingParams, load, measure
+from .runtime.benchmarks import DeviceBenchmark
+from .runtime.device import cpu_model, device_name, process_gpu_memory_mb
 
 BENCH_MESSAGES = [
     {"role": "user", "content": "Give me three short tips for staying focused while working from home."},
@@ -66,9 +69,24 @@ class BenchReport:
     # The same greedy decode through the bare session (edgellm.runtime.measure.decode_probe): no sampling,
     # stop matching or detokenizing, so decode_ms_per_token minus this is the generator's own cost per token.
     session_decode_ms_per_token: Stat | None = None
+    device: str = ""  # the GPU for CUDA/TensorRT, else the CPU model
+    cpu_model: str = ""
+    peak_device_memory_mb: float | None = None  # CUDA: what this process holds at the end (nvidia-smi)
+    date: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_device_benchmark(self) -> DeviceBenchmark:
+        """The figures `bench --save` keeps in the model folder."""
+        return DeviceBenchmark(
+            provider=self.provider, device=self.device, threads=self.threads, ttft_ms=self.ttft_ms.median,
+            decode_ms_per_token=self.decode_ms_per_token.median, decode_tokens_per_s=self.decode_tokens_per_s.median,
+            prefill_tokens_per_s=self.prefill_tokens_per_s.median, prompt_tokens=self.prompt_tokens,
+            new_tokens=self.new_tokens, runs=self.runs, peak_rss_mb=self.peak_rss_mb,
+            peak_device_memory_mb=self.peak_device_memory_mb, cpu_model=self.cpu_model,
+            machine=platform.machine(), date=self.date, edgellm_version=self.versions.get("edgellm", "?"),
+            onnxruntime_version=self.versions.get("onnxruntime", "?"))
 
 
 def run_bench(model_dir: str, runs: int = 9, warmup: int = 2, new_tokens: int = 64, threads: int | None = None,
@@ -130,6 +148,9 @@ def run_bench(model_dir: str, runs: int = 9, warmup: int = 2, new_tokens: int = 
         versions=versions, draft=str(draft) if draft else None,
         speculation=dict(llm.speculation.__dict__) if llm.speculation is not None else None,
         session_decode_ms_per_token=Stat.of(probes),
+        device=device_name(llm.provider), cpu_model=cpu_model(),
+        peak_device_memory_mb=process_gpu_memory_mb() if llm.provider != "CPUExecutionProvider" else None,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
 
 
@@ -148,7 +169,7 @@ def _cpu_count() -> int:
 
 def format_report(r: BenchReport) -> str:
     lines = [
-        f"model {r.model} ({r.precision}) on {r.provider}, threads={r.threads or 'auto'}, {r.machine}",
+        f"model {r.model} ({r.precision}) on {r.provider} ({r.device}), threads={r.threads or 'auto'}, {r.machine}",
         f"load {r.load_s:.2f} s; {r.runs} runs after warm-up; prompt {r.prompt_tokens} tokens; {r.new_tokens} new tokens",
         f"{'metric':<28}{'median':>10}{'p90':>10}   (p90: the slow tail, 90% of runs were at least this good)",
     ]
@@ -159,7 +180,8 @@ def format_report(r: BenchReport) -> str:
     if r.session_decode_ms_per_token is not None:
         lines.append(f"{'decode, graph only (ms/tok)':<28}{r.session_decode_ms_per_token.median:>10.2f}"
                      f"{r.session_decode_ms_per_token.p90:>10.2f}")
-    lines.append(f"turn-2 cached tokens {r.turn2_cached_tokens}; peak RSS {r.peak_rss_mb:.0f} MB")
+    memory = f"; peak device memory {r.peak_device_memory_mb:.0f} MB" if r.peak_device_memory_mb else ""
+    lines.append(f"turn-2 cached tokens {r.turn2_cached_tokens}; peak RSS {r.peak_rss_mb:.0f} MB{memory}")
     if r.speculation is not None:
         s = r.speculation
         lines.append(f"speculative ({r.draft}): acceptance {s['acceptance_rate']:.2f}, {s['tokens_per_pass']:.2f} "

@@ -40,7 +40,11 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("source")
 @click.option("-o", "--output", "output", required=True, type=click.Path(), help="Model folder to write.")
-@click.option("--precision", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True)
+@click.option("--precision", type=click.Choice(["int8", "fp32", "fp16"]), default="int8", show_default=True,
+              help="Weights: int8 (block-wise MatMulNBits), fp32 (cpu only) or fp16 (cuda only).")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cpu: fp32 activations for ARM/x86 CPUs. cuda: fp16 activations and KV cache for onnxruntime's "
+                   "CUDA/TensorRT providers (NVIDIA GPUs, Jetson).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new folder is complete).")
 @click.option("--no-gate", is_flag=True, help="Write the model even if it fails the quality gate.")
 @click.option("--keep-fp32", is_flag=True, help="Also keep the fp32 reference export in OUTPUT/reference/.")
@@ -55,7 +59,7 @@ def main(verbose: bool) -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def convert(source: str, output: str, precision: str, force: bool, no_gate: bool, keep_fp32: bool,
+def convert(source: str, output: str, precision: str, target: str, force: bool, no_gate: bool, keep_fp32: bool,
             smooth_alpha: float, batch_invariant: bool, draft_head: int | None, threads: int | None, as_json: bool,
             quiet: bool) -> None:
     """Convert SOURCE (a known name, a .gguf file or a Hugging Face folder) into an edgellm model folder.
@@ -68,26 +72,29 @@ def convert(source: str, output: str, precision: str, force: bool, no_gate: bool
         from .errors import MissingDependencyError
 
         raise MissingDependencyError(exc.name or "torch", "convert", "edgellm convert") from exc
-    options = ConvertOptions(precision=precision, force=force, gate=not no_gate, keep_fp32=keep_fp32,
+    options = ConvertOptions(precision=precision, target=target, force=force, gate=not no_gate, keep_fp32=keep_fp32,
                              smooth_alpha=smooth_alpha, batch_invariant=batch_invariant, draft_head=draft_head,
                              threads=threads, progress=not quiet and not as_json)
     result = run_convert(source, output, options)
     v = result.manifest.validation
     summary = {"output": str(result.out_dir), "seconds": round(result.seconds, 1), "precision": precision,
-               "validation": v}
+               "target": target, "validation": v}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"wrote {result.out_dir} in {result.seconds:.0f} s")
-    if precision == "int8":
-        click.echo(f"  perplexity fp32 {v['fp32']['perplexity']:.3f} -> int8 {v['int8']['perplexity']:.3f} "
+    c = v.get("candidate", "int8" if precision == "int8" else None)  # the graph judged against fp32
+    if c:
+        label = f"{c} ({target})"
+        click.echo(f"  perplexity fp32 {v['fp32']['perplexity']:.3f} -> {label} {v[c]['perplexity']:.3f} "
                    f"(x{v['perplexity_ratio']:.4f}); greedy agreement {v['greedy_agreement']:.3f}")
         if "chat_agreement" in v:
-            click.echo(f"  chat replies: int8 agrees with fp32 on {v['chat_agreement']['agreement']:.3f} of tokens "
+            click.echo(f"  chat replies: {label} agrees with fp32 on {v['chat_agreement']['agreement']:.3f} of tokens "
                        f"({v['chat_agreement']['prompts']} prompts)")
         s = v["sizes_bytes"]
-        click.echo(f"  size fp32 {s['fp32'] / 1e6:.0f} MB -> int8 {s['int8'] / 1e6:.0f} MB ({s['int8_over_fp32']:.0%}); "
-                   f"decode {v['speed']['fp32']['decode_ms_per_token']} -> {v['speed']['int8']['decode_ms_per_token']} ms/token")
+        click.echo(f"  size fp32 {s['fp32'] / 1e6:.0f} MB -> {label} {s[c] / 1e6:.0f} MB ({s[c + '_over_fp32']:.0%}); "
+                   f"decode {v['speed']['fp32']['decode_ms_per_token']} -> "
+                   f"{v['speed'][c]['decode_ms_per_token']} ms/token")
     if "draft_head" in v:
         h = v["draft_head"]
         click.echo(f"  draft head: {h['tokens']} of {h['of']} tokens, covering {h['heldout_coverage']:.1%} of held-out "
@@ -347,14 +354,27 @@ def serve(model_dir, host, port, api_key, model_name, draft, sessions, max_queue
 @click.option("--threads", type=int, default=None)
 @click.option("--provider", default=None)
 @click.option("--draft", default=None, metavar="DIR|prompt-lookup", help="Bench with speculative decoding.")
+@click.option("--save", is_flag=True,
+              help="Keep the figures in MODEL/benchmarks.json (one entry per device and provider; not part of the "
+                   "folder's checksums), shown by `edgellm info` and edgellm.read_benchmarks().")
 @click.option("--json", "as_json", is_flag=True)
-def bench(model_dir, runs, warmup, new_tokens, threads, provider, draft, as_json) -> None:
+def bench(model_dir, runs, warmup, new_tokens, threads, provider, draft, save, as_json) -> None:
     """Measure load time, TTFT, prefill and decode speed (median and p90), prefix-cache gain and peak RSS."""
     from .bench import format_report, run_bench
+    from .errors import InvalidParameterError
+    from .runtime.benchmarks import check_writable, save_benchmark
 
+    if save:
+        if draft:
+            raise InvalidParameterError("--save keeps the model's own figures; with --draft they would be another "
+                                        "setup's. Fix: drop --draft or --save.")
+        check_writable(model_dir)  # before minutes of benchmarking, not after
     report = run_bench(model_dir, runs=runs, warmup=warmup, new_tokens=new_tokens, threads=threads,
                        providers=provider, progress=not as_json, draft=draft)
     click.echo(json.dumps(report.to_dict(), indent=2, default=float) if as_json else format_report(report))
+    if save:
+        path = save_benchmark(model_dir, report.to_device_benchmark())
+        click.echo(f"saved to {path}", err=as_json)
 
 
 @main.command()
@@ -369,7 +389,11 @@ def info(model_dir: str, verify: bool, as_json: bool) -> None:
     if verify:
         verify_checksums(model_dir, manifest)
     if as_json:
-        click.echo(json.dumps({**manifest.to_dict(), "fingerprint": fingerprint(model_dir)}, indent=2))
+        from .runtime.benchmarks import read_benchmarks
+
+        data = {**manifest.to_dict(), "fingerprint": fingerprint(model_dir)}
+        data["benchmarks"] = [e.to_dict() for e in read_benchmarks(model_dir)]
+        click.echo(json.dumps(data, indent=2))
         return
     d, v = manifest.dims, manifest.validation
     click.echo(f"{manifest.name}: {manifest.architecture}, {d.num_layers} layers, hidden {d.hidden_size}, "
@@ -377,15 +401,24 @@ def info(model_dir: str, verify: bool, as_json: bool) -> None:
                f"{manifest.generation.context_length}")
     click.echo(f"precision {manifest.precision}; source {manifest.source.get('kind')} {manifest.source.get('name')} "
                f"sha256 {str(manifest.source.get('sha256'))[:16]}…")
-    if "int8" in v:
-        click.echo(f"validation: ppl fp32 {v['fp32']['perplexity']:.3f}, int8 {v['int8']['perplexity']:.3f}, "
+    c = v.get("candidate", "int8" if "int8" in v else None)  # the graph judged against fp32
+    if c:
+        click.echo(f"validation: ppl fp32 {v['fp32']['perplexity']:.3f}, {c} {v[c]['perplexity']:.3f}, "
                    f"agreement {v['greedy_agreement']:.3f}, gate {'passed' if v['gate']['passed'] else 'FAILED'}")
     graph = manifest.graph
+    click.echo(f"target {graph.target}; KV cache {graph.kv_dtype}")
     if graph.batch_invariant:
         click.echo("batch-invariant: logits do not depend on how tokens are batched (exact speculative decoding)")
     if graph.head_tokens and "draft_head" in v:
         h = v["draft_head"]
         click.echo(f"draft head: {h['tokens']} of {h['of']} tokens ({h['heldout_coverage']:.1%} of held-out replies)")
+    from .runtime.benchmarks import format_benchmarks, read_benchmarks
+
+    measured = read_benchmarks(model_dir)
+    if measured:
+        click.echo(f"measured ({len(measured)} saved by `edgellm bench --save`):")
+        for line in format_benchmarks(measured):
+            click.echo(line)
     if verify:
         click.echo(f"checksums: {len(manifest.checksums)} files ok")
     click.echo(f"fingerprint: {fingerprint(model_dir)} (pin it: edgellm.load(..., fingerprint=...))")

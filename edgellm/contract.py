@@ -150,6 +150,10 @@ class IONames:
         return cls(**lists, **singles)
 
 
+KV_DTYPES = ("float32", "float16")
+TARGET_KV_DTYPES = {"cpu": "float32", "cuda": "float16"}  # CUDA's GroupQueryAttention has fp16/bf16 kernels only
+
+
 @dataclass(frozen=True)
 class GraphOptions:
     """Build choices the runtime must honour.
@@ -157,19 +161,24 @@ class GraphOptions:
     attention_pad_rows: cache slots past the logical capacity that attention writes (batch-invariant
         graphs pad every attention call with one row at position T, so their KV buffers need one more slot).
     head_tokens: file (.npy) of the token ids a restricted draft lm_head covers, or None for the full vocabulary.
+    target: the hardware the graph was built for: "cpu", or "cuda" (onnxruntime's CUDA/TensorRT providers).
+    kv_dtype: what the KV cache holds, so the runtime allocates its buffers in it: "float32" (cpu), "float16" (cuda).
     """
 
     batch_invariant: bool = False
     attention_pad_rows: int = 0
     head_tokens: str | None = None
+    target: str = "cpu"
+    kv_dtype: str = "float32"
 
     @classmethod
-    def for_build(cls, batch_invariant: bool, head_tokens: str | None = None) -> "GraphOptions":
+    def for_build(cls, batch_invariant: bool, head_tokens: str | None = None, target: str = "cpu") -> "GraphOptions":
         return cls(batch_invariant=batch_invariant, attention_pad_rows=1 if batch_invariant else 0,
-                   head_tokens=head_tokens)
+                   head_tokens=head_tokens, target=target, kv_dtype=TARGET_KV_DTYPES[target])
 
     def to_dict(self) -> dict:
-        data: dict = {"batch_invariant": self.batch_invariant, "attention_pad_rows": self.attention_pad_rows}
+        data: dict = {"target": self.target, "kv_dtype": self.kv_dtype, "batch_invariant": self.batch_invariant,
+                      "attention_pad_rows": self.attention_pad_rows}
         if self.head_tokens is not None:
             data["head_tokens"] = self.head_tokens
         return data
@@ -187,7 +196,14 @@ class GraphOptions:
         head = data.get("head_tokens")
         if head is not None and (not isinstance(head, str) or not head):
             raise _field_error(where, "head_tokens", head, "a file name in the model folder, or absent")
-        return cls(batch_invariant=invariant, attention_pad_rows=pad, head_tokens=head)
+        target = data.get("target", "cpu")  # folders written before the field existed were CPU graphs
+        if target not in TARGET_KV_DTYPES:
+            raise _field_error(where, "target", target, f"one of {', '.join(TARGET_KV_DTYPES)}")
+        kv_dtype = data.get("kv_dtype", "float32")
+        if kv_dtype not in KV_DTYPES:
+            raise _field_error(where, "kv_dtype", kv_dtype, f"one of {', '.join(KV_DTYPES)}")
+        return cls(batch_invariant=invariant, attention_pad_rows=pad, head_tokens=head, target=target,
+                   kv_dtype=kv_dtype)
 
 
 def check_session(inputs: Sequence[Any], outputs: Sequence[Any], io: IONames, dims: ModelDims,

@@ -21,6 +21,10 @@ from .contract import GraphOptions, IONames, ModelDims
 from .errors import ModelFormatError
 
 MANIFEST_NAME = "edgellm.json"
+BENCHMARKS_NAME = "benchmarks.json"  # written later by `edgellm bench --save` (edgellm.runtime.benchmarks)
+# Not the model, so not in its checksums: measured figures, and caches the runtime writes (TensorRT engines).
+UNCHECKED_FILES = (MANIFEST_NAME, BENCHMARKS_NAME)
+UNCHECKED_DIRS = (".cache",)
 FORMAT_VERSION = 1
 REQUIRED_FILES = ("model", "tokenizer")
 _HASH_CHUNK = 1 << 22
@@ -181,11 +185,13 @@ class Manifest:
         return path
 
     def record_checksums(self, folder: str | Path) -> None:
-        """sha256 of every file in the folder except the manifest itself."""
+        """sha256 of every file in the folder except the manifest, saved benchmarks and runtime caches."""
         root = Path(folder)
         self.checksums = {
             str(p.relative_to(root)): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in UNCHECKED_FILES
+            and p.relative_to(root).parts[0] not in UNCHECKED_DIRS
         }
 
 

@@ -67,14 +67,14 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     return build_tiny_hf_model(tmp_path_factory.mktemp("tiny-hf") / "tiny-llama")
 
 
-def _convert(source: Path, out: Path, precision: str, batch_invariant: bool = False) -> Path:
+def _convert(source: Path, out: Path, precision: str, batch_invariant: bool = False, target: str = "cpu") -> Path:
     from edgellm.convert.pipeline import ConvertOptions, convert
     from edgellm.convert.validate import ValidationSettings
 
     settings = ValidationSettings(heldout_tokens=256, window=128, consistency_tokens=24)
     # A random model's int8 ppl can drift more than a trained one's: the gate is tested on the real model.
     convert(str(source), out, ConvertOptions(precision=precision, gate=False, progress=False, validation=settings,
-                                             batch_invariant=batch_invariant))
+                                             batch_invariant=batch_invariant, target=target))
     return out
 
 
@@ -94,7 +94,42 @@ def tiny_int8_invariant_dir(tiny_hf_dir, tmp_path_factory) -> Path:
     return _convert(tiny_hf_dir, tmp_path_factory.mktemp("tiny-int8-bi") / "model", "int8", batch_invariant=True)
 
 
-def _usable(folder: Path, precision: str, batch_invariant: bool) -> bool:
+@pytest.fixture(scope="session")
+def tiny_cuda_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+    """The tiny model converted for the GPU (--target cuda: fp16 activations and KV cache, int8 weights)."""
+    return _convert(tiny_hf_dir, tmp_path_factory.mktemp("tiny-cuda") / "model", "int8", target="cuda")
+
+
+def cuda_available() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need onnxruntime's CUDA provider: skipped, with the reason, where it is missing —
+    unless EDGELLM_REQUIRE_GPU=1 (scripts/gpu_check.sh), where a missing GPU is a failure, not a skip."""
+    if cuda_available() or os.environ.get("EDGELLM_REQUIRE_GPU") == "1":
+        return
+    import onnxruntime
+
+    skip = pytest.mark.skip(reason="no CUDA provider in this onnxruntime build (available: "
+                                   f"{', '.join(onnxruntime.get_available_providers())}); run scripts/gpu_check.sh "
+                                   "on a machine with an NVIDIA GPU")
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    for item in gpu_items:
+        item.add_marker(skip)
+    config._edgellm_gpu_skipped = (len(gpu_items), skip.kwargs["reason"])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say why the gpu tests did not run, even under -q (where skip reasons are not listed)."""
+    count, reason = getattr(config, "_edgellm_gpu_skipped", (0, ""))
+    if count:
+        terminalreporter.write_line(f"{count} tests marked gpu skipped: {reason}")
+
+
+def _usable(folder: Path, precision: str, batch_invariant: bool, target: str = "cpu") -> bool:
     manifest = folder / "edgellm.json"
     if not manifest.is_file():
         return False
@@ -103,14 +138,16 @@ def _usable(folder: Path, precision: str, batch_invariant: bool) -> bool:
     data = json.loads(manifest.read_text())
     return (data.get("precision") == precision and data.get("validation", {}).get("gate", {}).get("passed", False)
             and data.get("tools", {}).get("converter_revision") == CONVERTER_REVISION
-            and data.get("graph", {}).get("batch_invariant", False) == batch_invariant)
+            and data.get("graph", {}).get("batch_invariant", False) == batch_invariant
+            and data.get("graph", {}).get("target", "cpu") == target)
 
 
-def _default_model(folder: Path, precision: str, batch_invariant: bool = False) -> Path:
-    if not _usable(folder, precision, batch_invariant):
+def _default_model(folder: Path, precision: str, batch_invariant: bool = False, target: str = "cpu") -> Path:
+    if not _usable(folder, precision, batch_invariant, target):
         folder.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "edgellm.cli", "convert", "smollm2-135m-instruct", "-o", str(folder),
-               "--precision", precision, "--force", "--quiet"] + (["--batch-invariant"] if batch_invariant else [])
+               "--precision", precision, "--target", target, "--force", "--quiet"] \
+            + (["--batch-invariant"] if batch_invariant else [])
         subprocess.run(cmd, check=True)
     return folder
 
@@ -125,6 +162,12 @@ def default_model_dir() -> Path:
 def default_invariant_dir() -> Path:
     """The real default model at int8, converted --batch-invariant (exact speculative decoding)."""
     return _default_model(DEFAULT_MODEL_DIR.with_name(DEFAULT_MODEL_DIR.name + "-bi"), "int8", batch_invariant=True)
+
+
+@pytest.fixture(scope="session")
+def default_cuda_dir() -> Path:
+    """The real default model converted --target cuda (fp16 activations/KV, int8 weights); runs on the CPU too."""
+    return _default_model(DEFAULT_MODEL_DIR.with_name(DEFAULT_MODEL_DIR.name + "-cuda"), "int8", target="cuda")
 
 
 @pytest.fixture(scope="session")

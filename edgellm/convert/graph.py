@@ -21,9 +21,10 @@ I/O (batch B, new tokens S, logical length T = past + S, cache buffer length L >
     input_ids               int64   (B, S)
     attention_mask          int64   (B, T)     ones; its length is the logical length
     num_logits_to_keep      int64   ()         logits only for the last n positions
-    past_key_values.{i}.key float32 (B, kvH, L, hd)  shared in place with present.{i}.key; L >= T + 1
+    past_key_values.{i}.key float   (B, kvH, L, hd)  shared in place with present.{i}.key; L >= T + 1
     logits                  float32 (B, n, V)
-    present.{i}.key/value   float32 (B, kvH, L, hd)
+    present.{i}.key/value   float   (B, kvH, L, hd)
+"float" is float32 for the CPU graph and float16 for the GPU graph (activation_dtype, manifest "kv_dtype").
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ from ..contract import GraphOptions, IONames, ModelDims
 
 OPSET = 21
 INT64_MAX = np.iinfo(np.int64).max
+# Activation/KV dtypes a graph can be built in. Logits leave the graph as fp32 either way: the cast is one
+# small kernel on the device, the host copy is 4 bytes x vocab per step, and sampling, log-softmax and the
+# validation gate stay one fp32 code path for every target.
+FLOAT_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
 DecoderDims = ModelDims  # the contract's type (edgellm.contract), under the name convert has always used
@@ -79,11 +84,18 @@ def rotary_caches(inv_freq: np.ndarray, max_positions: int, scaling: float = 1.0
 
 
 def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: np.ndarray,
-                  rope_scaling: float = 1.0, batch_invariant: bool = False) -> onnx.ModelProto:
+                  rope_scaling: float = 1.0, batch_invariant: bool = False,
+                  activation_dtype: str = "float32") -> onnx.ModelProto:
     """weights: Hugging Face Llama names (model.layers.{i}.self_attn.q_proj.weight, ...) as float32.
 
     Linear weights arrive as (out, in) like torch; MatMul wants (in, out), so they are transposed here.
+    activation_dtype "float16" builds the GPU graph (edgellm convert --target cuda): weights, activations,
+    rotary tables and the KV cache in fp16, because onnxruntime's CUDA GroupQueryAttention has fp16/bf16
+    kernels only; the logits are cast to fp32 on the device (see FLOAT_TYPES).
     """
+    if activation_dtype not in FLOAT_TYPES:
+        raise ValueError(f"activation_dtype={activation_dtype!r} is not one of {', '.join(FLOAT_TYPES)}")
+    dtype, onnx_type = np.dtype(activation_dtype), FLOAT_TYPES[activation_dtype]
     g = _GraphWriter()
     pad_rows = attention_pad_rows(batch_invariant)
     n_layers, hd = dims.num_layers, dims.head_dim
@@ -93,7 +105,7 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
     def w(key: str) -> np.ndarray:
         if key not in weights:
             raise KeyError(f"weight {key} is missing from the source model")
-        return weights[key].astype(np.float32, copy=False)
+        return weights[key].astype(dtype, copy=False)
 
     # Attention bookkeeping shared by every layer: GQA takes lengths, not a mask.
     mask_sum = g.node("ReduceSum", [io.attention_mask, g.const_i64("axes_1", [1])], "mask/sum", keepdims=0)[0]
@@ -110,7 +122,7 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
         real_rows = [g.const_i64("unpad/start", [0]), g.const_i64("unpad/end", [-pad_rows]),
                      g.const_i64("unpad/axes", [1])]
     cos, sin = rotary_caches(inv_freq, dims.max_positions + pad_rows, rope_scaling)
-    cos_cache, sin_cache = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
+    cos_cache, sin_cache = g.weight("cos_cache", cos.astype(dtype)), g.weight("sin_cache", sin.astype(dtype))
 
     embed = g.weight("model.embed_tokens.weight", w("model.embed_tokens.weight"))
     hidden = g.node("Gather", [embed, io.input_ids], "embed")[0]
@@ -168,8 +180,11 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
     kept = g.node("Slice", [normed, start, g.const_i64("int64_max", [int(INT64_MAX)]), g.const_i64("axes_1b", [1])],
                   "logits/slice")[0]
     lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    logits = g.node("MatMul", [kept, g.weight("lm_head", lm_head.astype(np.float32).T)], "lm_head")[0]
-    g.nodes.append(helper.make_node("Identity", [logits], [io.logits], name="logits"))
+    logits = g.node("MatMul", [kept, g.weight("lm_head", lm_head.astype(dtype).T)], "lm_head")[0]
+    if onnx_type == TensorProto.FLOAT:
+        g.nodes.append(helper.make_node("Identity", [logits], [io.logits], name="logits"))
+    else:  # one V-sized cast on the device; the host samples from fp32 whatever the graph computes in
+        g.nodes.append(helper.make_node("Cast", [logits], [io.logits], name="logits", to=TensorProto.FLOAT))
 
     inputs = [
         helper.make_tensor_value_info(io.input_ids, TensorProto.INT64, ["batch", "sequence"]),
@@ -179,8 +194,8 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
     outputs = [helper.make_tensor_value_info(io.logits, TensorProto.FLOAT, ["batch", "kept", dims.vocab_size])]
     for i in range(n_layers):
         for past, present in ((io.past_key[i], io.present_key[i]), (io.past_value[i], io.present_value[i])):
-            inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, kv_shape))
-            outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, kv_shape))
+            inputs.append(helper.make_tensor_value_info(past, onnx_type, kv_shape))
+            outputs.append(helper.make_tensor_value_info(present, onnx_type, kv_shape))
     graph = helper.make_graph(g.nodes, "edgellm_decoder", inputs, outputs, initializer=g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid("com.microsoft", 1)],

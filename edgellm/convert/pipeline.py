@@ -31,7 +31,12 @@ from .sources import LoadedModel, ResolvedSource, load_source, resolve_source
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("int8", "fp32")
+PRECISIONS = ("int8", "fp32", "fp16")
+# What each target's graph can hold. cpu: fp32 activations, int8 MatMulNBits (MLAS int8 kernels) or fp32.
+# cuda: fp16 activations and KV cache (onnxruntime's CUDA GroupQueryAttention has fp16/bf16 kernels only),
+# weights int8 MatMulNBits (CUDA kernels for 4 and 8 bits) or dense fp16. See README "NVIDIA GPUs and Jetson".
+TARGET_PRECISIONS = {"cpu": ("int8", "fp32"), "cuda": ("int8", "fp16")}
+TARGETS = tuple(TARGET_PRECISIONS)
 CONVERTER_REVISION = 2  # bump when the same source would convert differently (2: SmoothQuant before int8)
 HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "data" / "heldout_en.txt"
 SPEED_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -40,6 +45,7 @@ SPEED_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 @dataclass(frozen=True)
 class ConvertOptions:
     precision: str = "int8"
+    target: str = "cpu"  # cpu | cuda (onnxruntime's CUDA and TensorRT providers, desktop GPUs and Jetson)
     force: bool = False
     gate: bool = True
     keep_fp32: bool = False
@@ -54,6 +60,20 @@ class ConvertOptions:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise InvalidParameterError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}.")
+        if self.target not in TARGETS:
+            raise InvalidParameterError(f"target={self.target!r} is not one of {', '.join(TARGETS)}.")
+        allowed = TARGET_PRECISIONS[self.target]
+        if self.precision not in allowed:
+            other = next(t for t, p in TARGET_PRECISIONS.items() if self.precision in p)
+            why = (" (onnxruntime's CUDA GroupQueryAttention has fp16 kernels only)" if self.target == "cuda"
+                   else " (fp16 runs slower than fp32 on CPUs: it is the GPU graph)")
+            raise InvalidParameterError(f"precision {self.precision} cannot be built for target {self.target}{why}. "
+                                        f"Fix: use --precision {' or '.join(allowed)} with --target {self.target}, "
+                                        f"or --target {other} for {self.precision}.")
+        if self.target == "cuda" and (self.batch_invariant or self.draft_head):
+            flag = "--batch-invariant" if self.batch_invariant else "--draft-head"
+            raise InvalidParameterError(f"{flag} is built and measured for the CPU graph only, not for target "
+                                        f"cuda. Fix: drop {flag}, or use --target cpu.")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise InvalidParameterError(f"block_size={self.block_size} must be a power of two >= 16.")
         if self.draft_head is not None and self.draft_head < 256:
@@ -196,7 +216,10 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
     dims, inv_freq, rope_scaling = decoder_dims(loaded)
     state = {k: v.detach().cpu().float().numpy() for k, v in loaded.model.state_dict().items()}
     smoothing = None
-    if options.precision == "int8" and options.smooth_alpha:
+    gpu = options.target == "cuda"
+    activation = "float16" if gpu else "float32"
+    # SmoothQuant helps int8 *activations* (CPU accuracy_level 4); the GPU graph keeps fp16 activations.
+    if options.precision == "int8" and options.smooth_alpha and not gpu:
         from .smooth import activation_maxima, smooth_state_dict
 
         smooth_state_dict(state, activation_maxima(loaded.model, loaded.hf_tokenizer), dims, options.smooth_alpha)
@@ -210,6 +233,7 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
     fp32_dir.mkdir(exist_ok=True)
     fp32_path = fp32_dir / "model.onnx"
     save_model(build_decoder(dims, state, inv_freq, rope_scaling, options.batch_invariant), str(fp32_path))
+    gpu_model = build_decoder(dims, state, inv_freq, rope_scaling, activation_dtype=activation) if gpu else None
     del state
     steps.done()
 
@@ -221,11 +245,20 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
 
             from .quantize import ACCURACY_LEVEL, quantize_int8
 
-            save_model(quantize_int8(onnx.load(str(fp32_path)), options.block_size), str(model_path))
+            # accuracy_level 4 on the GPU graph too: CUDA's MatMulNBits ignores it (fp16 x int8 weights there);
+            # on the CPU provider (this gate, CPU-only installs) it is the int8 path, 24x faster per token than
+            # fp32 math over fp16 inputs, and rounds more than CUDA does, so the gate errs on the safe side.
+            source_model = gpu_model if gpu else onnx.load(str(fp32_path))
+            save_model(quantize_int8(source_model, options.block_size), str(model_path))
             quantization = {"scheme": "weight-only block-wise int8 (onnxruntime MatMulNBits)", "bits": 8,
                             "block_size": options.block_size, "symmetric": True, "accuracy_level": ACCURACY_LEVEL,
+                            "activations": activation,
                             "embedding": "GatherBlockQuantized over the int8 lm_head (tied, stored once)",
                             "smoothing": smoothing}
+        elif options.precision == "fp16":
+            save_model(gpu_model, str(model_path))
+            quantization = {"scheme": "none (dense fp16 weights)", "activations": activation}
+        del gpu_model
         steps.done()
 
         (staging / "tokenizer.json").write_text(loaded.tokenizer_json)
@@ -244,16 +277,17 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
         if fp32_dir != staging and not options.keep_fp32:
             shutil.rmtree(fp32_dir, ignore_errors=True)
 
-    if options.gate and options.precision == "int8":
+    gated = options.precision != "fp32"  # every graph that is not the fp32 reference itself is judged against it
+    if options.gate and gated:
         validate.raise_if_failed(report, options.validation.max_ppl_ratio, options.validation.min_agreement)
     report["gate"] = {"passed": not validate.gate(report, options.validation.max_ppl_ratio,
-                                                   options.validation.min_agreement) if options.precision == "int8" else True,
+                                                   options.validation.min_agreement) if gated else True,
                       "enforced": options.gate, **options.validation.to_dict()}
     config = loaded.model.config
     return Manifest(
         name=resolved.name, architecture="llama", precision=options.precision, dims=dims,
         io=io_names(dims.num_layers), files=files,
-        graph=GraphOptions.for_build(options.batch_invariant, files.get("head_tokens")),
+        graph=GraphOptions.for_build(options.batch_invariant, files.get("head_tokens"), target=options.target),
         generation=GenerationDefaults(eos_token_ids=loaded.eos_token_ids, bos_token_id=loaded.bos_token_id,
                                       context_length=int(config.max_position_embeddings)),
         special_tokens={"template_vars": loaded.special_tokens, "add_bos_token": loaded.add_bos_token},
@@ -274,12 +308,16 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
     tokens = ids[:settings.heldout_tokens + 1]
     io = io_names(dims.num_layers)
     capacity = max(settings.window, settings.consistency_tokens, 64) + 64
+    candidate = None if options.precision == "fp32" else options.precision  # the graph judged against fp32
     report: dict = {"heldout": {"text": HELDOUT_TEXT.name, "tokens": len(tokens) - 1, "window": settings.window},
-                    "tokenizer_identical_ids": ids == reference_ids, "batch_invariant": options.batch_invariant}
-    graph = GraphOptions.for_build(options.batch_invariant)
-    sessions = {"fp32": DecoderSession(fp32_path, io, dims, capacity, threads=options.threads, graph=graph)}
-    if options.precision == "int8":
-        sessions["int8"] = DecoderSession(model_path, io, dims, capacity, threads=options.threads, graph=graph)
+                    "tokenizer_identical_ids": ids == reference_ids, "batch_invariant": options.batch_invariant,
+                    "target": options.target, "candidate": candidate, "provider": "CPUExecutionProvider"}
+    reference_graph = GraphOptions.for_build(options.batch_invariant)
+    sessions = {"fp32": DecoderSession(fp32_path, io, dims, capacity, threads=options.threads, graph=reference_graph)}
+    if candidate:
+        sessions[candidate] = DecoderSession(model_path, io, dims, capacity, threads=options.threads,
+                                             graph=GraphOptions.for_build(options.batch_invariant,
+                                                                          target=options.target))
 
     sample = tokens[:64]
     with torch.no_grad():
@@ -293,18 +331,18 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
         report[name] = score.to_dict()
     report["kv_consistency"] = {name: validate.kv_consistency(s, tokens[:settings.consistency_tokens])
                                 for name, s in sessions.items()}
-    if "int8" in sessions and loaded.chat_template:
+    if candidate and loaded.chat_template:
         chats = [tokenizer.encode(_render(loaded, q), add_special_tokens=False).ids for q in validate.CHAT_PROMPTS]
-        report["chat_agreement"] = validate.chat_agreement(sessions["fp32"], sessions["int8"], chats,
+        report["chat_agreement"] = validate.chat_agreement(sessions["fp32"], sessions[candidate], chats,
                                                            set(loaded.eos_token_ids))
     prompt = tokenizer.encode(_speed_prompt(loaded), add_special_tokens=False).ids
     report["speed"] = {name: validate.decode_speed(s, prompt) for name, s in sessions.items()}
     sizes = {"fp32": validate.folder_bytes([fp32_path, fp32_path.with_name("model.onnx.data")])}
-    if "int8" in sessions:
-        sizes["int8"] = validate.folder_bytes([model_path, model_path.with_name("model.onnx.data")])
-        report["perplexity_ratio"] = round(scores["int8"].perplexity / scores["fp32"].perplexity, 5)
-        report["greedy_agreement"] = round(float((scores["int8"].argmax == scores["fp32"].argmax).mean()), 5)
-        sizes["int8_over_fp32"] = round(sizes["int8"] / sizes["fp32"], 4)
+    if candidate:
+        sizes[candidate] = validate.folder_bytes([model_path, model_path.with_name("model.onnx.data")])
+        report["perplexity_ratio"] = round(scores[candidate].perplexity / scores["fp32"].perplexity, 5)
+        report["greedy_agreement"] = round(float((scores[candidate].argmax == scores["fp32"].argmax).mean()), 5)
+        sizes[f"{candidate}_over_fp32"] = round(sizes[candidate] / sizes["fp32"], 4)
     report["sizes_bytes"] = sizes
     return report
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
+import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from ..errors import ContextLengthError, InvalidParameterError, ModelFormatError
@@ -21,7 +22,7 @@ from ..manifest import fingerprint as manifest_fingerprint
 from .chat import ChatTemplate, check_text, validate_messages
 from .generator import Stream, _Outcome, prefill
 from .sampling import ResolvedSampling
-from .session import DecoderSession
+from .session import GPU_PROVIDERS, DecoderSession
 from .types import CancelToken, GenerationResult, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -208,12 +209,27 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _warn_if_mismatched(manifest: Manifest, target: str, provider: str) -> None:
+    """One warning when a folder runs where it was not built for: it works, just slower."""
+    on_gpu = provider in GPU_PROVIDERS
+    if target == "cuda" and not on_gpu:
+        logger.warning("%s was converted for NVIDIA GPUs (--target cuda: fp16 attention and KV cache) and runs on "
+                       "%s here, which works but decodes slower than a folder converted for the CPU. Fix: install "
+                       "onnxruntime-gpu (a Jetson: the JetPack wheel), or convert with --target cpu for this "
+                       "machine.", manifest.name, provider)
+    elif target == "cpu" and on_gpu:
+        logger.warning("%s was converted for the CPU (fp32 attention, which has no CUDA kernel) and runs on %s, "
+                       "so attention falls back to the CPU each step. Fix: convert with --target cuda for the GPU.",
+                       manifest.name, provider)
+
+
 def load(path: str | Path, providers: Sequence[str] | str | None = None, threads: int | None = None,
          context_length: int | None = None, verify: bool = True, draft: str | Path | LLM | None = None,
          fingerprint: str | None = None) -> LLM:
     """Load a model folder written by `edgellm convert`.
 
-    providers: "cpu" (default), "cuda", "tensorrt" or onnxruntime provider names, in order of preference.
+    providers: "cpu", "cuda", "tensorrt" or onnxruntime provider names, in order of preference. Default: "cpu",
+        or "cuda" for a folder converted --target cuda when this onnxruntime has CUDA (else the CPU, with a warning).
     threads: CPU threads for the model (default: onnxruntime's choice, one per core).
     context_length: KV cache size in tokens (default min(model's, 2048)).
     verify: check every file against the manifest's sha256 (about 0.2 s for 150 MB); every file the manifest
@@ -258,8 +274,12 @@ def load(path: str | Path, providers: Sequence[str] | str | None = None, threads
     if "chat_template" in paths:
         template = ChatTemplate(_read_text(paths["chat_template"]), manifest.special_tokens.get("template_vars", {}))
     head_tokens = _load_head_tokens(paths, manifest) if manifest.graph.head_tokens else None
+    target = manifest.graph.target
+    if providers is None and target == "cuda":  # a GPU folder prefers the GPU when this install has one
+        providers = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else None
     session = DecoderSession(paths["model"], manifest.io, manifest.dims, capacity, providers, threads, head_tokens,
                              graph=manifest.graph)
+    _warn_if_mismatched(manifest, target, session.provider)
     logger.info("loaded %s (%s) on %s, context %d", manifest.name, manifest.precision, session.provider, capacity)
     llm = LLM(folder, manifest, session, tokenizer, template)
     if draft is not None:

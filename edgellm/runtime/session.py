@@ -4,11 +4,16 @@ The KV cache is a fixed buffer per layer (1, kv_heads, capacity, head_dim), boun
 `past` input and the `present` output, so GroupQueryAttention writes new keys/values in place
 and no step allocates or copies the cache. Rolling the cache back (prefix reuse, speculative
 decoding) is free: only the logical length changes.
+
+On CUDA/TensorRT the cache buffers live in device memory (the graph's KV dtype: fp16 for folders
+converted --target cuda), so a step copies only the token ids in and the kept logits out (one row
+for decode); nothing of the cache crosses to the host.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +30,10 @@ _ORT_LOAD_ERRORS = (RuntimeError, ValueError, OSError) + tuple(
     getattr(ort.capi.onnxruntime_pybind11_state, name) for name in
     ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotFound", "NotImplemented",
      "RuntimeException", "NoModel") if hasattr(ort.capi.onnxruntime_pybind11_state, name))
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}  # ONNX input type -> buffer dtype
+TRT_CACHE = Path(".cache") / "trt"  # inside the model folder; not in its checksums (edgellm.manifest)
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -51,7 +60,8 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
             raise ProviderError(
                 f"execution provider {name!r} is not available in this onnxruntime build "
                 f"(available: {', '.join(available)}). Fix: use one of those, or install a build that has it "
-                "(CUDA/TensorRT: pip install onnxruntime-gpu; on Jetson, the JetPack onnxruntime wheel)."
+                "(CUDA/TensorRT: pip uninstall onnxruntime, then pip install onnxruntime-gpu; on a Jetson, the "
+                "onnxruntime-gpu wheel for its JetPack from NVIDIA's Jetson AI Lab index: README \"Jetson\")."
             )
         resolved.append(full)
     if "TensorrtExecutionProvider" in resolved and "CUDAExecutionProvider" in available \
@@ -60,6 +70,42 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
     if "CPUExecutionProvider" not in resolved:
         resolved.append("CPUExecutionProvider")
     return resolved
+
+
+def trt_cache_dir(model_path: Path) -> Path:
+    """Where TensorRT engines for this model are kept: MODEL_DIR/.cache/trt, or, when the model folder is
+    read-only, the user cache (XDG_CACHE_HOME or ~/.cache)/edgellm/trt/<folder name>-<path hash>."""
+    folder = Path(model_path).resolve().parent
+    local = folder / TRT_CACHE
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+        if os.access(local, os.W_OK):
+            return local
+    except OSError:
+        pass
+    import hashlib
+
+    tag = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgellm" / "trt" / f"{folder.name}-{tag}"
+    user.mkdir(parents=True, exist_ok=True)
+    return user
+
+
+def _provider_options(providers: list[str], model_path: Path) -> list:
+    """TensorRT gets an engine cache (building engines takes minutes; a cached engine loads in seconds)."""
+    entries: list = []
+    for name in providers:
+        if name != "TensorrtExecutionProvider":
+            entries.append(name)
+            continue
+        cache = trt_cache_dir(model_path)
+        if not any(cache.glob("*.engine")):
+            logger.warning("building TensorRT engines into %s: the first run takes minutes (later runs load them "
+                           "from there in seconds)", cache)
+        entries.append((name, {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                               "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
+                               "trt_timing_cache_path": str(cache)}))
+    return entries
 
 
 class DecoderSession:
@@ -71,9 +117,11 @@ class DecoderSession:
         """io, dims, graph: the manifest's contract (edgellm.contract; dicts are read with from_dict).
         graph.attention_pad_rows: cache slots past `capacity` the graph writes (batch-invariant graphs: 1);
         None means unknown, and one spare slot is kept, which is safe for every graph edgellm builds.
+        graph.kv_dtype: what the cache holds (float16 for --target cuda), checked against the graph's inputs;
+        None: read from the graph.
         head_tokens: for draft models whose lm_head covers only these ids (edgellm convert --draft-head);
         their logits are scattered into full-vocabulary rows whose other entries are -inf.
-        Raises ModelFormatError when the graph's inputs/outputs disagree with io or dims."""
+        Raises ModelFormatError when the graph's inputs/outputs disagree with io, dims or the KV dtype."""
         dims = dims if isinstance(dims, ModelDims) else ModelDims.from_dict(dims)
         io = io if isinstance(io, IONames) else IONames.from_dict(io, dims.num_layers)
         if isinstance(graph, dict):
@@ -86,21 +134,31 @@ class DecoderSession:
             options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1")
         self.providers = resolve_providers(providers)
+        if self.providers[0] in GPU_PROVIDERS and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]), if there
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
+            self.session = ort.InferenceSession(str(model_path), options,
+                                                providers=_provider_options(self.providers, model_path))
         except _ORT_LOAD_ERRORS as exc:
             reason = " ".join(str(exc).split())[:300]
             raise ModelFormatError(f"onnxruntime cannot load {model_path} ({reason}). Fix: re-run `edgellm convert` "
                                    "(a truncated, damaged or foreign model file, or weights outside the folder).") from exc
         self.provider = self.session.get_providers()[0]
+        if self.providers[0] in GPU_PROVIDERS and self.provider != self.providers[0]:
+            raise ProviderError(
+                f"onnxruntime has {self.providers[0]} but could not start it (see its log above: usually the CUDA 12 "
+                "or cuDNN 9 libraries are missing or a driver is too old). Fix: pip install "
+                "'onnxruntime-gpu[cuda,cudnn]' (a Jetson: JetPack's CUDA with the Jetson AI Lab wheel; README "
+                "\"Jetson\"), or run on the CPU (providers=\"cpu\").")
         self.io, self.dims, self.graph = io, dims, graph
         self.capacity = capacity
         self.vocab_size = dims.vocab_size
+        self.device = "cuda" if self.provider in GPU_PROVIDERS else "cpu"
         self.head_tokens = None if head_tokens is None else np.asarray(head_tokens, dtype=np.int64)
         head_size = self.vocab_size if self.head_tokens is None else len(self.head_tokens)
         check_session(self.session.get_inputs(), self.session.get_outputs(), io, dims,
                       None if self.head_tokens is None else head_size, model=str(model_path))
-        device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self.kv_dtype = self._cache_dtype(model_path, None if graph is None else graph.kv_dtype)
         kv_shape = (1, dims.num_kv_heads, capacity + spare, dims.head_dim)
         self._binding = self.session.io_binding()
         self._logits_one = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, head_size), np.float32, "cpu", 0)
@@ -108,13 +166,26 @@ class DecoderSession:
         self._binding.bind_ortvalue_output(io.logits, self._logits_one)  # first: get_outputs()[0] is logits
         self._kv = []
         for past, present in io.kv_pairs:
-            buffer = ort.OrtValue.ortvalue_from_shape_and_type(kv_shape, np.float32, device, 0)
+            buffer = ort.OrtValue.ortvalue_from_shape_and_type(kv_shape, self.kv_dtype, self.device, 0)
             self._binding.bind_ortvalue_input(past, buffer)
             self._binding.bind_ortvalue_output(present, buffer)
             self._kv.append(buffer)
         self._mask = np.ones((1, capacity), dtype=np.int64)
         self._keep = {}
         self.tokens: list[int] = []  # tokens whose keys/values are in the cache, in order
+
+    def _cache_dtype(self, model_path: Path, expected: str | None) -> type:
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        past = self.io.past_key[0]
+        graph_type = types.get(past)
+        if graph_type not in KV_DTYPES:
+            raise ModelFormatError(f"{model_path}: KV input {past!r} has type {graph_type}; edgellm runs float32 or "
+                                   "float16 caches. Fix: re-run `edgellm convert`.")
+        dtype = KV_DTYPES[graph_type]
+        if expected is not None and np.dtype(expected) != np.dtype(dtype):
+            raise ModelFormatError(f"{model_path}: the manifest says the KV cache is {expected}, the graph takes "
+                                   f"{np.dtype(dtype).name}. Fix: re-run `edgellm convert` (the folder is mixed up).")
+        return dtype
 
     @property
     def length(self) -> int:
