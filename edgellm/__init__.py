@@ -5,6 +5,7 @@ torch/transformers stack load only inside `edgellm convert`.
 """
 
 from .errors import (
+    ConstraintError,
     ContextLengthError,
     EdgeLLMError,
     InvalidParameterError,
@@ -13,13 +14,13 @@ from .errors import (
     ProviderError,
     ValidationError,
 )
-from .runtime import LLM, CancelToken, GenerationResult, GenerationTimings, SamplingParams, StreamChunk, load
+from .runtime import LLM, CancelToken, GenerationResult, GenerationTimings, SamplingParams, StreamChunk, ToolCall, load
 from .runtime.benchmarks import DeviceBenchmark, read_benchmarks
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "LLM", "SamplingParams", "GenerationResult", "GenerationTimings", "StreamChunk", "CancelToken",
-    "EdgeLLMError", "ModelFormatError", "ContextLengthError", "InvalidParameterError", "ProviderError",
+    "load", "LLM", "SamplingParams", "GenerationResult", "GenerationTimings", "StreamChunk", "CancelToken", "ToolCall",
+    "EdgeLLMError", "ModelFormatError", "ContextLengthError", "InvalidParameterError", "ConstraintError", "ProviderError",
     "MissingDependencyError", "ValidationError", "read_benchmarks", "DeviceBenchmark", "__version__",
 ]

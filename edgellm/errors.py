@@ -30,6 +30,10 @@ class InvalidParameterError(EdgeLLMError, ValueError):
     """A generation or conversion setting is out of range."""
 
 
+class ConstraintError(InvalidParameterError):
+    """A json_schema, regex or grammar is invalid, or allows no output at all."""
+
+
 class ProviderError(EdgeLLMError):
     """An execution provider was asked for that this onnxruntime build does not have."""
 

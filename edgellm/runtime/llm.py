@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -20,9 +21,11 @@ from ..errors import ContextLengthError, InvalidParameterError, ModelFormatError
 from ..manifest import MANIFEST_NAME, Manifest, read_manifest, resolve_file, verify_checksums
 from ..manifest import fingerprint as manifest_fingerprint
 from .chat import ChatTemplate, check_text, validate_messages
+from .constraint import GrammarCompiler
 from .generator import Stream, _Outcome, prefill
 from .sampling import ResolvedSampling
 from .session import GPU_PROVIDERS, DecoderSession
+from .tools import ToolSet, parse_tool_calls
 from .types import CancelToken, GenerationResult, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ class LLM:
         self._lock = threading.Lock()
         self._active: _Outcome | None = None  # the generation holding the model
         self._active_thread = 0
+        self._grammars: GrammarCompiler | None = None
 
     @property
     def provider(self) -> str:
@@ -123,30 +127,60 @@ class LLM:
             max_new_tokens=pick(p.max_new_tokens, d.max_new_tokens), temperature=pick(p.temperature, d.temperature),
             top_k=pick(p.top_k, d.top_k), top_p=pick(p.top_p, d.top_p),
             repetition_penalty=pick(p.repetition_penalty, d.repetition_penalty), seed=p.seed, stop=p.stop,
-            ignore_eos=p.ignore_eos)
+            ignore_eos=p.ignore_eos, constraint=p.constraint)
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles json_schema / regex / grammar constraints for this tokenizer and caches them (bounded)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.session.vocab_size, sorted(self._eos))
+        return self._grammars
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, deadline: float | None = None,
-               cancel: CancelToken | None = None) -> Stream:
+               cancel: CancelToken | None = None, *, tools: Sequence[dict[str, Any]] | None = None,
+               tool_choice: str | dict[str, Any] = "auto", parallel_tool_calls: bool = False) -> Stream:
         """Yield StreamChunk as tokens come; `.result` holds the GenerationResult afterwards.
 
         deadline: seconds from this call, covering template rendering, waiting for the model (another thread's
             generation) and generation; when it passes, generation ends with finish_reason "deadline".
         cancel: a CancelToken; cancel() ends generation (or the wait for the model) within one model step.
         The model is taken at the first next(): one generation at a time, in the order threads ask.
+        tools: OpenAI-format function tools (prompt must be chat messages); the reply is decoded under their
+            schemas and `.result.tool_calls` holds the parsed calls (see edgellm.runtime.tools).
+        A json_schema / regex / grammar in params (or the tools' grammar) is compiled here, so a bad one
+        raises ConstraintError at the call.
         """
         started = time.perf_counter()
         if deadline is not None and not (_is_real(deadline) and deadline > 0):
             raise InvalidParameterError(f"deadline={deadline!r:.40} must be a positive number of seconds (or None). "
                                         "Fix: pass e.g. deadline=1.5.")
         _check_cancel(cancel)
+        finish = None
+        if tools is not None:
+            prompt, params = self._with_tools(prompt, params, ToolSet.parse(tools, tool_choice, parallel_tool_calls))
+            finish = _attach_tool_calls
         settings = self.resolve(params)
         ids = self.encode(prompt, seconds=None if deadline is None else deadline - (time.perf_counter() - started))
+        constraint = self.grammars.start(*settings.constraint) if settings.constraint else None
         eos = frozenset() if settings.ignore_eos else self._eos
-        return Stream(self._acquire, self.tokenizer, ids, settings, eos, deadline, cancel, started)
+        return Stream(self._acquire, self.tokenizer, ids, settings, eos, deadline, cancel, started,
+                      constraint=constraint, finish=finish)
+
+    def _with_tools(self, prompt: Prompt, params: SamplingParams | None, toolset: ToolSet):
+        if isinstance(prompt, str) or (len(prompt) > 0 and all(isinstance(t, int) for t in prompt)):
+            raise InvalidParameterError("tools need the prompt as chat messages ([{'role': 'user', 'content': ...}]) "
+                                        "so that the tools can be put in the system message.")
+        if params is not None and params.constraint:
+            raise InvalidParameterError(f"tools and {params.constraint[0]} were both given; the tools decide the "
+                                        "reply's grammar. Fix: pass one of them.")
+        return toolset.messages(prompt), replace(params or SamplingParams(), grammar=toolset.grammar())
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, deadline: float | None = None,
-                 cancel: CancelToken | None = None) -> GenerationResult:
-        stream = self.stream(prompt, params, deadline, cancel)
+                 cancel: CancelToken | None = None, *, tools: Sequence[dict[str, Any]] | None = None,
+                 tool_choice: str | dict[str, Any] = "auto", parallel_tool_calls: bool = False) -> GenerationResult:
+        """The whole reply at once (see stream() for the arguments)."""
+        stream = self.stream(prompt, params, deadline, cancel, tools=tools, tool_choice=tool_choice,
+                             parallel_tool_calls=parallel_tool_calls)
         for _ in stream:
             pass
         result = stream.result
@@ -192,6 +226,11 @@ class LLM:
             stream = active.stream()
             if stream is not None:
                 stream.close()
+
+
+def _attach_tool_calls(result: GenerationResult) -> GenerationResult:
+    calls = parse_tool_calls(result.text) if result.finish_reason == "stop" else ()
+    return replace(result, tool_calls=calls, finish_reason="tool_calls") if calls else result
 
 
 def _check_cancel(cancel: Any) -> None:

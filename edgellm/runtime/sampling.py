@@ -1,4 +1,5 @@
-"""Choose the next token from logits: greedy, or temperature / top-k / top-p with a repetition penalty.
+"""Choose the next token from logits: greedy, or temperature / top-k / top-p with a repetition penalty,
+among the tokens a constraint allows (if any).
 
 numpy only. Greedy is one argmax; sampling narrows to top-k with argpartition before any
 softmax, so per-token work is O(vocab) once and O(k log k) after. top_p alone is exact (no
@@ -40,8 +41,11 @@ class Sampler:
         self.settings = settings
         self.rng = np.random.default_rng(settings.seed)
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
+    def __call__(self, logits: np.ndarray, history: Sequence[int], allowed: np.ndarray | None = None) -> int:
+        """logits: (vocab,); allowed: (vocab,) bool from a constraint, or None for free output."""
         s = self.settings
+        if allowed is not None:  # a constraint: everything else is impossible, before penalties and top-k/top-p
+            logits = np.where(allowed, logits, -np.inf)
         if s.repetition_penalty and s.repetition_penalty != 1.0 and history:
             logits = logits.copy()
             seen = np.fromiter(set(history), dtype=np.int64)

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -141,6 +141,9 @@ class SpeculativeSession:
         self._prompts_off = 0
         self._prompt_interval = 1
         self._cycles = self._drafted = self._accepted = self._rejected = self._plain = 0
+        # Set by the generator for a constrained reply: (drafts, k) -> the drafts the grammar allows, plus the
+        # tokens it forces after them. Drafts it forbids could never be sampled, so they are not verified.
+        self.draft_filter: Callable[[list[int], int], list[int]] | None = None
 
     # --- the DecoderSession interface ---------------------------------------------------------------
     @property
@@ -195,6 +198,8 @@ class SpeculativeSession:
             return self._plain_step(token_ids)
         started = time.perf_counter()
         drafts = self.drafter.propose(self.target.tokens + [int(token_ids[0])], k)
+        if self.draft_filter is not None:
+            drafts = self.draft_filter(drafts, k)
         drafted_at = time.perf_counter()
         draft_ms = (drafted_at - started) * 1000 - getattr(self.drafter, "sync_ms", 0.0)
         if not drafts or self.length + 1 + len(drafts) > self.capacity:

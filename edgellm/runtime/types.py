@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import threading
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..errors import InvalidParameterError
 
-FinishReason = Literal["stop", "length", "deadline", "cancelled"]
+FinishReason = Literal["stop", "length", "deadline", "cancelled", "tool_calls"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,11 @@ class SamplingParams:
 
     temperature 0 is greedy decoding; seed makes sampling repeatable; stop strings end the
     reply and are never part of it.
+
+    Constrained output (at most one; needs `pip install 'edgellm[constrained]'`): json_schema (a dict, its
+    JSON text, or a pydantic model class), regex (the whole reply matches it) or grammar (Lark, as LLGuidance
+    takes it). Only tokens the constraint allows are sampled, EOS only where it may end, and the reply ends
+    with finish_reason "stop" once it is complete. The schema is compiled (and checked) at the call.
     """
 
     max_new_tokens: int | None = None
@@ -29,6 +35,22 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always make max_new_tokens tokens
+    json_schema: dict[str, Any] | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """("json_schema" | "regex" | "grammar", its text), or None when output is free."""
+        if self.json_schema is not None:
+            # key order kept: properties are generated in the order the schema lists them
+            text = self.json_schema if isinstance(self.json_schema, str) else json.dumps(self.json_schema)
+            return "json_schema", text
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        return None
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -58,6 +80,34 @@ class SamplingParams:
         for name in ("temperature", "top_p", "repetition_penalty"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
+        self._check_constraint()
+
+    def _check_constraint(self) -> None:
+        if hasattr(self.json_schema, "model_json_schema"):  # a pydantic model class
+            object.__setattr__(self, "json_schema", self.json_schema.model_json_schema())
+        given = [n for n in ("json_schema", "regex", "grammar") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise InvalidParameterError(f"{' and '.join(given)} were both given; output can follow one constraint. "
+                                        "Fix: pass only one of json_schema, regex, grammar.")
+        if not given:
+            return
+        name = given[0]
+        value = getattr(self, name)
+        if name == "json_schema":
+            _check(isinstance(value, (dict, str)), name, value, "a dict, its JSON text, or a pydantic model class")
+            try:
+                json.loads(value) if isinstance(value, str) else json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise InvalidParameterError(f"json_schema is not valid JSON ({exc}). Fix: pass a JSON Schema as a "
+                                            "dict of plain JSON values, or as JSON text.") from exc
+        else:
+            _check(isinstance(value, str) and value != "", name, value, "a non-empty string")
+        if self.stop:
+            raise InvalidParameterError(f"stop={self.stop!r} cannot be combined with {name}: the constraint decides "
+                                        f"where the reply ends. Fix: drop stop, or make the {name} end there.")
+        if self.ignore_eos:
+            raise InvalidParameterError(f"ignore_eos=True cannot be combined with {name}: the reply ends when the "
+                                        f"{name} is complete. Fix: drop ignore_eos.")
 
 
 def _is_int(value: object) -> bool:
@@ -106,11 +156,32 @@ class GenerationTimings:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One call the model asked for: `arguments` parsed (it validates against the tool's parameters)."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+    @property
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI wire shape: {"id", "type": "function", "function": {"name", "arguments": JSON text}}."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments_json}}
+
+
+@dataclass(frozen=True)
 class GenerationResult:
+    """text: the reply as generated (with tools, the raw <tool_call> blocks); tool_calls: the calls parsed from
+    it when generate(..., tools=...) was answered with calls (finish_reason "tool_calls")."""
+
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     timings: GenerationTimings
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
