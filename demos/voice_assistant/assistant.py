@@ -51,7 +51,7 @@ class Latency:
 class TurnReport:
     transcript: str
     reply: str
-    route: str  # "command" (answered without the LLM) or "llm"
+    route: str  # "command" (hassil), "model-command" (the intent model found one) or "llm" (free answer)
     intent: str | None
     recognizer: str
     incremental: bool
@@ -98,8 +98,9 @@ class VoiceAssistant:
 
     def __init__(self, stt: SpeechToText, llm: Any | None, commands: CommandRecognizer | None = None,
                  speech: SpeechOutput | None = None, config: AssistantConfig | None = None,
-                 on_text: Callable[[str], None] | None = None) -> None:
+                 on_text: Callable[[str], None] | None = None, intent_model: Any | None = None) -> None:
         self.stt, self.llm, self.commands, self.speech = stt, llm, commands, speech
+        self.intent_model = intent_model  # asked when hassil finds nothing (intent_model.IntentModel)
         self.config = config or AssistantConfig()
         self._show = on_text or (lambda text: None)
         self.prefill = (IncrementalPrefill(llm, self.config.system_prompt, self.config.agree, self.config.incremental)
@@ -158,6 +159,9 @@ class VoiceAssistant:
                 clause_started(time.perf_counter())
 
         match = self.commands.match(text) if self.commands is not None else None
+        route = "command"
+        if match is None and self.intent_model is not None:
+            match, route = self.intent_model.match(text), "model-command"
         result, holding = None, None
         if match is not None:
             marks["token"] = time.perf_counter()
@@ -178,7 +182,7 @@ class VoiceAssistant:
                           None if token is None else round((token - final_at) * 1000.0, 1))
         timings = result.timings if result is not None else None
         return TurnReport(
-            transcript=text, reply=reply, route="command" if match else "llm",
+            transcript=text, reply=reply, route=route if match else "llm",
             intent=match.intent if match else None, recognizer=self.stt.name,
             incremental=bool(self.prefill and self.prefill.enabled), holding_phrase=holding, latency_ms=latency,
             prompt_tokens=timings.prompt_tokens if timings else None,

@@ -58,6 +58,9 @@ def _status(message: str) -> None:
 @click.option("--budget-ms", type=float, default=200.0, show_default=True, help="Final result → first token budget.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--no-commands", is_flag=True, help="Send everything to the LLM (no smart-home commands).")
+@click.option("--intent-model", is_flag=True,
+              help="When hassil finds no command, ask the model for one under a JSON schema first "
+                   "(costs one short generation on free questions).")
 @click.option("--speak", is_flag=True, help="Speak the reply (piper if installed, else espeak-ng).")
 @click.option("--speak-wav", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the spoken reply to a WAV file.")
@@ -96,6 +99,7 @@ class RunOptions:
     budget_ms: float
     max_tokens: int
     no_commands: bool
+    intent_model: bool
     speak: bool
     speak_wav: Path | None
     seconds: float | None
@@ -114,10 +118,13 @@ def _run(o: RunOptions) -> None:
     stt = open_recognizer(o.vosk_model, o.grammar or None, o.engine,
                           None if o.endpoint_ms is None else o.endpoint_ms / 1000.0, announce=_status)
     llm = edgellm.load(_model_dir(o.model_opt), threads=o.threads)
-    commands = None
+    commands = intent_model = None
     if not o.no_commands:
+        from .intent_model import IntentModel
         from .intents import CommandRecognizer
         commands = CommandRecognizer()
+        if o.intent_model:  # when hassil finds nothing: an intent under a JSON schema
+            intent_model = IntentModel(llm, commands)
     speech = None
     if o.speak or o.speak_wav:
         from .speech import SpeechOutput, default_speaker
@@ -125,7 +132,8 @@ def _run(o: RunOptions) -> None:
     show = None if o.as_json else (lambda text: click.echo(text, nl=False))
     modes = [True, False] if o.compare else [not o.no_incremental]
     assistants = {mode: VoiceAssistant(stt, llm, commands, speech, AssistantConfig(
-        max_new_tokens=o.max_tokens, budget_ms=o.budget_ms, incremental=mode), on_text=show) for mode in modes}
+        max_new_tokens=o.max_tokens, budget_ms=o.budget_ms, incremental=mode), on_text=show,
+        intent_model=intent_model) for mode in modes}
     _warm_up(llm)
     reports: dict[bool, list[TurnReport]] = {mode: [] for mode in modes}
     summary_only = o.runs > 1 or o.compare

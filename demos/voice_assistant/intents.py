@@ -38,7 +38,8 @@ class CommandRecognizer:
 
     def __init__(self, areas: Sequence[str] = DEFAULT_AREAS,
                  devices: Sequence[tuple[str, str]] = DEFAULT_DEVICES, floors: Sequence[str] = DEFAULT_FLOORS,
-                 language: str = "en", clock: Callable[[], dt.datetime] = dt.datetime.now) -> None:
+                 language: str = "en", clock: Callable[[], dt.datetime] = dt.datetime.now,
+                 intents: Sequence[str] = INTENTS) -> None:
         try:
             from hassil import Intents, TextSlotList
             from home_assistant_intents import get_intents
@@ -47,7 +48,7 @@ class CommandRecognizer:
         data = get_intents(language)
         if data is None:
             raise MissingDependencyError("home-assistant-intents", "voice", f"commands in language {language!r}")
-        data["intents"] = {name: spec for name, spec in data["intents"].items() if name in INTENTS}
+        data["intents"] = {name: spec for name, spec in data["intents"].items() if name in intents}
         self._intents = Intents.from_dict(data)
         self._lists = {
             "area": TextSlotList.from_strings(list(areas)),
