@@ -175,6 +175,19 @@ def _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
                           repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
 
 
+def _read_text(path: str | None, option: str) -> str | None:
+    from .errors import InvalidParameterError
+
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise InvalidParameterError(f"{option} {path}: cannot read it ({exc.strerror}). Fix: pass a readable file.") \
+            from exc
+
+
 @main.command()
 @click.argument("prompt")
 @_sampling_options
@@ -182,13 +195,22 @@ def _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
 @click.option("--deadline", type=float, default=None, help="Seconds; stop and print --fallback if nothing came.")
 @click.option("--fallback", default=None, help="Answer printed when the deadline passes before any text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result with timings as JSON instead of streaming.")
+@click.option("--json-schema", "schema_file", default=None, metavar="FILE",
+              help="Constrained output: the reply is JSON valid against this JSON Schema file.")
+@click.option("--regex", default=None, help="Constrained output: the whole reply matches this regular expression.")
+@click.option("--grammar", "grammar_file", default=None, metavar="FILE",
+              help="Constrained output: the reply follows this Lark grammar file (LLGuidance's dialect).")
 def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, system,
-             provider, threads, draft, raw, deadline, fallback, as_json) -> None:
+             provider, threads, draft, raw, deadline, fallback, as_json, schema_file, regex, grammar_file) -> None:
     """Stream a reply to PROMPT."""
+    from dataclasses import replace
+
     from .runtime import load
 
+    params = replace(_params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop),
+                     json_schema=_read_text(schema_file, "--json-schema"), regex=regex,
+                     grammar=_read_text(grammar_file, "--grammar"))
     llm = load(model_dir, providers=provider, threads=threads, draft=draft)
-    params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     messages = [{"role": "system", "content": system}] if system else []
     request = prompt if raw else messages + [{"role": "user", "content": prompt}]
     stream = llm.stream(request, params, deadline=deadline)
