@@ -60,11 +60,12 @@ def test_greedy_reads_the_request(llm):
     assert answer["intent"] == "HassLightSet" and answer["area"] == "kitchen" and answer.get("brightness") == 40
 
 
-def test_a_regex_answer_matches(llm):
-    regex = r"(Paris|London|Berlin|Madrid|Rome)"
-    result = llm.generate([{"role": "user", "content": "What is the capital of France? One word."}],
-                          SamplingParams(regex=regex, temperature=0.0))
-    assert re.fullmatch(regex, result.text) and result.text == "Paris"
+@pytest.mark.parametrize("regex", [r"The capital of France is [A-Z][a-z]{2,12}\.", r"[0-9]{1,2}:[0-5][0-9] (am|pm)"])
+def test_a_regex_answer_matches(llm, regex):
+    for seed in range(3):
+        result = llm.generate([{"role": "user", "content": "What is the capital of France?"}],
+                              SamplingParams(regex=regex, temperature=0.9, seed=seed, max_new_tokens=40))
+        assert result.finish_reason == "stop" and re.fullmatch(regex, result.text), result.text
 
 
 def test_constrained_speculative_equals_plain_on_the_batch_invariant_model(default_invariant_dir):
