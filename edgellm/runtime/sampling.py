@@ -34,6 +34,7 @@ class ResolvedSampling:
     seed: int | None
     stop: tuple[str, ...]
     ignore_eos: bool = False
+    constraint: tuple[str, str] | None = None  # (kind, text) of json_schema / regex / grammar; part of cache keys
 
 
 class Sampler:
