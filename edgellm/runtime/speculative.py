@@ -10,6 +10,10 @@
 token itself from the model's own logits, which is why the output equals plain decoding (greedy, and
 seeded sampling too) — the drafter only decides how much work one forward pass does.
 
+Under a constraint (json_schema, regex, grammar) the generator samples each row under the grammar's mask as
+always; the session only cuts drafts where the grammar forbids them and appends the tokens the grammar
+forces (JSON keys, closing brackets), which are then verified like any draft.
+
 On a CPU a (k+1)-token pass costs more than a 1-token one, so speculation pays only while enough drafts
 are accepted. The session measures its acceptance rate and the pass times as it goes, picks the k with
 the best expected tokens per second, and decodes plainly when no k beats plain decoding (probing now
