@@ -4,10 +4,10 @@
               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
     result = llm.generate(messages, tools=tools)      # result.tool_calls == (ToolCall(name="get_weather", ...),)
 
-Convention. A chat template that takes `tools` (transformers' convention: the template renders them) gets
-them. SmolLM2-135M-Instruct's template has none, so we use the Hermes/Qwen convention that SmolLM2's larger
-siblings were trained on: the tools' JSON schemas go in the system message between <tools></tools>, and
-the assistant answers with
+Convention. SmolLM2-135M-Instruct's chat template has no tool convention (no `tools` variable, no tool
+tokens), so we use the Hermes/Qwen convention that SmolLM2's larger siblings were trained on, for every
+model (templates are rendered with messages only): the tools' JSON schemas go in the system message
+between <tools></tools>, and the assistant answers with
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
