@@ -192,10 +192,12 @@ def validity(args) -> None:
     summary = {"generations": n, "parsed": sum(s["parsed"] for s in samples),
                "valid": sum(s["valid"] for s in samples), "finish_reasons": counts,
                "valid_rate": sum(s["valid"] for s in samples) / n,
+               "valid_when_finished": (sum(s["valid"] for s in samples if s["finish_reason"] == "stop"),
+                                       counts.get("stop", 0)),
                "by_schema": {k: sum(s["valid"] for s in samples if s["schema"] == k) for k in schemas}}
     table = Table(["generations", "parse as JSON", "validate against the schema", "finish_reason stop"],
-                  [[n, f"{summary['parsed']} ({summary['parsed'] / n:.0%})",
-                    f"{summary['valid']} ({summary['valid_rate']:.0%})", counts.get("stop", 0)]],
+                  [[n, f"{summary['parsed']} ({summary['parsed'] / n:.1%})",
+                    f"{summary['valid']} ({summary['valid_rate']:.1%})", counts.get("stop", 0)]],
                   caption=f"{len(schemas)} schemas × {len(SETTINGS)} sampling settings × {args.seeds} seeds")
     out = recorder.write(args.out, samples=samples, summary=summary, table=table,
                          extra_versions=("llguidance", "jsonschema"))
