@@ -150,10 +150,14 @@ def _call_text(call: Any) -> str:
     if isinstance(call, ToolCall):
         name, arguments = call.name, call.arguments
     else:
-        function = call.get("function", {})
+        function = call.get("function", {}) if isinstance(call, dict) else {}
         name, arguments = function.get("name"), function.get("arguments", {})
         if isinstance(arguments, str):
-            arguments = json.loads(arguments)
+            try:
+                arguments = json.loads(arguments)
+            except ValueError as exc:
+                raise InvalidParameterError(f"an earlier tool call's arguments {arguments[:80]!r} are not JSON "
+                                            f"({exc}). Fix: send them as the JSON text the call returned.") from exc
     return OPEN + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + CLOSE
 
 

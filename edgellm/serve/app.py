@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from .engine import Engine, Job, Outcome, Prepared
 from .schema import RequestError, parse_chat, parse_completion
+from .structured import Structured
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def create_app(engine: Engine, settings: HttpSettings) -> Starlette:
         parsed = parse_chat(body, context) if kind == "chat" else parse_completion(body, context)
         deadline = deadline_ms(request)
         prepared = await asyncio.to_thread(engine.prepare, parsed)
-        shape = _Shape(kind, model_id)
+        shape = _Shape(kind, model_id, parsed.structured)
         outcome = engine.cached(prepared)
         if outcome is not None:
             headers = {"X-Edgellm-Response-Cache": "hit"}
@@ -176,8 +177,9 @@ def _model_card(engine: Engine) -> dict:
 class _Shape:
     """OpenAI's JSON for one response: a chat.completion or a text_completion, whole or as chunks."""
 
-    def __init__(self, kind: str, model_id: str) -> None:
+    def __init__(self, kind: str, model_id: str, structured: Structured | None = None) -> None:
         self.chat = kind == "chat"
+        self.structured = structured
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = model_id
@@ -191,8 +193,12 @@ class _Shape:
 
     def whole(self, outcome: Outcome) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text, "refusal": None},
-                      "logprobs": None, "finish_reason": outcome.finish_reason}
+            message = {"role": "assistant", "content": outcome.text, "refusal": None}
+            reason = outcome.finish_reason
+            calls = self.structured.tool_calls(outcome.text, reason) if self.structured else ()
+            if calls:  # the reply was tool calls (decoded under the tools' grammar): OpenAI's shape for them
+                message, reason = {**message, "content": None, "tool_calls": [c.to_dict() for c in calls]}, "tool_calls"
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
             return self._envelope("chat.completion", [choice], outcome.usage.to_dict(), True)
         choice = {"index": 0, "text": outcome.text, "logprobs": None, "finish_reason": outcome.finish_reason}
         return self._envelope("text_completion", [choice], outcome.usage.to_dict(), True)

@@ -140,7 +140,15 @@ class Engine:
         llm = self.pool.first
         try:
             params = request.sampling()
-            ids = llm.encode(list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt)
+            prompt = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
+            if request.structured is not None and request.kind == "chat":
+                prompt = request.structured.messages(request.prompt)  # tools described in the system message
+            ids = llm.encode(prompt)
+            if params.constraint:  # compiled (and cached) now: a bad schema is this request's 400
+                try:
+                    llm.grammars.compile(*params.constraint)
+                except EdgeLLMError as exc:
+                    raise RequestError(str(exc), param=request.structured.param) from exc
         except ContextLengthError as exc:
             raise RequestError(str(exc), param="messages" if request.kind == "chat" else "prompt",
                                code="context_length_exceeded") from exc

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..runtime import SamplingParams
+from .structured import Structured, StructuredError, parse_structured
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_SEED = 2**63 - 1
@@ -45,10 +46,14 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     ignore_eos: bool  # extension (as in vLLM and llama.cpp): always make max_tokens tokens; for benchmarks
+    structured: Structured | None = None  # response_format (JSON schema) or tools: see structured.py
 
     def sampling(self) -> SamplingParams:
+        s = self.structured
         return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos)
+                              seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos,
+                              json_schema=s.json_schema if s else None,
+                              grammar=s.tools.grammar() if s and s.tools else None)
 
 
 def _type_error(name: str, value: Any, expected: str) -> RequestError:
@@ -133,12 +138,20 @@ def _common(body: dict, kind: Kind, prompt, max_context: int) -> GenerationReque
     include_usage = (options or {}).get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):
         raise _type_error("stream_options.include_usage", include_usage, "true or false")
+    try:
+        structured = parse_structured(body, chat=kind == "chat")
+    except StructuredError as exc:
+        raise RequestError(str(exc), param=exc.param, code="invalid_value") from exc
+    for name in ("stop", "ignore_eos"):
+        if structured is not None and body.get(name):
+            raise RequestError(f"'{name}' cannot be combined with '{structured.param}': the schema decides where "
+                               f"the reply ends. Fix: leave '{name}' out.", param=name, code="invalid_value")
     return GenerationRequest(
         kind=kind, prompt=prompt, max_tokens=max_tokens,
         temperature=_optional_number(body, "temperature", 0.0, 2.0),
         top_p=_optional_number(body, "top_p", 0.0, 1.0, open_below=True),
         seed=_optional_int(body, "seed", 0, MAX_SEED), stop=_stop(body), stream=_bool(body, "stream"),
-        include_usage=bool(include_usage), ignore_eos=_bool(body, "ignore_eos"))
+        include_usage=bool(include_usage), ignore_eos=_bool(body, "ignore_eos"), structured=structured)
 
 
 def _message_text(index: int, content: Any) -> str:
@@ -176,7 +189,12 @@ def parse_chat(body: dict, max_context: int) -> GenerationRequest:
         if role not in ROLES:
             raise RequestError(f"messages[{index}].role is {message.get('role')!r}; allowed: developer, "
                                f"{', '.join(ROLES)}.", param=f"messages[{index}].role", code="invalid_value")
-        parsed.append({"role": role, "content": _message_text(index, message.get("content"))})
+        calls = message.get("tool_calls") if role == "assistant" else None
+        content = message.get("content")
+        entry = {"role": role, "content": "" if calls and content is None else _message_text(index, content)}
+        if calls:  # an earlier call of ours, sent back with the tool's answer
+            entry["tool_calls"] = calls
+        parsed.append(entry)
     return _common(body, "chat", tuple(parsed), max_context)
 
 
