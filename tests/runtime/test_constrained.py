@@ -263,3 +263,19 @@ def test_the_mask_goes_through_the_sampler():
     assert greedy(logits, [], allowed) == 2
     hot = Sampler(ResolvedSampling(10, 2.0, 3, 0.99, 1.5, 0, ()))
     assert {hot(logits, [2, 4], allowed) for _ in range(50)} <= {2, 4}
+
+
+def test_without_llguidance_a_constraint_says_which_extra_to_install(tiny_fp32_dir):
+    code = (
+        "import sys\n"
+        "sys.modules['llguidance'] = None  # as if it were not installed\n"
+        "import edgellm\n"
+        f"llm = edgellm.load({str(tiny_fp32_dir)!r}, threads=1)\n"
+        "print(llm.generate('hi', edgellm.SamplingParams(max_new_tokens=2)).finish_reason)\n"
+        "try:\n"
+        "    llm.generate('hi', edgellm.SamplingParams(regex='a+'))\n"
+        "except edgellm.MissingDependencyError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0] == "length" and "pip install 'edgellm[constrained]'" in out
