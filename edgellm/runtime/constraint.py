@@ -122,6 +122,7 @@ class GrammarCompiler:
         self._tokenizer = llg.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
         self.tokenizer_ms = (time.perf_counter() - started) * 1000
         self.vocab_size = vocab_size
+        self._eos = np.asarray([t for t in eos_token_ids if 0 <= t < vocab_size], dtype=np.int64)
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
@@ -154,9 +155,9 @@ class GrammarCompiler:
         compiled = self.compile(kind, source)
         constraint = Constraint(compiled, compiled.matcher.deep_copy(), self.vocab_size)
         try:
-            first = constraint.allowed()
-            dead = set(np.flatnonzero(first).tolist()) <= set(self._tokenizer.eos_tokens) \
-                and not compiled.matcher.is_accepting()
+            first = constraint.allowed().copy()
+            first[self._eos] = False  # only EOS allowed at the very start, and the empty reply not accepted
+            dead = not first.any() and not compiled.matcher.is_accepting()
         except ConstraintError:
             dead = True
         if dead:
