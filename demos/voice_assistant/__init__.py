@@ -5,10 +5,12 @@ intents (smart-home commands without the LLM), prefill (user words into the KV c
 speak), speech (clause-by-clause text-to-speech), assistant (the loop and its latency report), cli.
 """
 
-from .errors import AudioDeviceError, AudioFormatError, DownloadError, EmptyAudioError, SttModelError, VoiceError
+from .errors import (AudioDeviceError, AudioFormatError, DownloadError, EmptyAudioError, SttModelError, VoiceError,
+                     VoiceModelError)
 from .types import AudioChunk, Transcript, Word
 
 __all__ = [
     "AudioChunk", "Transcript", "Word",
     "VoiceError", "AudioFormatError", "EmptyAudioError", "SttModelError", "AudioDeviceError", "DownloadError",
+    "VoiceModelError",
 ]

@@ -5,6 +5,7 @@ Recognizers want one fixed format; converting once here (downmix, resample) keep
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -110,6 +111,8 @@ class WavSource:
                 wait = started + chunk.end - time.perf_counter()
                 if wait > 0:
                     time.sleep(wait)
+                # when the reader lags, latency still counts from when the audio existed, not when it was read
+                chunk = dataclasses.replace(chunk, available=started + chunk.end)
             yield chunk
 
 
@@ -123,7 +126,7 @@ class MicrophoneSource:
     def __init__(self, rate: int = RATE, chunk_ms: int = CHUNK_MS, device: int | str | None = None,
                  max_seconds: float | None = None, max_queued_seconds: float = 30.0) -> None:
         self.rate, self.chunk_ms, self.device, self.max_seconds = rate, chunk_ms, device, max_seconds
-        self._queue: queue.Queue[bytes] = queue.Queue(maxsize=max(1, int(max_queued_seconds * 1000 / chunk_ms)))
+        self._queue: queue.Queue[tuple[bytes, float]] = queue.Queue(maxsize=max(1, int(max_queued_seconds * 1000 / chunk_ms)))
         self.dropped = 0
         self._sd = _import_sounddevice()
         self._check_device()
@@ -138,7 +141,7 @@ class MicrophoneSource:
 
     def _callback(self, indata: object, frames: int, when: object, status: object) -> None:
         try:
-            self._queue.put_nowait(bytes(indata))  # type: ignore[call-overload]
+            self._queue.put_nowait((bytes(indata), time.perf_counter()))  # type: ignore[call-overload]
         except queue.Full:
             if self.dropped == 0:
                 logger.warning("audio consumer is too slow; dropping microphone audio")
@@ -155,11 +158,11 @@ class MicrophoneSource:
         with stream:
             while self.max_seconds is None or position < self.max_seconds:
                 try:
-                    data = self._queue.get(timeout=2.0)
+                    data, arrived = self._queue.get(timeout=2.0)
                 except queue.Empty as exc:
                     raise AudioDeviceError("the microphone delivered no audio for 2 s. Fix: check the device, "
                                            "or pass --wav FILE.") from exc
-                chunk = AudioChunk(self.rate, SAMPLE_WIDTH, 1, data, position)
+                chunk = AudioChunk(self.rate, SAMPLE_WIDTH, 1, data, position, arrived)
                 position = chunk.end
                 yield chunk
 

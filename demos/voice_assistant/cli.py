@@ -46,15 +46,35 @@ def _status(message: str) -> None:
 @click.option("--fast", is_flag=True, help="With --wav: push audio as fast as possible, not in real time.")
 @click.option("--model", "model_opt",
               help="Converted model folder [default: models/smollm2-135m-instruct, or $EDGELLM_MODEL].")
-@click.option("--threads", type=int, help="CPU threads for the model.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="CPU threads for the model: one leaves a core to the audio loop (VAD, end of turn, recognizer).")
 @click.option("--vosk-model", help="Vosk model folder [default: $VOSK_MODEL, then models/vosk*].")
 @click.option("--stt", "engine", type=click.Choice(["auto", "vosk", "pocketsphinx"]), default="auto", show_default=True)
+@click.option("--accurate-stt", is_flag=True,
+              help="pocketsphinx: full search and second pass (slower final result; default: fast settings).")
 @click.option("--grammar", multiple=True, help="Restrict recognition to this phrase (repeatable).")
 @click.option("--endpoint-ms", type=float,
               help="Silence that ends an utterance [default: the Vosk model's rules; pocketsphinx 300].")
+@click.option("--endpointing", type=click.Choice(["smart", "silence", "recognizer"]), default="smart",
+              show_default=True, help="Who ends a turn: Silero VAD + Smart Turn, VAD + a fixed silence, or the "
+              "recognizer's own endpointer.")
+@click.option("--silence-ms", type=float, default=700.0, show_default=True,
+              help="--endpointing silence: the silence that ends a turn.")
+@click.option("--complete-ms", type=float, default=200.0, show_default=True,
+              help="Silence that ends a turn once Smart Turn says it sounds complete.")
+@click.option("--incomplete-ms", type=float, default=1000.0, show_default=True,
+              help="Silence that ends a turn that sounds unfinished.")
+@click.option("--max-turn-s", type=float, default=20.0, show_default=True, help="A longer turn is closed anyway.")
+@click.option("--no-barge-in", is_flag=True,
+              help="Keep answering when the user speaks meanwhile (use it with loudspeakers and no echo cancelling).")
+@click.option("--no-speculative", is_flag=True, help="Do not start the reply at a pause that sounds final.")
 @click.option("--no-incremental", is_flag=True, help="Do not prefill the user's words while they speak.")
-@click.option("--runs", type=int, default=1, show_default=True, help="With --wav: repeat and report medians.")
-@click.option("--compare", is_flag=True, help="With --runs: run with and without incremental prefill.")
+@click.option("--no-memory", is_flag=True, help="Answer every turn on its own (no conversation history).")
+@click.option("--runs", type=int, default=1, show_default=True,
+              help="With --wav: repeat and report medians and p90.")
+@click.option("--compare", is_flag=True, help="With --wav: run each turn-taking variant side by side "
+              "(recognizer endpointer, fixed silence, Smart Turn without incremental prefill, without and with "
+              "speculative start).")
 @click.option("--budget-ms", type=float, default=200.0, show_default=True, help="Final result → first token budget.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--no-commands", is_flag=True, help="Send everything to the LLM (no smart-home commands).")
@@ -91,9 +111,18 @@ class RunOptions:
     threads: int | None
     vosk_model: str | None
     engine: str
+    accurate_stt: bool
     grammar: tuple[str, ...]
     endpoint_ms: float | None
+    endpointing: str
+    silence_ms: float
+    complete_ms: float
+    incomplete_ms: float
+    max_turn_s: float
+    no_speculative: bool
+    no_barge_in: bool
     no_incremental: bool
+    no_memory: bool
     runs: int
     compare: bool
     budget_ms: float
@@ -106,17 +135,44 @@ class RunOptions:
     as_json: bool
 
 
+# --compare: each variant changes one thing from its neighbour, so each piece's gain shows side by side.
+COMPARE = {
+    "recognizer_endpointer": {"endpointing": "recognizer", "speculative": False},
+    "fixed_silence": {"endpointing": "silence", "speculative": False},
+    "smart_no_incremental": {"endpointing": "smart", "speculative": False, "incremental": False},
+    "smart": {"endpointing": "smart", "speculative": False},
+    "smart_speculative": {"endpointing": "smart", "speculative": True},
+}
+STAGES = ("end_of_turn", "recognizer_final", "first_token", "first_audio", "final_to_first_token")
+
+
 def _run(o: RunOptions) -> None:
     import edgellm
+
+    from .conversation import MemoryConfig
+    from .turn import SmartTurn, TurnConfig, TurnDetector
+    from .vad import SileroVad
 
     if o.runs < 1 or ((o.runs > 1 or o.compare) and o.wav is None):
         raise click.UsageError("--runs N (N >= 1) and --compare need --wav FILE.")
     wav = o.wav
-    source = (lambda: WavSource(wav, fast=o.fast, tail_silence=TAIL_SILENCE)) if wav else \
-        (lambda: MicrophoneSource(max_seconds=o.seconds))
+    turn = TurnConfig(complete_silence=o.complete_ms / 1000.0, incomplete_silence=o.incomplete_ms / 1000.0,
+                      fixed_silence=o.silence_ms / 1000.0, max_turn=o.max_turn_s)
+    variants = COMPARE if o.compare else {o.endpointing: {"endpointing": o.endpointing,
+                                                          "speculative": not o.no_speculative,
+                                                          "incremental": not o.no_incremental}}
+    chunk_ms = 100 if all(v["endpointing"] == "recognizer" for v in variants.values()) else 32
+    source = (lambda: WavSource(wav, fast=o.fast, tail_silence=TAIL_SILENCE, chunk_ms=chunk_ms)) if wav else \
+        (lambda: MicrophoneSource(max_seconds=o.seconds, chunk_ms=chunk_ms))
     source()  # a bad WAV or a missing microphone fails here, before the slow model loads
+    vad = model = None
+    if any(v["endpointing"] != "recognizer" for v in variants.values()):
+        vad = SileroVad()  # a missing or corrupt model file fails here, before the slow LLM loads
+        if any(v["endpointing"] == "smart" for v in variants.values()):
+            model = SmartTurn()
     stt = open_recognizer(o.vosk_model, o.grammar or None, o.engine,
-                          None if o.endpoint_ms is None else o.endpoint_ms / 1000.0, announce=_status)
+                          None if o.endpoint_ms is None else o.endpoint_ms / 1000.0, announce=_status,
+                          fast=not o.accurate_stt)
     llm = edgellm.load(_model_dir(o.model_opt), threads=o.threads)
     commands = intent_model = None
     if not o.no_commands:
@@ -128,20 +184,27 @@ def _run(o: RunOptions) -> None:
     speech = None
     if o.speak or o.speak_wav:
         from .speech import SpeechOutput, default_speaker
-        speech = SpeechOutput(default_speaker(), wav_path=o.speak_wav, play=o.speak)
+        # no loudspeaker but a microphone: the WAV file is written at playback speed, so barge-in can cut it
+        speech = SpeechOutput(default_speaker(), wav_path=o.speak_wav, play=o.speak, realtime=o.wav is None)
     show = None if o.as_json else (lambda text: click.echo(text, nl=False))
-    modes = [True, False] if o.compare else [not o.no_incremental]
-    assistants = {mode: VoiceAssistant(stt, llm, commands, speech, AssistantConfig(
-        max_new_tokens=o.max_tokens, budget_ms=o.budget_ms, incremental=mode), on_text=show,
-        intent_model=intent_model) for mode in modes}
+    memory = MemoryConfig(max_exchanges=0) if o.no_memory or o.runs > 1 or o.compare else MemoryConfig()
+    assistants = {}
+    for name, change in variants.items():
+        config = AssistantConfig(max_new_tokens=o.max_tokens, budget_ms=o.budget_ms, turn=turn, memory=memory,
+                                 barge_in=not o.no_barge_in, **change)
+        turns = None
+        if config.endpointing != "recognizer":
+            turns = TurnDetector(config.turn, vad, model)
+        assistants[name] = VoiceAssistant(stt, llm, commands, speech, config, on_text=show, turns=turns,
+                                          intent_model=intent_model)
     _warm_up(llm)
-    reports: dict[bool, list[TurnReport]] = {mode: [] for mode in modes}
+    reports: dict[str, list[TurnReport]] = {name: [] for name in variants}
     summary_only = o.runs > 1 or o.compare
     try:
         for _ in range(o.runs):
-            for mode in modes:  # interleaved, so drift (heat, other load) hits both modes alike
-                for report in assistants[mode].run(source().chunks()):
-                    reports[mode].append(report)
+            for name, assistant in assistants.items():  # interleaved, so drift (heat, load) hits all alike
+                for report in assistant.run(source().chunks()):
+                    reports[name].append(report)
                     if not o.as_json:
                         click.echo(_latency_line(report))
                     elif not summary_only:
@@ -151,13 +214,16 @@ def _run(o: RunOptions) -> None:
             speech.wait()
             speech.close()
     if summary_only:
-        summary = {("incremental" if mode else "no_incremental"): _summary(reports[mode]) for mode in modes}
+        summary = {name: summarize(reports[name]) for name in variants}
+        summary["loadavg"] = [round(x, 2) for x in os.getloadavg()]
         if o.as_json:
             click.echo(json.dumps(summary, ensure_ascii=False))
         else:
-            for name, stats in summary.items():
-                median = stats["median_final_to_first_token_ms"]
-                click.echo(f"{name}: recognizer final → first token median {median} ms over {stats['replies']} replies")
+            for name in variants:
+                stats = summary[name]
+                cells = ", ".join(f"{stage} {stats['median_ms'][stage]}/{stats['p90_ms'][stage]}" for stage in STAGES)
+                click.echo(f"{name} ({stats['replies']} replies, {stats['speculative']} speculative), "
+                           f"ms after last voiced audio, median/p90: {cells}")
 
 
 def _warm_up(llm: Any) -> None:
@@ -170,23 +236,37 @@ def _warm_up(llm: Any) -> None:
 def _latency_line(report: TurnReport) -> str:
     lat = report.latency_ms
     fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
-    return (f"  [{report.route}; ms after last voiced audio: final {fmt(lat.recognizer_final)}, first token "
-            f"{fmt(lat.first_token)} (+{fmt(lat.final_to_first_token)}), first clause {fmt(lat.first_clause_spoken)}, "
+    return (f"  [{report.route}; {report.endpointing} ({report.end_reason}); ms after last voiced audio: "
+            f"end of turn {fmt(lat.end_of_turn)}, final {fmt(lat.recognizer_final)}, first token "
+            f"{fmt(lat.first_token)} (+{fmt(lat.final_to_first_token)}), first audio {fmt(lat.first_audio)}, "
             f"done {fmt(lat.reply_done)}"
+            + ("; speculative" if report.speculative else "")
+            + (f"; interrupted, stopped {report.barge_in_ms:.0f} ms after the user spoke" if report.interrupted else "")
             + (f"; cached {report.cached_tokens}/{report.prompt_tokens} prompt tokens" if report.prompt_tokens else "")
             + "]"
             + (" holding phrase said" if report.holding_phrase else ""))
 
 
-def _summary(reports: list[TurnReport]) -> dict[str, object]:
-    llm_turns = [r for r in reports if r.latency_ms.final_to_first_token is not None]
-    med = lambda values: round(statistics.median(values), 1) if values else None  # noqa: E731
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if q == 0.5:
+        return round(statistics.median(values), 1)
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))], 1)
+
+
+def summarize(reports: list[TurnReport]) -> dict[str, Any]:
+    """Medians and p90 (nearest rank) of each latency stage over the LLM replies, and the raw turns."""
+    llm_turns = [r for r in reports if r.route == "llm"]
+    by_stage = {stage: [getattr(r.latency_ms, stage) for r in llm_turns if getattr(r.latency_ms, stage) is not None]
+                for stage in STAGES}
     return {
         "replies": len(llm_turns),
-        "median_final_to_first_token_ms": med([r.latency_ms.final_to_first_token for r in llm_turns]),
-        "median_recognizer_final_ms": med([r.latency_ms.recognizer_final for r in reports]),
-        "median_first_token_ms": med([r.latency_ms.first_token for r in llm_turns]),
-        "median_cached_tokens": med([r.cached_tokens for r in llm_turns if r.cached_tokens is not None]),
+        "speculative": sum(r.speculative for r in llm_turns),
+        "median_ms": {stage: _percentile(values, 0.5) for stage, values in by_stage.items()},
+        "p90_ms": {stage: _percentile(values, 0.9) for stage, values in by_stage.items()},
+        "median_cached_tokens": _percentile([r.cached_tokens for r in llm_turns if r.cached_tokens is not None], 0.5),
         "turns": [r.to_dict() for r in reports],
     }
 

@@ -27,3 +27,7 @@ class AudioDeviceError(VoiceError):
 
 class DownloadError(VoiceError):
     """A model download failed or did not match its pinned checksum; nothing was left behind."""
+
+
+class VoiceModelError(VoiceError, ModelFormatError):
+    """The VAD or end-of-turn model file is missing, corrupt or not the model we expect."""

@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from .conversation import Conversation
+
 logger = logging.getLogger(__name__)
 
 SENTINEL = "\u2063user-words\u2063"  # text no recognizer produces; marks where the user's words go
@@ -56,8 +58,9 @@ class IncrementalPrefill:
     """
 
     def __init__(self, llm: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT, agree: int = 2,
-                 enabled: bool = True, close_turn: bool = True) -> None:
+                 enabled: bool = True, close_turn: bool = True, conversation: Conversation | None = None) -> None:
         self.llm, self.system_prompt, self.enabled, self.close_turn = llm, system_prompt, enabled, close_turn
+        self.conversation = conversation  # earlier turns go in front of the user's words (None: no memory)
         self.prefix = self._user_turn_prefix()
         self._recent: deque[list[str]] = deque(maxlen=max(1, agree))
         self.committed: list[str] = []
@@ -72,10 +75,16 @@ class IncrementalPrefill:
         return text[:text.index(SENTINEL)]
 
     def messages(self, user: str) -> list[dict[str, str]]:
+        if self.conversation is not None:
+            return self.conversation.messages(user)
         return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
 
     def begin(self) -> int:
-        """A new utterance: forget partials, cache the chat up to the user's first word. Returns tokens cached."""
+        """A new utterance: forget partials, cache the chat up to the user's first word. Returns tokens cached.
+
+        With memory, the cache still holds the last prompt and reply, so only the new turn's header is computed.
+        """
+        self.prefix = self._user_turn_prefix()  # the history may have changed since the last turn
         self._recent.clear()
         self.committed = []
         self.closed = False
@@ -102,3 +111,66 @@ class IncrementalPrefill:
         self.prefills += 1
         logger.debug("prefilled %r%s (%d tokens cached)", user_text(stable), " + header" if closed else "", cached)
         return True
+
+
+class BackgroundPrefill:
+    """Runs IncrementalPrefill.update on its own thread, so the audio loop never waits for the model.
+
+    post() only records the latest partial (older ones not yet prefilled are dropped: only the newest
+    words matter). hold() stops taking new partials and waits until the model is free (before a
+    speculative or final reply takes it); release() lets partials through again.
+    """
+
+    def __init__(self, inc: IncrementalPrefill) -> None:
+        import threading
+
+        self.inc = inc
+        self._cond = threading.Condition()
+        self._pending: list[str] | None = None
+        self._busy = self._held = self._closed = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="prefill", daemon=True)
+        self._thread.start()
+
+    def post(self, words: Sequence[str]) -> None:
+        with self._cond:
+            if not self._held:
+                self._pending = list(words)
+                self._cond.notify_all()
+
+    def hold(self, wait: bool = True) -> None:
+        with self._cond:
+            self._held, self._pending = True, None
+            while wait and self._busy:
+                self._cond.wait()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (self._pending is None or self._held):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                words, self._pending, self._busy = self._pending, None, True
+            try:
+                self.inc.update(words)
+            except Exception as exc:  # handed to the loop at its next hold()
+                logger.error("incremental prefill failed: %s", exc)
+                self.error = exc
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()

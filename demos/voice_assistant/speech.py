@@ -133,8 +133,12 @@ class SpeechOutput:
     say(text, on_start) calls on_start(perf_counter time) when that clause's audio starts.
     """
 
-    def __init__(self, speaker: Speaker, wav_path: str | Path | None = None, play: bool = True) -> None:
-        self.speaker = speaker
+    def __init__(self, speaker: Speaker, wav_path: str | Path | None = None, play: bool = True,
+                 realtime: bool = False) -> None:
+        """realtime: without a speaker, take as long as playing would (WAV sink paced like a loudspeaker)."""
+        self.speaker, self.realtime = speaker, realtime
+        self._epoch = 0  # bumped by stop(): audio of an older epoch is not (or no longer) played
+        self.speaking = False
         self._sd = _output_device() if play else None
         self._wav: wave.Wave_write | None = None
         self._wav_rate = 0
@@ -154,6 +158,26 @@ class SpeechOutput:
         """Block until everything queued has been spoken."""
         self._queue.join()
 
+    @property
+    def busy(self) -> bool:
+        """Something is queued, being synthesized or being played."""
+        return self._queue.unfinished_tasks > 0
+
+    def stop(self) -> None:
+        """Barge-in: drop every queued clause and cut the one being played (within one 20 ms slice)."""
+        self._epoch += 1
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._queue.task_done()
+            if item is None:  # close() was called: keep its sentinel
+                self._queue.put(None)
+                break
+        if self._sd is not None:
+            self._sd.stop()
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)
@@ -164,19 +188,38 @@ class SpeechOutput:
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             text, on_start = item
+            epoch = self._epoch
             try:
                 audio = self.speaker.synthesize(text)
+                if epoch != self._epoch:
+                    continue  # stopped while synthesizing
                 if on_start is not None:
                     on_start(time.perf_counter())
-                self._output(audio)
+                self.speaking = True
+                self._output(audio, epoch)
             except Exception as exc:  # any failure: reported to the caller on its next say()
                 logger.error("speech output failed: %s", exc)
                 self._error = exc
             finally:
+                self.speaking = False
                 self._queue.task_done()
         self._queue.task_done()
 
-    def _output(self, audio: AudioChunk) -> None:
+    def _output(self, audio: AudioChunk, epoch: int) -> None:
+        if self.realtime and self._sd is None:
+            step = audio.rate // 50 * SAMPLE_WIDTH  # 20 ms slices, paced as a loudspeaker would play them
+            started = time.perf_counter()
+            for i, at in enumerate(range(0, len(audio.audio), step)):
+                if epoch != self._epoch:
+                    return
+                self._write(AudioChunk(audio.rate, SAMPLE_WIDTH, 1, audio.audio[at:at + step]))
+                time.sleep(max(0.0, started + (i + 1) * 0.02 - time.perf_counter()))
+            return
+        self._write(audio)
+        if self._sd is not None and epoch == self._epoch:
+            self._sd.play(np.frombuffer(audio.audio, dtype="<i2"), audio.rate, blocking=True)
+
+    def _write(self, audio: AudioChunk) -> None:
         if self._wav is not None:
             if not self._wav_rate:
                 self._wav_rate = audio.rate
@@ -187,8 +230,6 @@ class SpeechOutput:
             if audio.rate != self._wav_rate:
                 pcm = to_pcm16(resample(to_mono_float(pcm, 2, 1), audio.rate, self._wav_rate))
             self._wav.writeframes(pcm)
-        if self._sd is not None:
-            self._sd.play(np.frombuffer(audio.audio, dtype="<i2"), audio.rate, blocking=True)
 
 
 def _output_device() -> ModuleType:

@@ -42,6 +42,12 @@ class SpeechToText(Protocol):
     def finish(self) -> Transcript:
         """End of audio: return the final transcript of whatever was heard since the last final."""
 
+    def finalize(self) -> Transcript:
+        """The turn detector decided the utterance ended: return its final transcript now, ready for the next."""
+
+    def use_own_endpointer(self, on: bool) -> None:
+        """on: the recognizer ends utterances itself (accept() returns finals); off: only finalize() does."""
+
 
 def vosk_model_problems(path: str | Path) -> list[str]:
     """What keeps `path` from being a Vosk model folder (an empty list when it is one)."""
@@ -81,7 +87,8 @@ def find_vosk_model(explicit: str | Path | None = None, models_dir: Path = MODEL
 
 def open_recognizer(vosk_model: str | Path | None = None, grammar: Sequence[str] | None = None,
                     engine: str = "auto", endpoint_silence: float | None = None,
-                    announce: Callable[[str], None] = print, models_dir: Path = MODELS_DIR) -> SpeechToText:
+                    announce: Callable[[str], None] = print, models_dir: Path = MODELS_DIR,
+                    fast: bool = False) -> SpeechToText:
     """The recognizer the CLI uses: Vosk when a model is found, else pocketsphinx (announced)."""
     if engine not in ("auto", "vosk", "pocketsphinx"):
         raise SttModelError(f"unknown recognizer {engine!r}. Fix: pick auto, vosk or pocketsphinx.")
@@ -100,4 +107,5 @@ def open_recognizer(vosk_model: str | Path | None = None, grammar: Sequence[str]
         announce(f"speech-to-text: no Vosk model found (--vosk-model, ${ENV_VAR}, {models_dir}/vosk*); "
                  "falling back to the offline English pocketsphinx recognizer (less accurate). "
                  "For Vosk: python -m demos.voice_assistant download-vosk-model")
-    return PocketSphinxRecognizer(grammar=grammar, window=0.3 if endpoint_silence is None else endpoint_silence)
+    return PocketSphinxRecognizer(grammar=grammar, window=0.3 if endpoint_silence is None else endpoint_silence,
+                                  fast=fast)

@@ -27,22 +27,35 @@ class PocketSphinxRecognizer:
 
     window: seconds of non-speech that end an utterance (the endpointer's decision window).
     grammar: phrases to restrict recognition to (compiled to a JSGF grammar); None = its language model.
+    fast: for turn-taking, where the recognizer is on the critical path. No second (flat-lexicon) pass
+        at the end of an utterance: the final result comes about 5x sooner (70 ms instead of 360 ms on a
+        loaded 2-core machine); and a pruned search (at most 3000 HMMs and 5 words per frame): 1.7x less
+        CPU per second of audio. Word error rate on benchmarks/voice/ (synthetic voices): 0.37 accurate,
+        0.36 fast; on the human digits recording the accurate setting is better.
     """
 
     name = "pocketsphinx"
 
-    def __init__(self, rate: int = RATE, window: float = 0.3, grammar: Sequence[str] | None = None) -> None:
+    def __init__(self, rate: int = RATE, window: float = 0.3, grammar: Sequence[str] | None = None,
+                 fast: bool = False) -> None:
         try:
             import pocketsphinx
         except ImportError as exc:
             raise MissingDependencyError("pocketsphinx", "dev", "the offline English fallback recognizer") from exc
         self._ps = pocketsphinx
         self.sample_rate, self.window = rate, window
-        self._decoder = pocketsphinx.Decoder(samprate=rate, loglevel="FATAL")
+        speed = {"fwdflat": False, "maxhmmpf": 3000, "maxwpf": 5} if fast else {}
+        self._decoder = pocketsphinx.Decoder(samprate=rate, loglevel="FATAL", **speed)
         if grammar:
             self._use_grammar(grammar)
         self._in_utt = False
+        self.own_endpointer = True
         self.reset()
+
+    def use_own_endpointer(self, on: bool) -> None:
+        """Off: every accepted chunk goes to the decoder and only finalize() ends the utterance."""
+        self.reset()
+        self.own_endpointer = on
 
     def _use_grammar(self, phrases: Sequence[str]) -> None:
         rules = " | ".join(" ".join(re.sub(r"[^a-z' ]", " ", p.lower()).split()) for p in phrases)
@@ -70,6 +83,12 @@ class PocketSphinxRecognizer:
             raise AudioFormatError(f"pocketsphinx was set up for {self.sample_rate} Hz mono 16-bit audio, got "
                                    f"{chunk.rate} Hz, {chunk.channels} channel(s). "
                                    "Fix: read audio through demos.voice_assistant.audio.")
+        if not self.own_endpointer:
+            if not self._in_utt:
+                self._decoder.start_utt()
+                self._in_utt, self._utt_start = True, chunk.timestamp
+            self._decoder.process_raw(chunk.audio, False, False)
+            return self._hypothesis(is_final=False)
         self._pending += chunk.audio
         size = self._endpointer.frame_bytes
         final: Transcript | None = None
@@ -81,7 +100,14 @@ class PocketSphinxRecognizer:
             return final
         return self._hypothesis(is_final=False) if self._in_utt else None
 
+    def finalize(self) -> Transcript:
+        if not self._in_utt:
+            return Transcript("", is_final=True)
+        return self._end_utt()
+
     def finish(self) -> Transcript:
+        if not self.own_endpointer:
+            return self.finalize()
         # end_stream wants a (possibly short) last frame; an empty one makes it fail, so pad with silence
         speech = self._endpointer.end_stream(self._pending or bytes(self._endpointer.frame_bytes))
         self._pending = b""

@@ -62,24 +62,51 @@ class VoskRecognizer:
         self._fed = 0.0  # seconds of audio the recognizer has seen since it was created
         self._rec.AcceptWaveform(silence(WARM_SECONDS, rate))  # pay the first-call spike now, not mid-utterance
         self._fed += WARM_SECONDS
+        self.own_endpointer = True
         self.reset()
 
     def reset(self) -> None:
         self._rec.Reset()
         self._base = self._fed
+        self._held: list[Transcript] = []  # finals Vosk's endpointer gave inside a turn it does not own
+
+    def use_own_endpointer(self, on: bool) -> None:
+        """Off: a final from Vosk's own endpointer is held and joined into the next finalize()."""
+        self.reset()
+        self.own_endpointer = on
 
     def accept(self, chunk: AudioChunk) -> Transcript | None:
         if chunk.rate != self.sample_rate or chunk.channels != 1 or chunk.width != 2:
             raise AudioFormatError(f"Vosk was set up for {self.sample_rate} Hz mono 16-bit audio, got "
                                    f"{chunk.rate} Hz, {chunk.channels} channel(s), {chunk.width * 8}-bit. "
                                    "Fix: read audio through demos.voice_assistant.audio.")
+        if not self.own_endpointer and self._fed == self._base:  # gated audio: map Vosk's times to the stream's
+            self._base -= chunk.timestamp
         self._fed += chunk.seconds
         if self._rec.AcceptWaveform(chunk.audio):
-            return self._final(self._rec.Result())
-        return Transcript(json.loads(self._rec.PartialResult()).get("partial", ""), is_final=False)
+            final = self._final(self._rec.Result())
+            if self.own_endpointer:
+                return final
+            self._held.append(final)
+        partial = json.loads(self._rec.PartialResult()).get("partial", "")
+        if self.own_endpointer:
+            return Transcript(partial, is_final=False)
+        return Transcript(" ".join(t.text for t in (*self._held, Transcript(partial, False)) if t.text), False)
 
     def finish(self) -> Transcript:
+        if not self.own_endpointer:
+            return self.finalize()
         return self._final(self._rec.FinalResult())
+
+    def finalize(self) -> Transcript:
+        """Vosk's FinalResult(): the utterance ends now, whatever its endpointer thinks."""
+        last = self._final(self._rec.FinalResult())
+        parts = [t for t in (*self._held, last) if t.text]
+        self._held = []
+        if not self.own_endpointer:
+            self._base = self._fed
+        return Transcript(" ".join(t.text for t in parts), is_final=True,
+                          words=tuple(w for t in parts for w in t.words))
 
     def _final(self, raw: str) -> Transcript:
         result = json.loads(raw)

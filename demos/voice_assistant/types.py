@@ -16,6 +16,7 @@ class AudioChunk:
     channels: int
     audio: bytes
     timestamp: float = 0.0
+    available: float | None = None  # perf_counter() time the audio existed (mic callback, WAV schedule)
 
     @property
     def samples(self) -> int:

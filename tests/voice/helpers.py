@@ -64,3 +64,7 @@ def read_samples(path: Path) -> tuple[np.ndarray, int]:
         rate = wav.getframerate()
         pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
     return pcm.astype(np.float32) / 32768.0, rate
+
+# Benchmark recordings (scripts/make_voice_recordings.py): piper joe voice at several speeds/pitches, espeak-ng.
+RECORDINGS = REPO / "benchmarks" / "voice"
+

@@ -22,21 +22,21 @@ def commands():
     return CommandRecognizer()
 
 
-def _answer(sphinx, llm, commands=None, path=SAMPLE, **config):
+def _answer(sphinx, llm, commands=None, path=SAMPLE, fast=True, **config):
     shown: list[str] = []
     assistant = VoiceAssistant(sphinx, llm, commands, config=AssistantConfig(max_new_tokens=24, **config),
                                on_text=shown.append)
-    reports = list(assistant.run(WavSource(path, fast=True, tail_silence=1.0).chunks()))
+    reports = list(assistant.run(WavSource(path, fast=fast, tail_silence=1.0, chunk_ms=32).chunks()))
     return reports, "".join(shown)
 
 
 def test_question_is_answered_by_the_llm_with_a_latency_report(sphinx, llm, commands):
-    (report,), shown = _answer(sphinx, llm, commands)
+    (report,), shown = _answer(sphinx, llm, commands, fast=False)  # real time: prefill keeps pace with speech
     assert report.transcript == "What is the capital of france"
     assert report.route == "llm" and report.intent is None and report.recognizer == "pocketsphinx"
     assert "Paris" in report.reply and report.reply in shown
     lat = report.latency_ms
-    assert 0 <= lat.recognizer_final <= lat.first_token <= lat.first_clause_spoken <= lat.reply_done
+    assert 0 < lat.end_of_turn <= lat.recognizer_final <= lat.first_token <= lat.first_audio <= lat.reply_done
     assert lat.final_to_first_token == pytest.approx(lat.first_token - lat.recognizer_final, abs=0.2)
     assert report.incremental and report.prefills >= 1
     assert report.cached_tokens >= report.prompt_tokens - 6  # only the tail and the assistant header were left
@@ -53,12 +53,13 @@ def test_without_incremental_prefill_the_words_are_not_cached_but_the_reply_is_t
 
 def test_missed_budget_says_the_holding_phrase_first(sphinx, llm, tmp_path):
     speech = SpeechOutput(EspeakSpeaker(), wav_path=tmp_path / "out.wav", play=False)
-    assistant = VoiceAssistant(sphinx, llm, None, speech, AssistantConfig(max_new_tokens=12, budget_ms=0.001))
+    assistant = VoiceAssistant(sphinx, llm, None, speech, AssistantConfig(max_new_tokens=12, budget_ms=0.001,
+                                                                             speculative=False))
     (report,) = list(assistant.run(WavSource(SAMPLE, fast=True, tail_silence=1.0).chunks()))
     speech.wait()
     speech.close()
     assert report.holding_phrase == "One moment."
-    assert report.latency_ms.first_clause_spoken is not None
+    assert report.latency_ms.first_audio is not None
     with wave.open(str(tmp_path / "out.wav")) as wav:
         assert wav.getnframes() / wav.getframerate() > 1.0  # holding phrase + reply were both spoken
 
@@ -69,10 +70,11 @@ def test_within_budget_no_holding_phrase(sphinx, llm):
 
 
 def test_commands_skip_the_llm(sphinx, llm, commands):
-    (report,), _ = _answer(sphinx, llm, commands, path=FIXTURES / "en_what_time.wav")
+    # real time, as a microphone delivers audio (--fast would starve the reply thread of the GIL)
+    (report,), _ = _answer(sphinx, llm, commands, path=FIXTURES / "en_what_time.wav", fast=False)
     assert report.route == "command" and report.intent == "HassGetCurrentTime"
     assert report.reply.startswith("It is ") and report.cached_tokens is None
-    assert report.latency_ms.final_to_first_token < 100  # no model call on this path
+    assert report.latency_ms.final_to_first_token < 300  # no model call on this path (loose: CI may be loaded)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -87,8 +89,9 @@ def test_cli_json_prints_transcript_reply_and_breakdown(default_model_dir):
     (line,) = done.stdout.strip().splitlines()
     report = json.loads(line)
     assert report["transcript"] == "What is the capital of france" and "Paris" in report["reply"]
-    assert set(report["latency_ms"]) == {"recognizer_final", "first_token", "first_clause_spoken", "reply_done",
-                                         "final_to_first_token"}
+    assert set(report["latency_ms"]) == {"end_of_turn", "recognizer_final", "first_token", "first_audio",
+                                         "reply_done", "final_to_first_token"}
+    assert report["endpointing"] == "smart" and report["end_reason"] == "complete" and report["speculative"]
 
 
 def test_cli_compare_reports_medians_for_both_modes(default_model_dir):
@@ -96,10 +99,17 @@ def test_cli_compare_reports_medians_for_both_modes(default_model_dir):
                 "--runs", "2", "--compare")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"incremental", "no_incremental"}
-    for mode in summary.values():
-        assert mode["replies"] == 2 and mode["median_final_to_first_token_ms"] > 0
-    assert summary["incremental"]["median_cached_tokens"] > summary["no_incremental"]["median_cached_tokens"]
+    assert set(summary) == {"recognizer_endpointer", "fixed_silence", "smart_no_incremental", "smart",
+                            "smart_speculative", "loadavg"}
+    for name, mode in summary.items():
+        if name != "loadavg":
+            assert mode["replies"] == 2 and mode["median_ms"]["first_token"] > 0, name
+            assert mode["p90_ms"]["first_token"] >= mode["median_ms"]["first_token"]
+    assert summary["smart"]["median_cached_tokens"] > summary["smart_no_incremental"]["median_cached_tokens"]
+    assert summary["smart_speculative"]["speculative"] == 2 and summary["smart"]["speculative"] == 0
+    # fixed 0.7 s silence vs Smart Turn's 0.2 s after a complete question (audio time: --fast compresses wall time)
+    silence = {name: [t["silence_ms"] for t in summary[name]["turns"]] for name in ("smart", "fixed_silence")}
+    assert max(silence["smart"]) <= 232 and min(silence["fixed_silence"]) >= 700
 
 
 @pytest.mark.parametrize("args, message", [
@@ -119,7 +129,7 @@ def test_cli_bad_input_is_one_line(args, message):
 def test_vosk_partials_feed_the_cache_in_the_loop(ko_recognizer, llm):
     """Vosk in the loop: its partials drive incremental prefill and its word times the latency origin."""
     assistant = VoiceAssistant(ko_recognizer, llm, None, config=AssistantConfig(max_new_tokens=4))
-    source = WavSource(FIXTURES / "ko_weather.wav", fast=True, tail_silence=1.5)
+    source = WavSource(FIXTURES / "ko_weather.wav", tail_silence=1.5)  # real time: prefill runs beside the audio
     (report,) = list(assistant.run(source.chunks()))
     assert report.transcript == "오늘 날씨 어때" and report.recognizer == "vosk"
     assert report.prefills >= 2

@@ -179,3 +179,25 @@ def test_pocketsphinx_finish_after_a_whole_number_of_frames(sphinx):
     sphinx.reset()
     sphinx.accept(AudioChunk(RATE, 2, 1, bytes(9600)))  # 0.3 s: exactly ten 30 ms endpointer frames, none pending
     assert sphinx.finish().text == ""
+
+
+@pytest.mark.parametrize("which", ["sphinx", "vosk"])
+def test_finalize_ends_the_utterance_when_told_not_before(request, which):
+    """With its own endpointer off, the recognizer gives only partials, however long the silence; finalize() ends it."""
+    from demos.voice_assistant.audio import WavSource
+
+    recognizer = request.getfixturevalue("sphinx" if which == "sphinx" else "ko_recognizer")
+    path, text = ((FIXTURES / "en_what_time.wav", "what time is it") if which == "sphinx"
+                  else (FIXTURES / "ko_time.wav", KO_PHRASES["ko_time.wav"]))
+    recognizer.use_own_endpointer(False)
+    try:
+        for _ in range(2):  # the second utterance starts cleanly after the first finalize()
+            heard = [recognizer.accept(c) for c in WavSource(path, fast=True, tail_silence=2.0, chunk_ms=32).chunks()]
+            assert not any(h is not None and h.is_final for h in heard)
+            assert any(h is not None and h.text for h in heard)
+            final = recognizer.finalize()
+            assert final.is_final and final.text == text
+            assert final.words and 0.0 <= final.words[0].start < final.words[-1].end
+        assert recognizer.finalize().text == ""
+    finally:
+        recognizer.use_own_endpointer(True)

@@ -1,0 +1,137 @@
+"""Voice turn-taking benchmark: how long after the end of speech the user sees and hears the reply.
+
+    python scripts/bench_voice.py --runs 3 [--out benchmarks/voice_turns.json]
+
+Every recording in benchmarks/voice/ (scripts/make_voice_recordings.py) and the bundled sample is played
+in real time (as a microphone would deliver it, in 32 ms chunks, with 1 s of silence after the file)
+through each turn-taking variant of `python -m demos.voice_assistant --compare`, interleaved, in one
+process: recognizer endpointer, VAD + fixed 0.7 s silence, VAD + Smart Turn without incremental prefill,
+with it, and with speculative start. Replies are spoken with espeak-ng (synthesized, not played), so
+"first audio" is when the first clause's audio is ready. Every time is in ms after the last voiced
+audio (Silero VAD on the input; for the recognizer-endpointer variant, the recognizer's last word).
+
+A false end of turn is a recording answered as more than one turn, or whose turn was declared over
+(in audio time) before the recording's speech ended (each file ends with 0.6 s of silence). The machine's load average is recorded before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RECORDINGS = REPO / "benchmarks" / "voice"
+SAMPLE = REPO / "demos" / "voice_assistant" / "samples" / "what_is_the_capital_of_france.wav"
+STAGES = ("end_of_turn", "recognizer_final", "first_token", "first_audio", "final_to_first_token")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--model", default=os.environ.get("EDGELLM_MODEL", str(REPO / "models" / "smollm2-135m-instruct")))
+    parser.add_argument("--variants", nargs="*", help="subset of the --compare variants")
+    parser.add_argument("--recordings", nargs="*", help="subset of recordings (file names)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for the LLM (as the demo: 1)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "voice_turns.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import edgellm
+    from demos.voice_assistant.assistant import AssistantConfig, VoiceAssistant
+    from demos.voice_assistant.audio import WavSource, read_wav
+    from demos.voice_assistant.cli import COMPARE, _percentile, _warm_up
+    from demos.voice_assistant.conversation import MemoryConfig
+    from demos.voice_assistant.speech import EspeakSpeaker, SpeechOutput
+    from demos.voice_assistant.stt_sphinx import PocketSphinxRecognizer
+    from demos.voice_assistant.turn import SmartTurn, TurnConfig, TurnDetector
+    from demos.voice_assistant.vad import SileroVad
+    from edgellm.record import Recorder, Table
+
+    manifest = json.loads((RECORDINGS / "recordings.json").read_text())
+    manifest = {SAMPLE.name: {"text": "What is the capital of France?", "engine": "piper", "pause_after_word": None},
+                **manifest}
+    names = args.recordings or list(manifest)
+    variants = {k: v for k, v in COMPARE.items() if not args.variants or k in args.variants}
+    recorder = Recorder("bench_voice", parameters={**vars(args), "recordings": names, "variants": variants})
+
+    llm = edgellm.load(args.model, threads=args.threads)
+    stt = PocketSphinxRecognizer(fast=True)  # as the demo runs it
+    vad, model = SileroVad(), SmartTurn()
+    speech = SpeechOutput(EspeakSpeaker(), play=False)
+    assistants = {}
+    for name, change in variants.items():
+        config = AssistantConfig(max_new_tokens=args.max_tokens, memory=MemoryConfig(max_exchanges=0), **change)
+        turns = TurnDetector(config.turn, vad, model) if config.endpointing != "recognizer" else None
+        assistants[name] = VoiceAssistant(stt, llm, None, speech, config, turns=turns)
+    _warm_up(llm)
+    samples: list[dict] = []
+    for run in range(args.runs):
+        for rec in names:
+            path = SAMPLE if rec == SAMPLE.name else RECORDINGS / rec
+            for variant, assistant in assistants.items():  # interleaved: load drift hits every variant alike
+                started = time.perf_counter()
+                reports = list(assistant.run(WavSource(path, tail_silence=1.0, chunk_ms=32).chunks()))
+                speech.wait()
+                expected = manifest[rec]["text"].lower().strip("?.!").split()
+                heard = " ".join(r.transcript.lower() for r in reports).split()
+                speech_end = read_wav(path).seconds - 0.6  # every recording ends with 0.6 s of silence
+                first_end = reports[0].end_at_s if reports else None
+                false_end = len(reports) > 1 or (first_end is not None and first_end < speech_end)
+                samples.append({"run": run, "recording": rec, "variant": variant, "turns": len(reports),
+                                "false_end_of_turn": bool(false_end), "expected": " ".join(expected),
+                                "heard": " ".join(heard), "wall_s": round(time.perf_counter() - started, 2),
+                                "loadavg": [round(x, 2) for x in os.getloadavg()],
+                                "reports": [r.to_dict() for r in reports]})
+                first = reports[0] if reports else None
+                lat = first.latency_ms if first else None
+                print(f"run {run} {rec:32s} {variant:22s} turns {len(reports)} "
+                      + (f"eot {lat.end_of_turn:.0f} final {lat.recognizer_final:.0f} token {lat.first_token:.0f} "
+                         f"audio {lat.first_audio:.0f} spec {first.speculative} p={first.turn_probability} "
+                         f"'{first.transcript}'" if lat else "no reply"), flush=True)
+    speech.close()
+
+    summary, rows = {}, []
+    for variant in variants:
+        mine = [s for s in samples if s["variant"] == variant]
+        firsts = [s["reports"][0] for s in mine if s["reports"] and s["reports"][0]["route"] == "llm"]
+        stats = {"median_ms": {}, "p90_ms": {}}
+        for stage in STAGES:
+            values = [r["latency_ms"][stage] for r in firsts if r["latency_ms"][stage] is not None]
+            stats["median_ms"][stage] = _percentile(values, 0.5)
+            stats["p90_ms"][stage] = _percentile(values, 0.9)
+        for group in ("piper", "espeak"):
+            grouped = [r for s, r in zip([s for s in mine if s["reports"] and s["reports"][0]["route"] == "llm"],
+                                         firsts, strict=True) if manifest[s["recording"]]["engine"] == group]
+            stats[f"{group}_median_ms"] = {stage: _percentile([r["latency_ms"][stage] for r in grouped
+                                                               if r["latency_ms"][stage] is not None], 0.5)
+                                           for stage in ("end_of_turn", "first_token", "first_audio")}
+        paused = [s for s in mine if manifest[s["recording"]]["pause_after_word"] is not None]
+        stats["false_end_of_turn"] = f"{sum(s['false_end_of_turn'] for s in paused)}/{len(paused)}"
+        stats["false_end_of_turn_all"] = f"{sum(s['false_end_of_turn'] for s in mine)}/{len(mine)}"
+        stats["speculative"] = f"{sum(r['speculative'] for r in firsts)}/{len(firsts)}"
+        stats["replies"] = len(firsts)
+        summary[variant] = stats
+        med, p90 = stats["median_ms"], stats["p90_ms"]
+        rows.append([variant, f"{med['end_of_turn']} / {p90['end_of_turn']}",
+                     f"{med['recognizer_final']} / {p90['recognizer_final']}",
+                     f"{med['first_token']} / {p90['first_token']}", f"{med['first_audio']} / {p90['first_audio']}",
+                     stats["speculative"], stats["false_end_of_turn"]])
+    table = Table(["variant", "end of turn", "recognizer final", "first token", "first audio (espeak-ng)",
+                   "speculative", "false end of turn (paused)"], rows,
+                  caption=f"ms after the last voiced audio, median / p90 over {len(names)} recordings x {args.runs} runs")
+    out = recorder.write(args.out, samples=samples, summary=summary, table=table,
+                         extra_versions=("pocketsphinx", "pipecat-ai", "piper-tts"))
+    print(table.markdown())
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
