@@ -4,19 +4,20 @@
               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
     result = llm.generate(messages, tools=tools)      # result.tool_calls == (ToolCall(name="get_weather", ...),)
 
-Convention. SmolLM2-135M-Instruct's chat template has no tool convention (no `tools` variable, no tool
-tokens), so we use the Hermes/Qwen convention that SmolLM2's larger siblings were trained on, for every
-model (templates are rendered with messages only): the tools' JSON schemas go in the system message
-between <tools></tools>, and the assistant answers with
+Convention. The chat template SmolLM2-135M-Instruct ships has no tool convention, but the SmolLM2 family
+was trained with one (the 1.7B model card's function-calling format, which Ollama's SmolLM2 template uses
+for every size): the tools' JSON schemas go in the system message between <tools></tools>, the assistant
+answers with a JSON list of calls
 
-    <tool_call>
+    <tool_call>[
     {"name": "get_weather", "arguments": {"city": "Paris"}}
-    </tool_call>
+    ]</tool_call>
 
-The reply is decoded under a Lark grammar built from the tools (a JSON schema per tool, `name` fixed to
-the tool's name, `arguments` its `parameters`), so every call parses and its arguments validate.
-tool_choice "auto" also allows a plain text reply (one that does not start with "<"); "required" or a
-named function allows only calls; "none" leaves the tools out.
+and a tool's result comes back as a user turn inside <tool_response></tool_response>. We use it for every
+model (templates are rendered with messages only). The reply is decoded under a Lark grammar built from
+the tools (a JSON schema per tool, `name` fixed to the tool's name, `arguments` its `parameters`), so every
+call parses and its arguments validate. tool_choice "auto" also allows a plain text reply (one that does
+not start with "<"); "required" or a named function allows only calls; "none" only text.
 """
 
 from __future__ import annotations
@@ -34,13 +35,19 @@ from .types import ToolCall
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_PARALLEL_CALLS = 4  # bounds a small model that keeps calling
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
+OPEN, CLOSE, SEPARATOR = "<tool_call>[\n", "\n]</tool_call>", ",\n"
+# SmolLM2's function-calling system prompt (its model card; Ollama's smollm2 template), tools as a JSON list.
 SYSTEM_PROMPT = (
-    "You are a function calling AI model. You are provided with function signatures within <tools></tools> XML "
-    "tags. You may call one or more functions to assist with the user query. Don't make assumptions about what "
-    "values to plug into functions. Here are the available tools: <tools>\n{tools}\n</tools>\n"
-    "For each function call return a json object with function name and arguments within <tool_call></tool_call> "
-    "XML tags as follows:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>")
+    "You are an expert in composing functions. You are given a question and a set of possible functions.\n"
+    "Based on the question, you will need to make one or more function/tool calls to achieve the purpose.\n"
+    "If none of the functions can be used, point it out and refuse to answer.\n"
+    "If the given question lacks the parameters required by the function, also point it out.\n"
+    "You have access to the following tools:\n<tools>{tools}</tools>\n"
+    "The output MUST strictly adhere to the following format, and NO other text MUST be included.\n"
+    "The example format is as follows. Please make sure the parameter type is correct. If no function call is "
+    "needed, please make the tool calls an empty list '[]'.\n"
+    "<tool_call>[\n{{\"name\": \"func_name1\", \"arguments\": {{\"argument1\": \"value1\", \"argument2\": "
+    "\"value2\"}}}},\n(more tool calls as required)\n]</tool_call>")
 
 
 @dataclass(frozen=True)
@@ -101,31 +108,36 @@ class ToolSet:
         schema = {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                              "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]}}
                             for f in self.callable], "x-guidance": JSON_LAYOUT}
-        more = f'("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if self.parallel else ""
+        more = f'(SEP call_json){{0,{MAX_PARALLEL_CALLS - 1}}}' if self.parallel else ""
         start = "calls | reply" if self.choice == "auto" else "calls"
         return "\n".join([
             f"start: {start}",
-            f"calls: call {more}",
-            f"call: {json.dumps(OPEN)} call_json {json.dumps(CLOSE)}",
+            f"calls: {json.dumps(OPEN)} call_json {more} {json.dumps(CLOSE)}",
+            f"SEP: {json.dumps(SEPARATOR)}",
             f"call_json: %json {json.dumps(schema)}",
             "reply: REPLY",
             r"REPLY: /[^<][\s\S]*/",
         ])
 
     def messages(self, messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The conversation with the tools described in the system message, and earlier assistant tool
-        calls written as the model writes them (so a tool-result round trip renders with any template)."""
-        listing = "\n".join(json.dumps({"type": "function", "function": f}, ensure_ascii=False) for f in self.tools)
+        """The conversation as SmolLM2 was trained on it: the tools in the system message, earlier assistant
+        calls written as the model writes them, tool results as user turns in <tool_response> tags."""
+        listing = json.dumps([{"type": "function", "function": f} for f in self.tools], ensure_ascii=False)
         system = SYSTEM_PROMPT.format(tools=listing)
-        out = [dict(m) for m in messages]
-        for m in out:
+        out = []
+        for m in messages:
+            m = dict(m)
             if m.get("role") == "assistant" and m.get("tool_calls"):
-                m["content"] = "\n".join(_call_text(c) for c in m.pop("tool_calls")) if not m.get("content") \
-                    else m["content"]
+                calls = m.pop("tool_calls")
+                if not m.get("content"):
+                    m["content"] = OPEN + SEPARATOR.join(_call_json(c) for c in calls) + CLOSE
+            elif m.get("role") == "tool":
+                m = {"role": "user", "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"}
             if m.get("content") is None:
                 m["content"] = ""
+            out.append(m)
         if out and out[0].get("role") == "system":
-            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{system}"}
+            out[0] = {**out[0], "content": f"{system}\n\n{out[0]['content']}"}
         else:
             out.insert(0, {"role": "system", "content": system})
         return out
@@ -133,20 +145,17 @@ class ToolSet:
 
 def parse_tool_calls(text: str) -> tuple[ToolCall, ...]:
     """The calls in a reply decoded under ToolSet.grammar(); () for a text reply or a cut-off one."""
-    calls = []
-    for block in text.split(OPEN)[1:]:
-        body, closed, _ = block.partition(CLOSE)
-        if not closed:
-            return ()  # cut off (finish_reason "length")
-        try:
-            call = json.loads(body)
-        except ValueError:
-            return ()
-        calls.append(ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=call["name"], arguments=call["arguments"]))
-    return tuple(calls)
+    if not text.startswith(OPEN) or not text.endswith(CLOSE):
+        return ()
+    try:
+        calls = json.loads(text[len(OPEN) - 2:len(text) - len(CLOSE) + 2])  # the JSON list, brackets included
+    except ValueError:
+        return ()
+    return tuple(ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=c["name"], arguments=c["arguments"])
+                 for c in calls)
 
 
-def _call_text(call: Any) -> str:
+def _call_json(call: Any) -> str:
     if isinstance(call, ToolCall):
         name, arguments = call.name, call.arguments
     else:
@@ -158,7 +167,7 @@ def _call_text(call: Any) -> str:
             except ValueError as exc:
                 raise InvalidParameterError(f"an earlier tool call's arguments {arguments[:80]!r} are not JSON "
                                             f"({exc}). Fix: send them as the JSON text the call returned.") from exc
-    return OPEN + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + CLOSE
+    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
 
 
 def _short(value: Any, limit: int = 100) -> str:
