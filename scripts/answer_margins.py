@@ -1,7 +1,8 @@
 """How close is a greedy answer to a tie? First-token logits and the greedy reply, per engine.
 
     python scripts/answer_margins.py --model .cache/models/smollm2-135m-instruct \
-        --model .cache/models/smollm2-135m-instruct-fp32 [--gguf PATH.gguf ...] ["question" ...]
+        --model .cache/models/smollm2-135m-instruct-fp32 [--gguf PATH.gguf ...] ["question" ...] \
+        [--out benchmarks/answer_margins.json]
 
 For each edgellm model folder (and, when llama-cpp-python is importable, each GGUF file) it prints
 the top-3 first tokens of the chat reply with their logits, the margin between the first two, and
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
 import edgellm
+from edgellm.record import Recorder, Table
 from edgellm.runtime import measure
 
 DEFAULT_QUESTIONS = ["What is the capital of France?"]
@@ -58,7 +61,9 @@ def main() -> None:
     ap.add_argument("--model", action="append", required=True, help="edgellm model folder (repeatable)")
     ap.add_argument("--gguf", action="append", default=[], help="GGUF file run through llama-cpp-python (repeatable)")
     ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--out", type=Path, help="also write a results file (edgellm.record) with the table")
     args = ap.parse_args()
+    rec = Recorder("answer_margins", parameters=vars(args))
 
     reference = edgellm.load(args.model[0], threads=2)  # its tokenizer renders the chat for llama.cpp too
     rows = []
@@ -71,6 +76,12 @@ def main() -> None:
                                                                    reference.tokenizer.decode)})
     for row in rows:
         print(json.dumps(row, ensure_ascii=False))
+    if args.out:
+        table = Table(["question", "engine", "1st", "2nd", "margin", "greedy reply"],
+                      [[r["question"], r["engine"], f'"{r["top3"][0][0]}" {r["top3"][0][1]:.3f}',
+                        f'"{r["top3"][1][0]}" {r["top3"][1][1]:.3f}', f'{r["margin"]:+.3f}',
+                        r["reply"].replace("\n", " ")] for r in rows])
+        print(f"wrote {rec.write(args.out, samples=rows, table=table)}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ Each round starts a fresh worker per engine (load time measured per round), warm
 runs --runs-per-round timed generations per engine round-robin, rotating the engine order each round.
 Medians and p90 are over all timed runs (load time and peak RSS: over rounds).
 
-Set up once with scripts/setup_peers.sh, then:
-  .venv-peers/bin/python scripts/bench_peers.py --model .cache/models/smollm2-135m-instruct --json out.json
+Set up once with scripts/setup_peers.sh, then (writes the results file, default benchmarks/peers.json,
+with edgellm.record: command, git revision, CPU model + flags, loadavg, versions, llama.cpp's build flags,
+every raw sample, and the README table):
+  .venv-peers/bin/python scripts/bench_peers.py --model .cache/models/smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -38,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # edgellm.record from this checkout, even where edgellm is installed elsewhere
+from edgellm.record import Recorder, Table  # noqa: E402
 CACHE = ROOT / ".cache" / "peers"
 DEFAULT_MODEL_DIR = ROOT / ".cache" / "models" / "smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -368,16 +371,18 @@ def summarize(samples: dict[str, Samples], baseline: str, contended: float) -> d
     return rows
 
 
+def table_rows(rows: dict[str, dict], baseline: str) -> tuple[list[str], list[list[str]]]:
+    columns = ["engine", "load ms", "TTFT ms p50 / p90", "decode ms/token p50 / p90", "tokens/s",
+               f"decode × {baseline}", f"TTFT × {baseline}", "peak RSS MB", "runs used"]
+    body = [[name, f"{r['load_ms']:.0f}", f"{r['ttft_ms_p50']:.1f} / {r['ttft_ms_p90']:.1f}",
+             f"{r['decode_ms_per_token_p50']:.2f} / {r['decode_ms_per_token_p90']:.2f}",
+             f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_vs_baseline']:.2f}", f"{r['ttft_vs_baseline']:.2f}",
+             f"{r['peak_rss_mb']:.0f}", f"{r['runs_used']}/{r['runs']}"] for name, r in rows.items()]
+    return columns, body
+
+
 def markdown(rows: dict[str, dict], baseline: str) -> str:
-    head = ("| engine | load ms | TTFT ms p50 / p90 | decode ms/token p50 / p90 | tokens/s | "
-            f"decode × {baseline} | TTFT × {baseline} | peak RSS MB | runs |")
-    lines = [head, "|" + "---|" * 9]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['load_ms']:.0f} | {r['ttft_ms_p50']:.1f} / {r['ttft_ms_p90']:.1f} | "
-                     f"{r['decode_ms_per_token_p50']:.2f} / {r['decode_ms_per_token_p90']:.2f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['decode_vs_baseline']:.2f} | {r['ttft_vs_baseline']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['runs_used']}/{r['runs']} |")
-    return "\n".join(lines)
+    return Table(*table_rows(rows, baseline)).markdown()
 
 
 def prompt_ids(prompt: str, hf_dir: str) -> list[int]:
@@ -387,30 +392,10 @@ def prompt_ids(prompt: str, hf_dir: str) -> list[int]:
     return list(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("edgellm", "llama-cpp-python", "onnxruntime", "optimum", "optimum-onnx", "transformers", "torch",
-                "numpy", "tokenizers"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def machine() -> dict[str, object]:
-    cpu = "?"
-    flags: set[str] = set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and cpu == "?":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version(),
-            "simd": [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]}
+def llama_cpp_build_flags() -> str:
+    """The CMAKE_ARGS scripts/setup_peers.sh built llama-cpp-python with (it writes them into the venv)."""
+    path = Path(sys.prefix) / "llama_cpp_cmake_args.txt"
+    return path.read_text().strip() if path.is_file() else "unknown (not built by scripts/setup_peers.sh)"
 
 
 def main() -> None:
@@ -430,7 +415,8 @@ def main() -> None:
     ap.add_argument("--contended", type=float, default=0.25,
                     help="runs during which other processes used more cores than this are left out of the stats")
     ap.add_argument("--baseline", default="edgellm", help="engine the ratio columns divide by")
-    ap.add_argument("--json", type=Path, help="write all samples and the summary here")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "peers.json",
+                    help="results file (edgellm.record): all samples, the summary and the table")
     ap.add_argument("--prepare-only", action="store_true", help="make the cached GGUF/HF/optimum assets and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--cfg", help=argparse.SUPPRESS)
@@ -442,6 +428,7 @@ def main() -> None:
     if args.prepare_only:
         print(json.dumps(prepare(args.threads), indent=2))
         return
+    recorder = Recorder("bench_peers", parameters={k: v for k, v in vars(args).items() if k not in ("worker", "cfg")})
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for e in engines:
@@ -514,7 +501,6 @@ def main() -> None:
             print(f"warning: {name} made {sorted(set(s.token_counts))} tokens, not {args.new_tokens}", file=sys.stderr)
     rows = summarize(samples, baseline, args.contended)
     table = markdown(rows, baseline)
-    vers, mach = versions(), machine()
     # How far each engine's greedy tokens agree with the baseline's (different quantizations may diverge).
     agree = {}
     for name, s in samples.items():
@@ -522,25 +508,22 @@ def main() -> None:
         same = next((i for i, (a, b) in enumerate(zip(s.tokens, ref)) if a != b), min(len(s.tokens), len(ref)))
         agree[name] = same
     print(table)
-    print(f"\n{mach['cpu']} ({mach['cores']} cores, {', '.join(mach['simd'])}), {args.threads} threads, batch 1, "
-          f"{len(ids)}-token prompt, {args.new_tokens} new tokens, greedy; p50/p90 over "
-          f"{args.repeats}x{args.runs_per_round} interleaved runs less those during which other processes used "
-          f"> {args.contended} cores ('runs': used/all; 0/N = all used, machine busy); "
-          f"load, RSS: medians over {args.repeats} fresh processes.")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
+    print(f"\n{args.threads} threads, batch 1, {len(ids)}-token prompt, {args.new_tokens} new tokens, greedy; "
+          f"p50/p90 over {args.repeats}x{args.runs_per_round} interleaved runs less those during which other "
+          f"processes used > {args.contended} cores ('runs': used/all; 0/N = all used, machine busy); "
+          f"load, RSS: medians over {args.repeats} fresh processes. llama.cpp built with: {llama_cpp_build_flags()}")
     print(f"greedy tokens equal to {baseline}'s for the first: " + ", ".join(f"{k} {v}" for k, v in agree.items()))
-    if args.json:
-        gguf_types = {k: gguf_tensor_types(paths[k]) for k in ("q4_1", "q8_0") if f"llama-{k}" in engines}
-        report = {"command": " ".join([Path(sys.executable).name] + sys.argv), "machine": mach, "versions": vers,
-                  "settings": {"prompt": args.prompt, "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
-                               "threads": args.threads, "repeats": args.repeats,
-                               "runs_per_round": args.runs_per_round, "gap_s": args.gap, "quiet": args.quiet,
-                               "contended": args.contended,
-                               "baseline": baseline},
-                  "assets": paths, "gguf_tensor_types": gguf_types, "summary": rows, "greedy_prefix_agreement": agree,
-                  "samples": {k: asdict(v) for k, v in samples.items()}, "table_markdown": table}
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}", file=sys.stderr)
+    gguf_types = {k: gguf_tensor_types(paths[k]) for k in ("q4_1", "q8_0") if f"llama-{k}" in engines}
+    settings = {"prompt": args.prompt, "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "threads": args.threads,
+                "repeats": args.repeats, "runs_per_round": args.runs_per_round, "gap_s": args.gap, "quiet": args.quiet,
+                "max_wait": args.max_wait, "contended": args.contended, "baseline": baseline}
+    doc_extra = {"assets": paths, "gguf_tensor_types": gguf_types, "greedy_prefix_agreement": agree,
+                 "llama_cpp_cmake_args": llama_cpp_build_flags(), "settings": settings}
+    path = recorder.write(args.out, samples={"runs": {k: asdict(v) for k, v in samples.items()}, **doc_extra},
+                          summary=rows, table=Table(*table_rows(rows, baseline)),
+                          notes=f"llama-cpp-python built with CMAKE_ARGS: {llama_cpp_build_flags()}",
+                          extra_versions=("optimum", "gguf"))
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python scripts/bench_speculative.py --teacher .cache/models/smollm2-135m-instruct \
         --draft .cache/models/smollm2-distilled-10l --draft .cache/models/smollm2-distilled-10l-h8k \
-        --prompts 20 --threads 1
+        --prompts 20 --threads 1 --out benchmarks/speculative.json
 
 For each prompt, plain and speculative generation run back to back (order alternating), so load
 from other processes hits both alike. Reports per-mode total and decode time, the speed-up, the
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 from pathlib import Path
 
 import edgellm
 from edgellm.convert import corpus
+from edgellm.record import Recorder
 from edgellm.runtime.speculative import SpeculativeConfig, enable_speculation
 
 
@@ -41,8 +41,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--fixed-k", type=int, default=None, help="no adaptation: always draft this many")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "benchmarks" /
+                    "speculative.json", help="results file (edgellm.record)")
     args = ap.parse_args()
+    rec = Recorder("bench_speculative", parameters=vars(args))
 
     prompts = corpus.prompts(corpus.load_split(("chitchat", "chatterbot", "intents")).heldout, args.prompts)
     params = edgellm.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
@@ -71,7 +73,7 @@ def main() -> None:
     teacher.session = raw
 
     reference = [r.token_ids for r in results["plain"][0]]
-    summary = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+    summary = {"threads": args.threads,
                "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "modes": {}}
     plain_total = None
     for mode, runs in results.items():
@@ -93,11 +95,10 @@ def main() -> None:
         summary["modes"][name]["draft_alone_decode_ms_per_token"] = round(
             sum(r.timings.decode_ms_per_token * max(0, r.timings.generated_tokens - 1) for r in draft_runs)
             / max(1, tokens), 2)
-    text = json.dumps(summary, indent=1, default=float)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as handle:
-            handle.write(text)
+    print(json.dumps(summary, indent=1, default=float))
+    samples = {mode: [[{"token_ids": r.token_ids, "timings": r.timings} for r in run_] for run_ in runs]
+               for mode, runs in results.items()}
+    print(f"wrote {rec.write(args.out, samples=samples, summary=summary)}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # llama-cpp-python builds llama.cpp from source for this CPU (explicit flags, AMX off): ~5-15 min on 2 cores.
 # Re-running is cheap: what is installed already is skipped. Then it makes the cached assets
 # under .cache/peers/ (Q8_0 GGUF, fp32 HF folder, optimum ONNX export: ~3 min the first time).
-#   scripts/setup_peers.sh && .venv-peers/bin/python scripts/bench_peers.py --json peers.json
+#   scripts/setup_peers.sh && .venv-peers/bin/python scripts/bench_peers.py   # writes benchmarks/peers.json
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,4 +55,4 @@ if [ ! -d "$ROOT/.cache/models/smollm2-135m-instruct" ]; then
     echo "note: no edgellm model yet; make it with the main venv:" >&2
     echo "  .venv/bin/edgellm convert smollm2-135m-instruct -o .cache/models/smollm2-135m-instruct" >&2
 fi
-echo "ready: $PY scripts/bench_peers.py --json peers.json" >&2
+echo "ready: $PY scripts/bench_peers.py  (writes benchmarks/peers.json)" >&2
