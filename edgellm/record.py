@@ -17,6 +17,10 @@ the raw samples, a summary, and optionally the markdown table the README shows. 
 atomically (temp file + rename), so a killed benchmark never leaves half a file.
 
     python -m edgellm.record table benchmarks/optimizations.json   # the README table, from the file
+    python -m edgellm.record update README.md models/*.md          # rewrite every marked table
+
+In the docs, a table follows its marker line, `<!-- results: benchmarks/FILE.json [NAME] -->`, and
+ends at the first line that does not start with "|"; `update` replaces it with the file's table.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -209,17 +214,43 @@ def read_table(path: str | os.PathLike, name: str | None = None) -> Table:
     return Table(**stored)
 
 
+MARKER = re.compile(r"^<!-- results: (\S+\.json)(?: (\S+))? -->$")
+
+
+def render_doc(text: str, root: Path) -> str:
+    """`text` with the table after every results marker replaced by the cited file's table."""
+    lines, out, i = text.split("\n"), [], 0
+    while i < len(lines):
+        out.append(lines[i])
+        match = MARKER.match(lines[i].strip())
+        i += 1
+        if match:
+            while i < len(lines) and lines[i].startswith("|"):
+                i += 1
+            out.extend(read_table(root / match.group(1), match.group(2)).markdown().split("\n"))
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m edgellm.record", description="Print what a results file holds.")
-    parser.add_argument("what", choices=["table", "machine"])
+    parser.add_argument("what", choices=["table", "machine", "update"])
     parser.add_argument("files", nargs="*")
     parser.add_argument("--name", help="a named table of the file (default: its main table)")
     args = parser.parse_args(argv)
     if args.what == "machine":
         print(json.dumps({"machine": asdict(machine()), "loadavg": _loadavg(), "versions": versions(),
                           "git": git_revision()}, indent=1))
+        return
+    if args.what == "update":
+        for file in args.files:
+            path = Path(file)
+            text = path.read_text(encoding="utf-8")
+            new = render_doc(text, Path.cwd())
+            if new != text:
+                path.write_text(new, encoding="utf-8")
+                print(f"updated {file}")
         return
     for file in args.files:
         doc = json.loads(Path(file).read_text(encoding="utf-8"))

@@ -1,32 +1,33 @@
-"""Every results file README.md and models/*.md cite exists, is complete, and its tables appear verbatim.
+"""Every results file README.md and models/*.md cite exists and is complete, and every table marked
+`<!-- results: benchmarks/FILE.json [NAME] -->` is exactly the table stored in that file.
 
-A table in the docs is pasted from `python -m edgellm.record table benchmarks/FILE.json [--name NAME]`;
-if a file is re-generated and the docs are not updated (or the other way round), this fails.
+Regenerate a file with the command it stores, then `python -m edgellm.record update README.md models/*.md`;
+if one changes without the other, this fails.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 
-from edgellm.record import Table
+from edgellm.record import MARKER, render_doc
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "models").glob("*.md"))]
-CITED = sorted({m for doc in DOCS for m in re.findall(r"benchmarks/[\w.-]+\.json", doc.read_text())})
+MARKED = sorted({m.group(1) for doc in DOCS for line in doc.read_text().splitlines()
+                 if (m := MARKER.match(line.strip()))})
 FIELDS = ("command", "git", "machine", "versions", "loadavg_before", "loadavg_after", "parameters", "samples",
           "started_utc")
 
 
-def test_docs_cite_results_files() -> None:
-    assert CITED, "README/models name no benchmarks/*.json results file"
+def test_docs_mark_their_tables() -> None:
+    assert MARKED, "README/models mark no table with its results file"
 
 
-@pytest.mark.parametrize("cited", CITED)
-def test_cited_results_file_is_complete_and_its_tables_are_in_the_docs(cited: str) -> None:
+@pytest.mark.parametrize("cited", MARKED)
+def test_cited_results_file_is_committed_and_complete(cited: str) -> None:
     path = REPO / cited
     assert path.is_file(), f"{cited} is cited but not committed"
     doc = json.loads(path.read_text())
@@ -34,8 +35,10 @@ def test_cited_results_file_is_complete_and_its_tables_are_in_the_docs(cited: st
         assert doc.get(key) not in (None, "", {}), f"{cited} lacks {key}"
     assert doc["machine"]["cpu_model"] and doc["machine"]["cpu_flags"], f"{cited}: no CPU model/flags"
     assert doc["git"]["revision"], f"{cited}: no git revision"
-    text = "\n".join(d.read_text() for d in DOCS if cited in d.read_text())
-    tables = ([doc["table"]] if doc.get("table") else []) + list((doc.get("tables") or {}).values())
-    for stored in tables:
-        markdown = Table(**stored).markdown()
-        assert markdown in text, f"the docs citing {cited} do not show its table as stored:\n{markdown}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_marked_tables_equal_their_results_files(doc: Path) -> None:
+    text = doc.read_text()
+    assert render_doc(text, REPO) == text, (f"{doc.name}: a marked table differs from its results file. Fix: "
+                                            f"python -m edgellm.record update {doc.relative_to(REPO)}")

@@ -50,3 +50,14 @@ def test_table_printed_from_the_file(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert read_table(named, "sweep").rows == [[1]]
     with pytest.raises(SystemExit, match="named tables: sweep"):
         read_table(named)
+
+
+def test_update_rewrites_the_table_after_each_marker(tmp_path: Path) -> None:
+    from edgellm.record import render_doc
+
+    Recorder("unit").write(tmp_path / "benchmarks" / "r.json", samples=[], table=Table(["a"], [[2]]),
+                           tables={"other": Table(["b"], [[3]])})
+    doc = ("intro\n<!-- results: benchmarks/r.json -->\n| a |\n| --- |\n| 1 |\n\ntext\n"
+           "<!-- results: benchmarks/r.json other -->\n| old |\nend")
+    assert render_doc(doc, tmp_path) == ("intro\n<!-- results: benchmarks/r.json -->\n| a |\n| --- |\n| 2 |\n\ntext\n"
+                                         "<!-- results: benchmarks/r.json other -->\n| b |\n| --- |\n| 3 |\nend")
