@@ -1,13 +1,16 @@
 """Why this int8 scheme: quality, size and speed of weight-only quantization schemes, side by side.
 
-    python scripts/bench_int8_schemes.py --work .cache/int8-schemes --out benchmarks/int8_schemes.json
+    python scripts/bench_int8_schemes.py --work .cache/int8-schemes --out benchmarks/int8_schemes.json \
+        [--alphas 0,0.35,0.5,0.65,0.8] [--shipped .cache/models/smollm2-135m-instruct]
 
 1. SmoothQuant α sweep: `edgellm convert smollm2-135m-instruct --smooth-alpha A --no-gate` for each
-   --alphas value (0 = off), into WORK/alpha-A/ (skipped when already there; ~1-2 min each). α 0 and
-   the default α also keep their fp32 export (--keep-fp32): α 0's is the unsmoothed fp32 reference.
-2. Other schemes, quantized here from the default α's smoothed fp32 export with onnxruntime's
-   MatMulNBitsQuantizer (the embedding stays fp32 in these, only the MatMuls change):
-   asymmetric 8-bit (uint8 zero points), accuracy_level 1 (fp32 activations), 4-bit symmetric.
+   --alphas value (0 = off), into WORK/alpha-A/ (skipped when already there; 1-2 min each on an idle
+   2-core machine). α 0 also keeps its fp32 export (--keep-fp32): the fp32 reference. --shipped adds
+   an already converted default folder (its α read from its manifest) without converting it again.
+2. Other schemes, quantized here from the (unsmoothed) fp32 reference with onnxruntime's
+   MatMulNBitsQuantizer (the embedding stays fp32 in these, only the MatMuls change), to compare
+   with "int8 sym, acc 4, no SmoothQuant": asymmetric 8-bit (uint8 zero points), accuracy_level 1
+   (fp32 activations), 4-bit symmetric.
 3. Every model is measured against the fp32 reference through the runtime's session:
    - held-out perplexity and teacher-forced greedy agreement on the convert gate's text
      (edgellm/data/heldout_en.txt, 2,048 tokens, windows of 512);
@@ -16,8 +19,9 @@
      (token agreement), and free-running greedy replies identical to fp32's (count of 20);
    - size of model.onnx + model.onnx.data;
    - decode ms/token (prefill the 37-token chat prompt, then --steps greedy steps), all models
-     interleaved in --repeats rounds in this one process; medians. Slow schemes (> --slow-ms per token
-     in the first round) skip the free-running chat measures.
+     interleaved in --repeats rounds in this one process; medians. Slow schemes (more than --slow
+     times the fastest model's first-round time) run 8 steps after the first round and skip the
+     free-running chat replies.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def alpha_dir(work: Path, alpha: float) -> Path:
 
 
 def convert_alpha(work: Path, alpha: float, keep_fp32: bool, threads: int) -> Path:
+    """WORK/alpha-A, converted unless already there (a finished folder is only ever renamed into place)."""
     out = alpha_dir(work, alpha)
     if (out / "edgellm.json").is_file() and (not keep_fp32 or (out / "reference" / "model.onnx").is_file()):
         return out
@@ -100,35 +105,40 @@ def size_bytes(model: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "int8-schemes")
-    ap.add_argument("--alphas", default="0,0.35,0.5,0.65,0.8")
-    ap.add_argument("--default-alpha", type=float, default=0.5, help="the shipped α (its fp32 export seeds step 2)")
+    ap.add_argument("--alphas", default="0,0.35,0.5,0.65,0.8", help="α values to convert (0 = off, required)")
+    ap.add_argument("--shipped", type=Path, help="an already converted int8 folder to include (α from its manifest)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--slow-ms", type=float, default=100.0)
+    ap.add_argument("--slow", type=float, default=8.0, help="a model this many times slower than the fastest is 'slow'")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "int8_schemes.json")
     args = ap.parse_args()
     rec = Recorder("bench_int8_schemes", parameters=vars(args))
     alphas = [float(a) for a in args.alphas.split(",")]
-    if 0.0 not in alphas or args.default_alpha not in alphas:
-        ap.error(f"--alphas {args.alphas} must include 0 (the unsmoothed reference) and --default-alpha "
-                 f"{args.default_alpha}")
+    if 0.0 not in alphas:
+        ap.error(f"--alphas {args.alphas} must include 0: its fp32 export is the reference")
 
-    folders = {a: convert_alpha(args.work, a, a in (0.0, args.default_alpha), args.threads) for a in alphas}
-    manifest = read_manifest(folders[args.default_alpha])
-    models = {"fp32 (reference)": folders[0.0] / "reference" / "model.onnx"}
+    folders = {a: convert_alpha(args.work, a, a == 0.0, args.threads) for a in alphas}
+    shipped_alpha = None
+    if args.shipped:
+        smoothing = read_manifest(args.shipped).quantization.get("smoothing") or {}
+        shipped_alpha = float(smoothing.get("alpha") or 0.0)
+        folders[shipped_alpha] = args.shipped
+    folder = folders[0.0]
+    manifest = read_manifest(folder)
+    models = {"fp32 (reference)": folder / "reference" / "model.onnx"}
     labels = {}
-    for a, folder in folders.items():
-        name = f"int8 sym, acc 4, α {a:g}" if a else "int8 sym, acc 4, no SmoothQuant"
-        models[name], labels[name] = folder / "model.onnx", a
-    smoothed = folders[args.default_alpha] / "reference" / "model.onnx"
+    for a, path in sorted(folders.items()):
+        name = f"int8 sym, acc 4, SmoothQuant α {a:g}" if a else "int8 sym, acc 4, no SmoothQuant"
+        name += " (shipped)" if a == shipped_alpha else ""
+        models[name], labels[name] = path / "model.onnx", a
+    reference = folder / "reference" / "model.onnx"
     for name, (bits, sym, level) in VARIANTS.items():
-        models[f"{name}, α {args.default_alpha:g}"] = quantize_variant(
-            smoothed, args.work / f"variant-{bits}bit-{'sym' if sym else 'asym'}-acc{level}", bits, sym, level)
+        models[f"{name}, no SmoothQuant"] = quantize_variant(
+            reference, args.work / f"variant-{bits}bit-{'sym' if sym else 'asym'}-acc{level}", bits, sym, level)
 
     from tokenizers import Tokenizer
 
-    folder = folders[args.default_alpha]
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     heldout = tokenizer.encode(HELDOUT.read_text(), add_special_tokens=False).ids[:2049]
     import edgellm
@@ -143,10 +153,13 @@ def main() -> None:
 
     # speed first, interleaved
     speed: dict[str, list[float]] = {name: [] for name in sessions}
+    slow: set[str] = set()
     for _ in range(args.repeats):
         for name, session in sessions.items():
-            steps = args.steps if not speed[name] or speed[name][0] < args.slow_ms else 8
+            steps = 8 if name in slow else args.steps
             speed[name].append(measure.decode_probe(session, SPEED_PROMPT, steps).decode_ms_per_token)
+        fastest = min(v[0] for v in speed.values())
+        slow = {name for name, v in speed.items() if v[0] > args.slow * fastest}
         print("[speed] " + ", ".join(f"{n[:24]} {v[-1]:.1f}" for n, v in speed.items()), file=sys.stderr)
 
     ref = sessions["fp32 (reference)"]
@@ -166,7 +179,7 @@ def main() -> None:
             agree += int((predicted == np.asarray(reply)).sum())
             total += len(reply)
         exact = None
-        if statistics.median(speed[name]) < args.slow_ms:
+        if name not in slow:
             exact = sum(measure.greedy(session, ids, 32, eos).tokens == reply for ids, reply in zip(chats, ref_replies))
         session.truncate(0)
         rows[name] = {"perplexity": round(ppl.perplexity, 3), "ppl_ratio": round(ppl.perplexity / ref_ppl.perplexity, 4),
@@ -180,8 +193,8 @@ def main() -> None:
     def fmt_exact(r):
         return f"{r['exact_replies']}/{r['chat_prompts']}" if r["exact_replies"] is not None else "— (too slow)"
 
-    scheme_names = ["fp32 (reference)", f"int8 sym, acc 4, α {args.default_alpha:g}", "int8 sym, acc 4, no SmoothQuant"]
-    scheme_names += [f"{n}, α {args.default_alpha:g}" for n in VARIANTS]
+    scheme_names = ["fp32 (reference)"] + [n for n in labels if "shipped" in n or not labels[n]]
+    scheme_names += [f"{n}, no SmoothQuant" for n in VARIANTS]
     schemes = Table(
         ["scheme (MatMulNBits, block 32)", "held-out ppl (× fp32)", "greedy agreement", "logit diff std vs fp32",
          "size MB", "decode ms/token"],
