@@ -217,16 +217,21 @@ def read_table(path: str | os.PathLike, name: str | None = None) -> Table:
 MARKER = re.compile(r"^<!-- results: (\S+\.json)(?: (\S+))? -->$")
 
 
-def render_doc(text: str, root: Path) -> str:
-    """`text` with the table after every results marker replaced by the cited file's table."""
+def render_doc(text: str, root: Path, missing_ok: bool = False) -> str:
+    """`text` with the table after every results marker replaced by the cited file's table
+    (missing_ok: a marker whose file does not exist keeps its table)."""
     lines, out, i = text.split("\n"), [], 0
     while i < len(lines):
         out.append(lines[i])
         match = MARKER.match(lines[i].strip())
         i += 1
         if match:
+            start = i
             while i < len(lines) and lines[i].startswith("|"):
                 i += 1
+            if missing_ok and not (root / match.group(1)).is_file():
+                out.extend(lines[start:i])
+                continue
             out.extend(read_table(root / match.group(1), match.group(2)).markdown().split("\n"))
     return "\n".join(out)
 
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         for file in args.files:
             path = Path(file)
             text = path.read_text(encoding="utf-8")
-            new = render_doc(text, Path.cwd())
+            new = render_doc(text, Path.cwd(), missing_ok=True)
             if new != text:
                 path.write_text(new, encoding="utf-8")
                 print(f"updated {file}")
