@@ -92,6 +92,7 @@ class TurnReport:
     end_at_s: float | None = None  # stream audio time (s) at which the turn was declared over
     speculative: bool = False  # the reply had been started before the turn ended, and was used
     speculations_cancelled: int = 0  # background replies dropped because the user went on
+    speculations_restarted: int = 0  # guesses replaced because the recognizer's words changed in the pause
     history_exchanges: int = 0  # earlier exchanges in this turn's prompt
     interrupted: bool = False  # the user barged in: generation and speech were stopped
     barge_in_ms: float | None = None  # from the user's first voiced audio to generation and speech stopped
@@ -137,6 +138,8 @@ class _Turn:
     at: float | None = None  # stream audio time of the decision
     speculation: Speculation | None = None
     cancelled: int = 0
+    restarted: int = 0  # guesses replaced because the recognizer's words changed during the pause
+    sounds_final: bool = False
 
 
 @dataclass
@@ -209,6 +212,7 @@ class VoiceAssistant:
                     recent.clear()
                 if was_in_turn or events:
                     words = self._hear(chunk) or words
+                    self._catch_up(words)
                 else:
                     recent.append(chunk)
                     while recent and recent[0].end < chunk.end - pre_roll - 0.1:
@@ -331,9 +335,12 @@ class VoiceAssistant:
 
     def _paused(self, event: TurnEvent, words: list[str]) -> None:
         self._turn.probability = event.probability
-        sounds_final = event.complete if event.complete is not None else True
-        if not (self.config.speculative and sounds_final and words and self.llm is not None
-                and self._turn.speculation is None):
+        self._turn.sounds_final = event.complete if event.complete is not None else True
+        if self._turn.sounds_final and self._turn.speculation is None:
+            self._speculate(words)
+
+    def _speculate(self, words: list[str]) -> None:
+        if not (self.config.speculative and words and self.llm is not None):
             return
         text = user_text(words)
         if wants_new_conversation(text) or (self.commands is not None and self.commands.match(text) is not None):
@@ -342,6 +349,16 @@ class VoiceAssistant:
             self._worker.hold(wait=False)  # no new partials; one in flight finishes first (the model's lock)
         self._turn.speculation = Speculation(self.llm, self.prefill.messages(text), text,  # type: ignore[union-attr]
                                              self._params())
+
+    def _catch_up(self, words: list[str]) -> None:
+        """The recognizer's partial lags the audio: when its words change during the pause, guess again."""
+        spec = self._turn.speculation
+        if spec is not None and words and user_text(words) != spec.user and self.turns is not None \
+                and self.turns.paused:
+            spec.cancel()
+            self._turn.speculation = None
+            self._turn.restarted += 1
+            self._speculate(words)
 
     def _cancel_speculation(self, turn: _Turn | None = None) -> None:
         turn = turn if turn is not None else self._turn
@@ -482,7 +499,7 @@ class VoiceAssistant:
             turn_probability=turn.probability,
             silence_ms=None if turn.silence is None else round(turn.silence * 1000.0, 1),
             end_at_s=None if turn.at is None else round(turn.at, 3), speculative=speculation is not None,
-            speculations_cancelled=turn.cancelled, history_exchanges=history)
+            speculations_cancelled=turn.cancelled, speculations_restarted=turn.restarted, history_exchanges=history)
 
     def _generate(self, text: str, marks: dict[str, float], speak: Callable[[str], None],
                   speculation: Speculation | None, cancel: Any | None = None) -> tuple[str, Any, str | None]:

@@ -183,6 +183,11 @@ class TurnDetector:
         self._wait: float | None = None  # silence (s) that ends the turn after the current pause
         self._pause_reason = ""
 
+    @property
+    def paused(self) -> bool:
+        """In a turn, after a pause was scored, and no speech since."""
+        return self.in_turn and self._wait is not None
+
     def feed(self, chunk: AudioChunk) -> list[TurnEvent]:
         samples = np.frombuffer(chunk.audio, dtype="<i2").astype(np.float32) / 32768.0
         self._remember(samples, chunk.end)
