@@ -221,8 +221,8 @@ class TurnDetector:
         if score.end - self.turn_start >= cfg.max_turn:
             logger.info("turn closed at the maximum length (%.1f s)", cfg.max_turn)
             self.in_turn, self._wait = False, None
-            self.activity.reset()  # a speaker who goes on starts a new turn
             events.append(TurnEvent("end", score.end, act.last_voiced, reason="max_length"))
+            self.activity.reset()  # a speaker who goes on starts a new turn
         elif (self._wait is not None and act.last_voiced is not None
               and score.end - act.last_voiced >= self._wait - 1e-6):
             self.in_turn, self._wait = False, None

@@ -147,3 +147,29 @@ def test_cli_with_a_vosk_model_and_grammar(default_model_dir, ko_model_dir):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["transcript"] == "지금 몇 시 야" and report["recognizer"] == "vosk"
     assert "Vosk model" in done.stderr
+
+
+def test_a_speaker_who_never_stops_gets_answers_at_the_maximum_turn_length(sphinx, llm, tmp_path):
+    """30 s of speech without a pause: the loop closes a turn every max_turn seconds, answers it, and returns."""
+    import time
+
+    import numpy as np
+
+    from demos.voice_assistant.audio import read_wav
+    from demos.voice_assistant.turn import TurnConfig
+
+    from .helpers import write_wav
+
+    words = np.frombuffer(read_wav(SAMPLE).audio, dtype="<i2")[int(0.3 * 16000):int(1.85 * 16000)]
+    speech = np.tile(words, int(30 / (len(words) / 16000)) + 1)[:30 * 16000].astype(np.float32) / 32768
+    path = write_wav(tmp_path / "talker.wav", speech, 16000)
+    assistant = VoiceAssistant(sphinx, llm, None, config=AssistantConfig(
+        max_new_tokens=4, speculative=False, turn=TurnConfig(max_turn=10.0)))
+    started = time.perf_counter()
+    reports = list(assistant.run(WavSource(path, fast=True, chunk_ms=32).chunks()))
+    assert time.perf_counter() - started < 240
+    assert [r.end_reason for r in reports] == ["max_length", "max_length", "end_of_audio"]
+    assert all(r.route == "llm" and r.transcript for r in reports)
+    # the speaker goes on after each cut, which barges in on the reply to the cut turn; the last one is answered
+    assert [r.interrupted for r in reports] == [True, True, False] and reports[-1].reply
+    assert all(r.end_at_s - r.silence_ms / 1000 <= 10.1 * (i + 1) for i, r in enumerate(reports[:2])), reports

@@ -133,6 +133,7 @@ def test_a_speaker_who_never_stops_is_cut_at_the_maximum_turn_length(vad, smart_
     ends = [e for e in events if e.kind == "end"]
     assert time.perf_counter() - started < 120
     assert len(ends) >= 6 and all(e.reason in ("max_length", "end_of_audio") for e in ends)
+    assert all(e.last_voiced is not None and e.at - e.last_voiced < 0.1 for e in ends[:-1])  # cut mid-speech
     starts = [e.at for e in events if e.kind == "start"]
     assert all(end.at - start <= 8.0 + 0.033 for start, end in zip(starts, ends, strict=False))
 
