@@ -37,8 +37,8 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny_hf_model(folder: Path, layers: int = 2, seed: int = 0) -> Path:
-    """A random LlamaForCausalLM with GQA and tied embeddings, saved as a Hugging Face folder."""
+def build_tiny_hf_model(folder: Path, layers: int = 2, seed: int = 0, tied: bool = True) -> Path:
+    """A random LlamaForCausalLM with GQA and (unless tied=False) tied embeddings, saved as a Hugging Face folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -47,7 +47,7 @@ def build_tiny_hf_model(folder: Path, layers: int = 2, seed: int = 0) -> Path:
     config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+                         tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger weights than the init's 0.02, so logits have structure worth comparing
         for p in model.parameters():

@@ -249,11 +249,16 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
             # on the CPU provider (this gate, CPU-only installs) it is the int8 path, 24x faster per token than
             # fp32 math over fp16 inputs, and rounds more than CUDA does, so the gate errs on the safe side.
             source_model = gpu_model if gpu else onnx.load(str(fp32_path))
-            save_model(quantize_int8(source_model, options.block_size), str(model_path))
+            tied = bool(getattr(loaded.model.config, "tie_word_embeddings", False))
+            quantized = quantize_int8(source_model, options.block_size, tied=tied)
+            retied = any(n.op_type == "GatherBlockQuantized" for n in quantized.graph.node)
+            save_model(quantized, str(model_path))
+            del quantized, source_model
             quantization = {"scheme": "weight-only block-wise int8 (onnxruntime MatMulNBits)", "bits": 8,
                             "block_size": options.block_size, "symmetric": True, "accuracy_level": ACCURACY_LEVEL,
                             "activations": activation,
-                            "embedding": "GatherBlockQuantized over the int8 lm_head (tied, stored once)",
+                            "embedding": "GatherBlockQuantized over the int8 lm_head (tied, stored once)" if retied
+                            else "separate Gather table (the source does not tie it to the lm_head)",
                             "smoothing": smoothing}
         elif options.precision == "fp16":
             save_model(gpu_model, str(model_path))

@@ -5,8 +5,11 @@ The scheme, and why (measured on SmolLM2-135M, see README "Why this int8 scheme"
   accuracy_level 4 (int8 activations inside the kernel, fp32 accumulation). Block scales
   follow the weight outliers that per-tensor dynamic quantization crushes (ppl 41 vs 23.8),
   and accuracy_level 4 is the fast int8 path (the fp32-activation paths are 4-25x slower per token).
-- The lm_head is quantized too, and the input embedding reads the very same int8 bytes
-  through GatherBlockQuantized, so the tied 49k x 576 matrix is stored once, in int8.
+- The lm_head is quantized too, and, when the source ties them (config.tie_word_embeddings and
+  the two tensors equal), the input embedding reads the very same int8 bytes through
+  GatherBlockQuantized, so the tied 49k x 576 matrix is stored once, in int8. An untied
+  embedding (e.g. TinyLlama) keeps its own fp32 table: it is read one row per token, so it
+  costs memory, not speed.
 Both steps use onnxruntime's own quantizer and kernels; the only hand-written part is
 re-tying the embedding, which the library quantizer supports for 4 bits only.
 """
@@ -19,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..errors import ModelFormatError
+
 logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32
@@ -26,8 +31,16 @@ BITS = 8
 ACCURACY_LEVEL = 4
 
 
-def quantize_int8(model: onnx.ModelProto, block_size: int = BLOCK_SIZE, accuracy_level: int = ACCURACY_LEVEL) -> onnx.ModelProto:
-    """Return a weight-only int8 copy of an fp32 decoder built by edgellm.convert.graph."""
+def quantize_int8(model: onnx.ModelProto, block_size: int = BLOCK_SIZE, accuracy_level: int = ACCURACY_LEVEL,
+                  tied: bool = False) -> onnx.ModelProto:
+    """Return a weight-only int8 copy of an fp32 decoder built by edgellm.convert.graph.
+
+    tied: the source config says tie_word_embeddings. The embedding is re-tied to the int8 lm_head only
+    if that is so AND the graph's two tensors are equal; otherwise it stays a separate fp32 table.
+    """
+    retie = tied and embedding_equals_lm_head(model)
+    if tied and not retie:
+        logger.warning("the config ties the embedding to the lm_head, but the weights differ: keeping both")
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
@@ -39,8 +52,30 @@ def quantize_int8(model: onnx.ModelProto, block_size: int = BLOCK_SIZE, accuracy
                                      accuracy_level=accuracy_level, algo_config=config)
     quantizer.process()
     quantized = quantizer.model.model
-    tie_embedding_to_lm_head(quantized, block_size)
+    if retie:
+        tie_embedding_to_lm_head(quantized, block_size)
     return quantized
+
+
+def _embed_and_lm_head(model: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.NodeProto]:
+    lm_head = next((n for n in model.graph.node if n.output and n.output[0] == "lm_head/out0"), None)
+    embed = next((n for n in model.graph.node if n.op_type == "Gather" and n.name == "embed"), None)
+    if lm_head is None or embed is None:
+        raise ModelFormatError("the exported graph has no lm_head / embedding Gather node, so it was not built by "
+                               "edgellm.convert.graph. Fix: quantize graphs that `edgellm convert` exported.")
+    return embed, lm_head
+
+
+def embedding_equals_lm_head(model: onnx.ModelProto) -> bool:
+    """True if the fp32 graph's embedding table (V, K) equals its lm_head MatMul weight (K, V) transposed."""
+    embed, lm_head = _embed_and_lm_head(model)
+    if lm_head.op_type != "MatMul":
+        return False
+    inits = {t.name: t for t in model.graph.initializer}
+    if embed.input[0] not in inits or lm_head.input[1] not in inits:
+        return False
+    table, head = (numpy_helper.to_array(inits[name]) for name in (embed.input[0], lm_head.input[1]))
+    return table.shape == head.T.shape and bool(np.array_equal(table, head.T))
 
 
 def tie_embedding_to_lm_head(model: onnx.ModelProto, block_size: int) -> None:
@@ -51,16 +86,17 @@ def tie_embedding_to_lm_head(model: onnx.ModelProto, block_size: int) -> None:
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    lm_head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "lm_head/out0"), None)
-    embed = next((n for n in graph.node if n.op_type == "Gather" and n.name == "embed"), None)
-    if lm_head is None or embed is None:
-        raise ValueError("graph has no quantized lm_head / embedding Gather to tie (was it built by edgellm?)")
+    embed, lm_head = _embed_and_lm_head(model)
+    if lm_head.op_type != "MatMulNBits":
+        raise ModelFormatError(f"the lm_head is a {lm_head.op_type}, not an int8 MatMulNBits, so the embedding "
+                               "cannot read its bytes. Fix: tie only after quantize_int8 quantized the lm_head.")
     embed_weight = embed.input[0]
     source = numpy_helper.to_array(inits[embed_weight])
     weight_name, scales_name = lm_head.input[1], lm_head.input[2]
     vocab, n_blocks = inits[scales_name].dims
     if tuple(source.shape) != (vocab, n_blocks * block_size):
-        raise ValueError(f"embedding {source.shape} and lm_head ({vocab}, {n_blocks * block_size}) are not tied")
+        raise ModelFormatError(f"the embedding {source.shape} and the int8 lm_head ({vocab}, {n_blocks * block_size}) "
+                               "differ in shape, so they cannot share one table. Fix: convert with tied=False.")
 
     scales = numpy_helper.to_array(inits[scales_name]).reshape(vocab, n_blocks, 1)
     gather_scales = numpy_helper.from_array(np.ascontiguousarray(scales), "embed/scales")
