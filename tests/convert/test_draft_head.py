@@ -40,8 +40,8 @@ def test_head_folder_records_its_tokens_and_checks_them(head_dir):
     head = np.load(head_dir / m.graph.head_tokens)
     assert len(head) == HEAD and m.files["head_tokens"] in m.checksums
     assert set(m.generation.eos_token_ids) <= set(head.tolist())
-    report = m.validation["draft_head"]
-    assert report["tokens"] == HEAD and 0.5 < report["heldout_coverage"] <= 1.0
+    report = m.validation.draft_head
+    assert report.tokens == HEAD and 0.5 < report.heldout_coverage <= 1.0
 
 
 def test_kept_logits_equal_the_full_models_and_the_rest_are_minus_inf(head_dir, tiny_int8_dir):
