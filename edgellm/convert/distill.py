@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidParameterError, OutputExistsError
+from ..errors import InvalidParameterError, ModelFormatError, OutputExistsError
 from . import corpus
+from .output import check_writable
 from .prune import LAYER_METHODS, PrunePlan, init_student, make_plan
 
 logger = logging.getLogger(__name__)
@@ -569,6 +570,7 @@ def run_distill(teacher_source: str, out_dir: str | Path, layers: int | tuple[in
                            steps=steps, batch_size=batch_size, block_size=block_size, lr=lr,
                            seqkd_prompts=seqkd_prompts, seed=seed)
     config.validate()  # fail before the slow teacher load
+    check_writable(Path(out_dir).expanduser().absolute())
     if resume:
         _check_resume(Path(out_dir), config)
     teacher, tokenizer = load_teacher(teacher_source)
@@ -576,7 +578,11 @@ def run_distill(teacher_source: str, out_dir: str | Path, layers: int | tuple[in
     if init_from is not None:
         from transformers import AutoModelForCausalLM
 
-        source = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32).eval()
+        try:
+            source = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32).eval()
+        except (OSError, ValueError) as exc:
+            raise ModelFormatError(f"--init-from {init_from} cannot be loaded as a Hugging Face model ({exc}). "
+                                   "Fix: pass the folder an earlier `edgellm distill` wrote.") from exc
         mismatch = (source.config.vocab_size, source.config.hidden_size) != (teacher.config.vocab_size,
                                                                           teacher.config.hidden_size)
         if mismatch:

@@ -104,12 +104,25 @@ def check_target(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not force:
         raise OutputExistsError(f"output folder {str(out_dir)!r} already exists. Fix: choose another -o, or pass "
                                 "--force to replace it (the old folder stays until the new one is complete).")
+    _check_parents(out_dir)
+
+
+def _check_parents(out_dir: Path) -> None:
     for parent in out_dir.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(f"-o {str(out_dir)!r} lies under {str(parent)!r}, which is a file, not a folder. "
                                   "Fix: choose an -o whose parent folders are folders.")
             break
+
+
+def check_writable(out_dir: Path) -> None:
+    """For commands that fill OUT in place (distill): before any slow work, -o must not be or lie under a
+    file, and its parent must take a new folder (tried for real, then removed)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"-o {str(out_dir)!r} exists and is a file, not a folder. Fix: choose another -o.")
+    _check_parents(out_dir)
+    shutil.rmtree(_make_staging(out_dir))
 
 
 def _make_staging(out_dir: Path) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import logging
 import platform
 import shutil
@@ -37,7 +38,22 @@ PRECISIONS = ("int8", "fp32", "fp16")
 # weights int8 MatMulNBits (CUDA kernels for 4 and 8 bits) or dense fp16. See README "NVIDIA GPUs and Jetson".
 TARGET_PRECISIONS = {"cpu": ("int8", "fp32"), "cuda": ("int8", "fp16")}
 TARGETS = tuple(TARGET_PRECISIONS)
-CONVERTER_REVISION = 2  # bump when the same source would convert differently (2: SmoothQuant before int8)
+
+
+def _source_revision(package: Path | None = None) -> str:
+    """A hash of the code and data that decide what convert writes (this package, the contract/manifest/report
+    modules, the measurement helpers the gate uses, the calibration and held-out texts), so a cached
+    conversion is known stale when any of them changes, with no constant to remember to bump."""
+    package = package or Path(__file__).resolve().parent.parent
+    files = sorted(package.glob("convert/*.py")) + sorted(package.glob("data/*.txt")) + [
+        package / "contract.py", package / "manifest.py", package / "validation.py", package / "runtime" / "measure.py"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+CONVERTER_REVISION = _source_revision()
 HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "data" / "heldout_en.txt"
 SPEED_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 

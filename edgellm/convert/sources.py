@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ModelFormatError, UnsupportedArchitectureError
+from ..errors import EdgeLLMError, ModelFormatError, UnsupportedArchitectureError
 from ..manifest import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,8 @@ def check_gguf(path: Path) -> dict:
         reader = GGUFReader(str(path))
         arch = reader.fields["general.architecture"].contents()
         expected_end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    except EdgeLLMError:
+        raise  # e.g. StoppedBySignal from convert's SIGTERM handler: not a sign of a damaged file
     except Exception as exc:  # the gguf parser raises many types on damaged files
         raise ModelFormatError(f"{path} is a damaged or truncated GGUF file ({type(exc).__name__}: {exc}). "
                                "Fix: download or copy the file again.") from exc
@@ -215,9 +217,12 @@ def load_source(resolved: ResolvedSource) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model, info = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", output_loading_info=True,
                                                            **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
-        # transformers' many ways of saying "these files are not a model it can load" (missing or
-        # corrupt weights, a config with wrong fields, a broken tokenizer file...): one line, naming the source.
+    except EdgeLLMError:
+        raise  # e.g. StoppedBySignal from convert's SIGTERM handler: not a sign of a damaged file
+    except Exception as exc:  # noqa: BLE001 - untrusted files through third-party parsers
+        # transformers' (and safetensors', tokenizers', gguf's) many ways of saying "these files are not a model
+        # it can load" (missing or corrupt weights, a config with wrong fields, a broken tokenizer file...):
+        # one line, naming the source.
         detail = " ".join(str(exc).split())[:300]
         raise ModelFormatError(f"transformers cannot load {resolved.path} ({type(exc).__name__}: {detail}). "
                                "Fix: check that the folder or file is a complete, uncorrupted Llama model "
