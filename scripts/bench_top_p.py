@@ -19,6 +19,7 @@ import numpy as np
 
 import edgellm
 from edgellm.record import Recorder, Table
+from edgellm.runtime import measure
 from edgellm.runtime.sampling import ResolvedSampling, Sampler
 
 QUESTION = "Write a short story about a lighthouse keeper."
@@ -58,11 +59,7 @@ def main() -> None:
 
     llm = edgellm.load(args.model)
     ids = llm.encode([{"role": "user", "content": QUESTION}])
-    logits_rows = []
-    logits = llm.session.forward(ids, keep=1)[-1].copy()
-    for _ in range(args.steps):
-        logits_rows.append(logits)
-        logits = llm.session.forward((int(np.argmax(logits)),), keep=1)[0].copy()
+    logits_rows = list(measure.greedy(llm.session, ids, args.steps, record=True).logits)  # a greedy reply's rows
 
     samples: dict[str, dict[str, list[float]]] = {}
     summary: dict[str, dict] = {}

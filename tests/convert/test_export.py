@@ -72,7 +72,7 @@ def test_batch_invariant_int8_logits_do_not_depend_on_how_tokens_are_batched(tin
     downstream turns that into visibly different logits (the second test shows it).
     """
     m = read_manifest(tiny_int8_invariant_dir)
-    assert m.graph.to_dict() == {"batch_invariant": True, "attention_pad_rows": 1}
+    assert m.graph.to_dict() == {"batch_invariant": True, "attention_pad_rows": 1, "target": "cpu", "kv_dtype": "float32"}
     assert m.validation.kv_consistency["int8"].bit_identical is True
     q = DecoderSession(tiny_int8_invariant_dir / "model.onnx", m.io, m.dims, capacity=len(TOKENS), threads=threads,
                        graph=m.graph)
@@ -88,7 +88,7 @@ def test_batch_invariant_int8_logits_do_not_depend_on_how_tokens_are_batched(tin
 def test_default_int8_graph_is_not_batch_invariant(tiny_int8_dir):
     """Why --batch-invariant exists: the default (faster) graph's one-token steps differ from one pass."""
     m = read_manifest(tiny_int8_dir)
-    assert m.graph.to_dict() == {"batch_invariant": False, "attention_pad_rows": 0}
+    assert m.graph.to_dict() == {"batch_invariant": False, "attention_pad_rows": 0, "target": "cpu", "kv_dtype": "float32"}
     assert m.validation.kv_consistency["int8"].bit_identical is False
 
 

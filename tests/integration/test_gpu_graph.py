@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import edgellm
-from edgellm.convert import validate
+from edgellm.runtime import measure
 from edgellm.manifest import read_manifest
 from tests.runtime.test_gpu_target import assert_same_greedy_tokens
 
@@ -22,10 +22,10 @@ def test_gpu_graph_passed_its_gate_within_one_percent(default_cuda_dir):
     m = read_manifest(default_cuda_dir)
     v = m.validation
     assert m.graph.target == "cuda" and m.graph.kv_dtype == "float16"
-    assert v["gate"]["passed"] and v["candidate"] == "int8"
-    assert v["perplexity_ratio"] <= MAX_PPL_RATIO, v["perplexity_ratio"]
-    assert v["greedy_agreement"] >= 0.9 and v["chat_agreement"]["agreement"] >= 0.95
-    assert v["sizes_bytes"]["int8_over_fp32"] < 0.35
+    assert v.gate.passed and v.candidate == "int8"
+    assert v.perplexity_ratio <= MAX_PPL_RATIO, v.perplexity_ratio
+    assert v.greedy_agreement >= 0.9 and v.chat_agreement.agreement >= 0.95
+    assert v.sizes_bytes["int8_over_fp32"] < 0.35
 
 
 def test_held_out_perplexity_measured_here(default_cuda_dir, default_fp32_dir):
@@ -34,8 +34,8 @@ def test_held_out_perplexity_measured_here(default_cuda_dir, default_fp32_dir):
     reference = edgellm.load(default_fp32_dir, context_length=512)
     text = (Path(edgellm.__file__).parent / "data" / "heldout_en.txt").read_text()
     tokens = reference.tokenizer.encode(text, add_special_tokens=False).ids[:513]
-    fp16 = validate.held_out_score(gpu.session, tokens, 256)
-    fp32 = validate.held_out_score(reference.session, tokens, 256)
+    fp16 = measure.perplexity(gpu.session, tokens, 256)
+    fp32 = measure.perplexity(reference.session, tokens, 256)
     assert fp16.perplexity / fp32.perplexity <= MAX_PPL_RATIO, (fp16.perplexity, fp32.perplexity)
     assert float(np.mean(fp16.argmax == fp32.argmax)) >= 0.9
 

@@ -70,8 +70,8 @@ def test_gpu_graph_is_fp16_with_int8_weights(tiny_cuda_dir):
     scales = {t.name: t.data_type for t in model.graph.initializer}
     assert scales["embed/scales"] == onnx.TensorProto.FLOAT16 and scales["cos_cache"] == onnx.TensorProto.FLOAT16
     v = m.validation
-    assert v["candidate"] == "int8" and v["target"] == "cuda" and v["provider"] == "CPUExecutionProvider"
-    assert v["perplexity_ratio"] < 1.01 and v["kv_consistency"]["int8"]["argmax_match"] == 1.0
+    assert v.candidate == "int8" and v.target == "cuda" and v.provider == "CPUExecutionProvider"
+    assert v.perplexity_ratio < 1.01 and v.kv_consistency["int8"].argmax_match == 1.0
     verify_checksums(tiny_cuda_dir, m)
 
 
@@ -153,8 +153,8 @@ def test_dense_fp16_gpu_graph(tiny_hf_dir, tiny_fp32_dir, tmp_path):
     result = convert(str(tiny_hf_dir), tmp_path / "fp16", ConvertOptions(
         precision="fp16", target="cuda", progress=False, validation=settings))
     v = result.manifest.validation
-    assert v["candidate"] == "fp16" and v["perplexity_ratio"] < 1.002 and v["gate"]["passed"]
-    assert v["kv_consistency"]["fp16"]["max_abs_diff_stepwise"] < 0.05
+    assert v.candidate == "fp16" and v.perplexity_ratio < 1.002 and v.gate.passed
+    assert v.kv_consistency["fp16"].max_abs_diff_stepwise < 0.05
     ops = {n.op_type for n in onnx.load(str(tmp_path / "fp16" / "model.onnx"), load_external_data=False).graph.node}
     assert "MatMulNBits" not in ops and "MatMul" in ops
     gpu, reference = edgellm.load(tmp_path / "fp16"), edgellm.load(tiny_fp32_dir)
