@@ -88,8 +88,12 @@ def remove_stale(out_dir: Path) -> list[Path]:
         if alive:
             continue
         if rest.startswith("old-") and not out_dir.exists():
-            os.replace(path, out_dir)  # killed between the two renames of a --force swap: put the old model back
-            logger.warning("restored %s from %s, left by a convert that was killed mid-swap", out_dir, path.name)
+            try:
+                os.replace(path, out_dir)  # killed between the two renames of a --force swap: put the old model back
+            except OSError as exc:
+                logger.warning("could not restore %s from %s (%s)", out_dir, path, exc)
+            else:
+                logger.warning("restored %s from %s, left by a convert that was killed mid-swap", out_dir, path.name)
             continue
         shutil.rmtree(path, ignore_errors=True)
         logger.info("removed %s, left by a convert that did not finish", path)
@@ -176,11 +180,13 @@ def _signals_raise() -> Iterator[None]:
 @contextlib.contextmanager
 def staging_folder(out_dir: Path, force: bool) -> Iterator[Path]:
     """Check -o, clear dead partials of OUT, and yield a fresh staging folder that is removed on any exit."""
+    _check_parents(out_dir)
+    if out_dir.parent.is_dir():
+        remove_stale(out_dir)  # first: it may put back an OUT that a killed --force swap had moved aside
     check_target(out_dir, force)
     staging = _make_staging(out_dir)
     with _signals_raise():
         try:
-            remove_stale(out_dir)
             yield staging
         except OSError as exc:
             if exc.errno in _DISK_FULL:

@@ -179,3 +179,20 @@ def test_stale_partials_are_judged_by_their_owner(tmp_path, caplog):
     assert all(folders[k].exists() for k in ("alive", "other host", "legacy"))
     assert (out / "x").read_text() == "x" and not folders["old, dead"].exists()  # put back where it was
     assert any("older edgellm" in r.message for r in caplog.records)
+
+
+def test_an_old_model_restored_from_a_killed_swap_is_not_overwritten_without_force(tiny_hf_dir, tiny_fp32_dir,
+                                                                                    tmp_path):
+    """A --force convert killed between its two renames leaves OUT at .OUT.old-...: the next convert puts it back,
+    and without --force then refuses to replace it."""
+    import shutil
+
+    from edgellm.convert import output
+
+    out = tmp_path / "model"
+    shutil.copytree(tiny_fp32_dir, out.with_name(f".model.old-{output._host_tag()}-{_dead_pid()}-123"))
+    done = subprocess.run([sys.executable, "-m", "edgellm.cli", "convert", str(tiny_hf_dir), "-o", str(out),
+                           "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 1 and "already exists" in done.stderr, done.stderr
+    verify_checksums(out, read_manifest(out))
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
