@@ -74,8 +74,8 @@ def start(name: str, args) -> tuple[subprocess.Popen, str]:
     else:
         cmd = [args.peer_python, "-m", "llama_cpp.server", "--model", str(args.gguf), "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", "2048"] + (["--n_threads", str(args.threads)] if args.threads else [])
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=env_with_repo(ROOT))
+    log = open(args.out.with_name(f".{args.out.stem}.{name}.log"), "w")  # llama.cpp logs a lot: never a pipe
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env_with_repo(ROOT))
     url = f"http://127.0.0.1:{port}"
     if name == "edgellm":
         wait_ready(url, process)
@@ -83,14 +83,14 @@ def start(name: str, args) -> tuple[subprocess.Popen, str]:
         deadline = time.monotonic() + 300
         while True:
             if process.poll() is not None:
-                raise SystemExit(f"error: llama_cpp.server exited: {process.stderr.read()[-2000:]}")
+                raise SystemExit(f"error: llama_cpp.server exited; see {log.name}")
             try:
                 if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise SystemExit("error: llama_cpp.server did not start")
+                raise SystemExit(f"error: llama_cpp.server did not start in 300 s; see {log.name}")
             time.sleep(0.3)
     return process, url
 
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=2, help="Per client per round.")
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serve_peers.json")
     args = parser.parse_args()
