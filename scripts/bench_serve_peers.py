@@ -7,7 +7,9 @@ Manual only (never CI: llama-cpp-python builds llama.cpp for minutes). Needs a v
   ours     python -m edgellm.cli serve -m MODEL (int8 ONNX, converted from the shipped Q4_1 GGUF),
            --no-response-cache so repeated prompts are really generated
   llama    python -m llama_cpp.server --model Q8_0 GGUF (requantized from the same Q4_1, as in
-           scripts/bench_peers.py) — llama.cpp's own OpenAI-compatible server in Python
+           scripts/bench_peers.py) — llama.cpp's own OpenAI-compatible server in Python, with
+           --interrupt_requests False (its default True ends a running stream, without a
+           finish_reason, whenever another request arrives; --llama-interrupt keeps that default)
 
 Both on 127.0.0.1, both with --threads, both started once and kept warm. The same client
 (scripts/serve_client.py) sends streamed chat requests: one shared system prompt, a different user
@@ -73,7 +75,8 @@ def start(name: str, args) -> tuple[subprocess.Popen, str]:
                "--no-response-cache", "--max-queue", "64"] + (["--threads", str(args.threads)] if args.threads else [])
     else:
         cmd = [args.peer_python, "-m", "llama_cpp.server", "--model", str(args.gguf), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", "2048"] + (["--n_threads", str(args.threads)] if args.threads else [])
+               "--port", str(port), "--n_ctx", "2048", "--interrupt_requests", str(args.llama_interrupt)] \
+            + (["--n_threads", str(args.threads)] if args.threads else [])
     log = open(args.out.with_name(f".{args.out.stem}.{name}.log"), "w")  # llama.cpp logs a lot: never a pipe
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env_with_repo(ROOT))
     url = f"http://127.0.0.1:{port}"
@@ -131,6 +134,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="Per client per round.")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-interrupt", action="store_true",
+                        help="Keep llama_cpp.server's default interrupt_requests=True: a new request cuts off the "
+                             "stream in progress (off here, so it queues requests as edgellm serve does).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serve_peers.json")
     args = parser.parse_args()
     args.gguf = args.gguf or q8_gguf(args.peer_python)
