@@ -25,9 +25,9 @@ decode ms/token = (last − first delta) / (tokens − 1), per request, client s
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict
@@ -77,7 +77,7 @@ def start(name: str, args) -> tuple[subprocess.Popen, str]:
         cmd = [args.peer_python, "-m", "llama_cpp.server", "--model", str(args.gguf), "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", "2048", "--interrupt_requests", str(args.llama_interrupt)] \
             + (["--n_threads", str(args.threads)] if args.threads else [])
-    log = open(args.out.with_name(f".{args.out.stem}.{name}.log"), "w")  # llama.cpp logs a lot: never a pipe
+    log = open(Path(tempfile.gettempdir()) / f"bench_serve_peers.{name}.log", "w")  # llama.cpp logs a lot: no pipe
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env_with_repo(ROOT))
     url = f"http://127.0.0.1:{port}"
     if name == "edgellm":
