@@ -321,3 +321,37 @@ def test_stream_options_include_usage_must_be_a_boolean(server):
         server.client().chat.completions.create(model="any", messages=QUESTION, stream=True,
                                                 stream_options={"include_usage": "yes"})
     assert error_of(caught.value)["param"] == "stream_options.include_usage"
+
+
+def test_health_waits_for_warm_up_and_the_server_default_deadline_applies(tiny_fp32_dir):
+    """In process: uvicorn serving the app before the engine's worker has warmed the model up."""
+    import uvicorn
+
+    from edgellm.serve.app import HttpSettings, create_app
+    from edgellm.serve.engine import Engine, EngineConfig
+    from edgellm.serve.metrics import Metrics
+    from edgellm.serve.pool import SessionPool
+
+    engine = Engine(SessionPool([edgellm.load(tiny_fp32_dir)]), EngineConfig(deadline_ms=40, fallback_text="(late)"),
+                    Metrics(), "tiny")
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, HttpSettings()), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        url = "http://127.0.0.1:%d" % server.servers[0].sockets[0].getsockname()[1]
+        loading = httpx.get(url + "/health")
+        assert loading.status_code == 503 and loading.json()["status"] == "loading" and loading.headers["retry-after"]
+        engine.start()
+        assert engine.wait_ready(30)
+        assert httpx.get(url + "/health").status_code == 200
+        reply = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="tiny", messages=QUESTION, max_tokens=1800, temperature=0, extra_body={"ignore_eos": True})
+        assert reply.choices[0].finish_reason == "deadline" and reply.choices[0].message.content.endswith("(late)")
+    finally:
+        engine.shutdown()
+        server.should_exit = True
+        thread.join(10)
+        engine.join(10)
