@@ -44,7 +44,7 @@ class AssistantConfig:
     incremental: bool = True
     agree: int = 2
     endpointing: str = "smart"
-    speculative: bool = True
+    speculative: bool = False  # measured: it did not pay on a loaded 2-core machine (bench_voice.py)
     barge_in: bool = True  # speech while the assistant answers stops the answer (use headphones with --speak)
     turn: TurnConfig = field(default_factory=TurnConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)

@@ -67,7 +67,9 @@ def _status(message: str) -> None:
 @click.option("--max-turn-s", type=float, default=20.0, show_default=True, help="A longer turn is closed anyway.")
 @click.option("--no-barge-in", is_flag=True,
               help="Keep answering when the user speaks meanwhile (use it with loudspeakers and no echo cancelling).")
-@click.option("--no-speculative", is_flag=True, help="Do not start the reply at a pause that sounds final.")
+@click.option("--speculative", is_flag=True,
+              help="Start the reply in the background at a pause that sounds final (off by default: on a loaded "
+                   "2-core machine it cost more than it saved, see benchmarks/voice_turns.json).")
 @click.option("--no-incremental", is_flag=True, help="Do not prefill the user's words while they speak.")
 @click.option("--no-memory", is_flag=True, help="Answer every turn on its own (no conversation history).")
 @click.option("--runs", type=int, default=1, show_default=True,
@@ -119,7 +121,7 @@ class RunOptions:
     complete_ms: float
     incomplete_ms: float
     max_turn_s: float
-    no_speculative: bool
+    speculative: bool
     no_barge_in: bool
     no_incremental: bool
     no_memory: bool
@@ -159,7 +161,7 @@ def _run(o: RunOptions) -> None:
     turn = TurnConfig(complete_silence=o.complete_ms / 1000.0, incomplete_silence=o.incomplete_ms / 1000.0,
                       fixed_silence=o.silence_ms / 1000.0, max_turn=o.max_turn_s)
     variants = COMPARE if o.compare else {o.endpointing: {"endpointing": o.endpointing,
-                                                          "speculative": not o.no_speculative,
+                                                          "speculative": o.speculative,
                                                           "incremental": not o.no_incremental}}
     chunk_ms = 100 if all(v["endpointing"] == "recognizer" for v in variants.values()) else 32
     source = (lambda: WavSource(wav, fast=o.fast, tail_silence=TAIL_SILENCE, chunk_ms=chunk_ms)) if wav else \

@@ -91,7 +91,7 @@ def test_cli_json_prints_transcript_reply_and_breakdown(default_model_dir):
     assert report["transcript"] == "What is the capital of france" and "Paris" in report["reply"]
     assert set(report["latency_ms"]) == {"end_of_turn", "recognizer_final", "first_token", "first_audio",
                                          "reply_done", "final_to_first_token"}
-    assert report["endpointing"] == "smart" and report["end_reason"] == "complete" and report["speculative"]
+    assert report["endpointing"] == "smart" and report["end_reason"] == "complete" and not report["speculative"]
 
 
 def test_cli_compare_reports_medians_for_both_modes(default_model_dir):
