@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny random Llama (fast, exact checks) and the real default model (integration).
 
 The tiny model is built here with transformers and converted end to end once per session.
+Where torch is not installed (the arm64 root of scripts/test_arm64.sh), EDGELLM_TEST_TINY_MODELS names a
+folder of the same tiny models exported beforehand (`export_tiny_models`), and the fixtures load those.
 The default model is converted once per machine into .cache/models/ and re-used while its
 manifest says it passed the gate (delete the folder to force a fresh conversion).
 """
@@ -17,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = Path(os.environ.get("EDGELLM_TEST_MODEL", REPO / ".cache" / "models" / "smollm2-135m-instruct"))
+TINY_MODELS = os.environ.get("EDGELLM_TEST_TINY_MODELS")
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -32,7 +35,9 @@ def build_tiny_tokenizer():
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = (REPO / "edgellm" / "data" / "heldout_en.txt").read_text()
+    import edgellm
+
+    text = (Path(edgellm.__file__).parent / "data" / "heldout_en.txt").read_text()  # installed or checkout
     tokenizer.train_from_iterator([text, "héllo wörld 你好 🙂 café"], trainer)
     return tokenizer
 
@@ -67,7 +72,36 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     return build_tiny_hf_model(tmp_path_factory.mktemp("tiny-hf") / "tiny-llama")
 
 
+# The draft model of the speculative tests: a different random model with the same tokenizer.
+DRAFT_LAYERS, DRAFT_SEED = 1, 1
+
+
+def _prebuilt(name: str) -> Path | None:
+    """The exported folder `name` under EDGELLM_TEST_TINY_MODELS, or None when the fixtures convert."""
+    if not TINY_MODELS:
+        return None
+    folder = Path(TINY_MODELS) / name
+    if not (folder / "edgellm.json").is_file():
+        pytest.fail(f"EDGELLM_TEST_TINY_MODELS={TINY_MODELS} has no model folder {name!r}. "
+                    "Fix: export them with scripts/arm64/export_tiny_models.py.", pytrace=False)
+    return folder
+
+
+def export_tiny_models(out: Path) -> dict[str, Path]:
+    """Convert every tiny test model into out/<name>: the folders EDGELLM_TEST_TINY_MODELS hands to the fixtures."""
+    hf = build_tiny_hf_model(out / "hf" / "tiny-llama")
+    draft_hf = build_tiny_hf_model(out / "hf" / "draft", layers=DRAFT_LAYERS, seed=DRAFT_SEED)
+    return {"fp32": _convert(hf, out / "fp32", "fp32"), "int8": _convert(hf, out / "int8", "int8"),
+            "int8-bi": _convert(hf, out / "int8-bi", "int8", batch_invariant=True),
+            "cuda": _convert(hf, out / "cuda", "int8", target="cuda"),
+            "draft-fp32": _convert(draft_hf, out / "draft-fp32", "fp32")}
+
+
 def _convert(source: Path, out: Path, precision: str, batch_invariant: bool = False, target: str = "cpu") -> Path:
+    if TINY_MODELS:
+        pytest.fail(f"this test converts {source} (torch), but EDGELLM_TEST_TINY_MODELS is set: only exported "
+                    "folders exist here. Fix: add the model to export_tiny_models and load it with _prebuilt.",
+                    pytrace=False)
     from edgellm.convert.pipeline import ConvertOptions, convert
     from edgellm.convert.validate import ValidationSettings
 
@@ -79,25 +113,30 @@ def _convert(source: Path, out: Path, precision: str, batch_invariant: bool = Fa
 
 
 @pytest.fixture(scope="session")
-def tiny_fp32_dir(tiny_hf_dir, tmp_path_factory) -> Path:
-    return _convert(tiny_hf_dir, tmp_path_factory.mktemp("tiny-fp32") / "model", "fp32")
+def tiny_fp32_dir(request, tmp_path_factory) -> Path:
+    return _prebuilt("fp32") or _convert(request.getfixturevalue("tiny_hf_dir"),
+                                          tmp_path_factory.mktemp("tiny-fp32") / "model", "fp32")
 
 
 @pytest.fixture(scope="session")
-def tiny_int8_dir(tiny_hf_dir, tmp_path_factory) -> Path:
-    return _convert(tiny_hf_dir, tmp_path_factory.mktemp("tiny-int8") / "model", "int8")
+def tiny_int8_dir(request, tmp_path_factory) -> Path:
+    return _prebuilt("int8") or _convert(request.getfixturevalue("tiny_hf_dir"),
+                                          tmp_path_factory.mktemp("tiny-int8") / "model", "int8")
 
 
 @pytest.fixture(scope="session")
-def tiny_int8_invariant_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+def tiny_int8_invariant_dir(request, tmp_path_factory) -> Path:
     """The tiny model at int8, converted with --batch-invariant."""
-    return _convert(tiny_hf_dir, tmp_path_factory.mktemp("tiny-int8-bi") / "model", "int8", batch_invariant=True)
+    return _prebuilt("int8-bi") or _convert(request.getfixturevalue("tiny_hf_dir"),
+                                             tmp_path_factory.mktemp("tiny-int8-bi") / "model", "int8",
+                                             batch_invariant=True)
 
 
 @pytest.fixture(scope="session")
-def tiny_cuda_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+def tiny_cuda_dir(request, tmp_path_factory) -> Path:
     """The tiny model converted for the GPU (--target cuda: fp16 activations and KV cache, int8 weights)."""
-    return _convert(tiny_hf_dir, tmp_path_factory.mktemp("tiny-cuda") / "model", "int8", target="cuda")
+    return _prebuilt("cuda") or _convert(request.getfixturevalue("tiny_hf_dir"),
+                                          tmp_path_factory.mktemp("tiny-cuda") / "model", "int8", target="cuda")
 
 
 def cuda_available() -> bool:
@@ -106,9 +145,21 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
+def _deselect_converting_tests(config, items) -> None:
+    """Under EDGELLM_TEST_TINY_MODELS (no torch): tests that convert from the Hugging Face source cannot run;
+    they are deselected (they run in the main suite), and the summary says how many."""
+    converting = [item for item in items if "tiny_hf_dir" in getattr(item, "fixturenames", ())]
+    if converting:
+        config.hook.pytest_deselected(items=converting)
+        items[:] = [item for item in items if item not in converting]
+    config._edgellm_converting_deselected = len(converting)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked gpu need onnxruntime's CUDA provider: skipped, with the reason, where it is missing —
     unless EDGELLM_REQUIRE_GPU=1 (scripts/gpu_check.sh), where a missing GPU is a failure, not a skip."""
+    if TINY_MODELS:
+        _deselect_converting_tests(config, items)
     if cuda_available() or os.environ.get("EDGELLM_REQUIRE_GPU") == "1":
         return
     import onnxruntime
@@ -127,6 +178,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     count, reason = getattr(config, "_edgellm_gpu_skipped", (0, ""))
     if count:
         terminalreporter.write_line(f"{count} tests marked gpu skipped: {reason}")
+    converting = getattr(config, "_edgellm_converting_deselected", 0)
+    if converting:
+        terminalreporter.write_line(f"{converting} tests deselected: they convert a model (torch), which "
+                                    "EDGELLM_TEST_TINY_MODELS runs leave to the main suite")
 
 
 def _usable(folder: Path, precision: str, batch_invariant: bool, target: str = "cpu") -> bool:

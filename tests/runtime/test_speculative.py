@@ -9,7 +9,7 @@ import edgellm
 from edgellm.runtime.speculative import (PromptLookupDrafter, SpeculativeConfig, disable_speculation,
                                          enable_speculation)
 
-from ..conftest import _convert, build_tiny_hf_model
+from ..conftest import DRAFT_LAYERS, DRAFT_SEED, _convert, _prebuilt, build_tiny_hf_model
 
 PROMPTS = [
     [{"role": "user", "content": "Turn on the kitchen light and tell me the time."}],
@@ -23,7 +23,10 @@ SAMPLED = edgellm.SamplingParams(max_new_tokens=40, temperature=0.8, top_k=50, s
 @pytest.fixture(scope="module")
 def draft_dir(tmp_path_factory):
     """A different random model (1 layer, other seed) with the same tokenizer."""
-    hf = build_tiny_hf_model(tmp_path_factory.mktemp("draft-hf") / "draft", layers=1, seed=1)
+    prebuilt = _prebuilt("draft-fp32")
+    if prebuilt is not None:
+        return prebuilt
+    hf = build_tiny_hf_model(tmp_path_factory.mktemp("draft-hf") / "draft", layers=DRAFT_LAYERS, seed=DRAFT_SEED)
     return _convert(hf, tmp_path_factory.mktemp("draft-fp32") / "model", "fp32")
 
 
