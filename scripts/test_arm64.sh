@@ -38,6 +38,8 @@ QEMU=/usr/bin/qemu-aarch64-static
 BINFMT=/proc/sys/fs/binfmt_misc
 VENV=/opt/venv
 STARTED=$(date +%s)
+export ARM64_STARTED_UTC
+ARM64_STARTED_UTC=$(date -u +%Y-%m-%dT%H:%M:%S+00:00)
 WALLS=()
 
 log() { echo "test_arm64: $*"; }

@@ -1,14 +1,15 @@
 """Greedy decoding of one model folder on two machines (x86-64 and emulated aarch64), compared.
 
     python greedy_check.py decode MODEL OUT.json [--new-tokens N] [--threads T]
-        greedy ids of the 8 fixed prompts, each step's top-2 logit margin, decode ms/token, package versions
+        greedy ids of the 8 fixed prompts, each step's top-2 logit margin, decode ms/token, machine, versions
     python greedy_check.py compare X86.json ARM.json RESULTS.json [--junit JUNIT.xml] [--wall NAME=SECONDS ...]
         the verdict: per prompt, arm64's ids equal x86's, or first differ at a step where x86's top-2 margin was
         below MARGIN (a near-tie, which other kernels may break the other way: MLAS' int8 kernels for ARM round
-        differently from x86's); anything else fails. Prints the table, writes RESULTS.json, exits 1 on a failure.
+        differently from x86's); anything else fails. Writes RESULTS.json (edgellm.record), prints it and the
+        table, and exits 1 on a failure.
 
-`decode` runs the runtime's own generation path (LLM.generate at temperature 0, EOS ignored so every prompt
-gives exactly N tokens) and copies the logits each step chose from. It imports only the runtime (no torch).
+`decode` runs the runtime's greedy path (edgellm.runtime.measure.greedy, the one the convert gate and
+`edgellm bench` use) with EOS ignored, so every prompt gives exactly N tokens. It imports only the runtime.
 """
 
 from __future__ import annotations
@@ -16,15 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
-from importlib import metadata
+from dataclasses import asdict
 from pathlib import Path
-
-import numpy as np
 
 MARGIN = 0.25  # a first difference is accepted only where x86's best two logits were closer than this
 PROMPTS = [
@@ -37,69 +34,26 @@ PROMPTS = [
     "Summarize in one sentence: the Raspberry Pi is a series of small single-board computers made in the UK.",
     "Tell me a short story about a robot who learns to paint.",
 ]
-PACKAGES = ("edgellm", "onnxruntime", "numpy", "tokenizers")
-
-
-def cpu_info() -> dict:
-    """CPU model name and flags as /proc/cpuinfo shows them (under emulation: what the emulator reports)."""
-    fields: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "flags", "features", "cpu implementer", "cpu part") and key not in fields:
-            fields[key] = value.strip()
-    return fields
-
-
-def versions() -> dict:
-    return {name: metadata.version(name) for name in PACKAGES}
-
-
 def decode(model: Path, out: Path, new_tokens: int, threads: int | None) -> None:
     import edgellm
-    from edgellm import SamplingParams
+    from edgellm.record import machine, versions
+    from edgellm.runtime.measure import greedy
 
     started = time.perf_counter()
     llm = edgellm.load(model, threads=threads)
     load_s = time.perf_counter() - started
-    session = llm.session
-    forward = session.forward
-    rows: list[np.ndarray] = []
-
-    def recording_forward(token_ids, keep=1):  # the generator picks each token from the last row of a call
-        logits = forward(token_ids, keep)
-        rows.append(np.array(logits[-1], dtype=np.float32))
-        return logits
-
-    session.forward = recording_forward
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     results = []
     for prompt in PROMPTS:
-        llm.reset()
-        rows.clear()
-        messages = [{"role": "user", "content": prompt}]
-        result = llm.generate(messages, params)
-        ids = list(result.token_ids)
-        chosen = np.stack(rows[-len(ids):])  # the prefill's last call, then one call per fed-back token
-        if [int(i) for i in chosen.argmax(-1)] != ids:
-            raise SystemExit(f"recorded logits do not match the generated ids for {prompt!r}: the generator changed; "
-                             "fix the recording in scripts/arm64/greedy_check.py")
-        top2 = np.sort(chosen, axis=-1)[:, -2:]
-        results.append({
-            "prompt": prompt, "prompt_ids": llm.encode(messages), "ids": ids,
-            "margins": [round(float(m), 5) for m in top2[:, 1] - top2[:, 0]],
-            "prefill_ms": round(result.timings.prefill_ms, 1),
-            "decode_ms_per_token": round(result.timings.decode_ms_per_token, 1),
-        })
-        print(f"{platform.machine()}: {prompt[:40]!r}: {result.timings.decode_ms_per_token:.0f} ms/token",
-              file=sys.stderr, flush=True)
-    report = {"machine": platform.machine(), "python": platform.python_version(), "packages": versions(),
-              "cpu": cpu_info(), "threads": threads, "model": str(model), "new_tokens": new_tokens,
-              "load_s": round(load_s, 2), "wall_s": round(time.perf_counter() - started, 1), "prompts": results}
+        ids = llm.encode([{"role": "user", "content": prompt}])
+        run = greedy(llm.session, ids, new_tokens, record=True)  # no EOS ids: exactly new_tokens tokens
+        results.append({"prompt": prompt, "prompt_ids": ids, "ids": run.tokens,
+                        "margins": [round(float(m), 5) for m in run.margins],
+                        "prefill_ms": round(run.prefill_ms, 1), "decode_ms_per_token": round(run.decode_ms_per_token, 1)})
+        print(f"{os.uname().machine}: {prompt[:40]!r}: {run.decode_ms_per_token:.0f} ms/token", file=sys.stderr,
+              flush=True)
+    report = {"machine": asdict(machine()), "versions": versions(), "threads": threads, "model": str(model),
+              "new_tokens": new_tokens, "load_s": round(load_s, 2), "wall_s": round(time.perf_counter() - started, 1),
+              "prompts": results}
     out.write_text(json.dumps(report, indent=1))
 
 
@@ -141,64 +95,48 @@ def junit_counts(path: Path | None) -> dict:
             "seconds": float(suite.get("time", 0))}
 
 
-def git_revision(repo: Path) -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev + ("+dirty" if dirty else "")
-
-
 def compare(x86_path: Path, arm_path: Path, out: Path, junit: Path | None, walls: list[str]) -> int:
+    from edgellm.record import Recorder, Table
+
     x86, arm = json.loads(x86_path.read_text()), json.loads(arm_path.read_text())
     if x86["new_tokens"] != arm["new_tokens"] or len(x86["prompts"]) != len(arm["prompts"]):
         raise SystemExit(f"{x86_path} and {arm_path} come from different settings: re-run both")
     rows = [verdict(a, b) for a, b in zip(x86["prompts"], arm["prompts"])]
     tests = junit_counts(junit)
-    wall = {}
-    for item in walls:
-        name, _, seconds = item.partition("=")
-        wall[name] = float(seconds)
-    results = {
-        "command": " ".join(["bash", "scripts/test_arm64.sh"]),
-        "git_revision": git_revision(Path(__file__).resolve().parents[2]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": {"cpu": cpu_info(), "loadavg": list(os.getloadavg()), "packages": x86["packages"],
-                 "python": x86["python"]},
-        "arm64": {"machine": arm["machine"], "cpu_as_emulated": arm["cpu"], "packages": arm["packages"],
-                  "python": arm["python"], "threads": arm["threads"], "load_s": arm["load_s"],
-                  "emulator": os.environ.get("ARM64_EMULATOR", "")},
-        "model": x86["model"], "new_tokens": x86["new_tokens"], "margin_threshold": MARGIN,
-        "prompts": rows, "runtime_tests": tests, "wall_s": wall,
-    }
-    text = json.dumps(results, indent=1)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
-    print(re.sub(r"\[[^\[\]{}]*\]", lambda m: " ".join(m.group(0).split()), text))  # lists of numbers on one line
+    wall = {name: float(seconds) for name, _, seconds in (item.partition("=") for item in walls)}
+    emulator = os.environ.get("ARM64_EMULATOR", "")
+    table = Table(["prompt", f"x86-64 vs arm64 (greedy, {x86['new_tokens']} tokens)", "arm64 ms/token (emulated)"],
+                  [[r["prompt"], ("FAILED: " if r["status"] == "failed" else "") + r["detail"],
+                    r["arm64_decode_ms_per_token"]] for r in rows])
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("identical", "near-tie", "failed")}
+    recorder = Recorder("test_arm64", parameters={
+        "new_tokens": x86["new_tokens"], "margin_threshold": MARGIN, "model": x86["model"],
+        "threads": arm["threads"], "emulator": emulator, "qemu_cpu": os.environ.get("ARM64_CPU") or "max"},
+        command="bash scripts/test_arm64.sh",
+        **({"started_utc": os.environ["ARM64_STARTED_UTC"]} if os.environ.get("ARM64_STARTED_UTC") else {}))
+    recorder.write(out, samples={"x86_64": x86, "aarch64": arm},
+                   summary={"prompts": counts, "verdicts": [{k: r[k] for k in r if not k.endswith(("_ids", "_margins"))}
+                                                            for r in rows],
+                            "runtime_tests_arm64": tests, "wall_s": wall,
+                            "arm64_versions": arm["versions"], "arm64_machine": arm["machine"]},
+                   table=table, notes="arm64 runs under qemu user-mode emulation: its ms/token is not a speed figure")
+    text = out.read_text()
+    print(re.sub(r"\[[^\[\]{}]*\]", lambda m: " ".join(m.group(0).split()), text))  # number lists on one line
 
     width = 44
-    print(f"\n{'prompt':<{width}}  {'x86-64 vs arm64 (greedy, ' + str(x86['new_tokens']) + ' tokens)':<58}  "
-          "arm64 ms/token")
-    for row in rows:
-        prompt = row["prompt"] if len(row["prompt"]) <= width else row["prompt"][:width - 3] + "..."
-        flag = "" if row["status"] != "failed" else "FAILED: "
-        print(f"{prompt:<{width}}  {flag + row['detail']:<58}  {row['arm64_decode_ms_per_token']:>8.0f}")
-    identical = sum(r["status"] == "identical" for r in rows)
-    ties = sum(r["status"] == "near-tie" for r in rows)
-    bad = sum(r["status"] == "failed" for r in rows)
-    print(f"real model: {identical} identical, {ties} diverged at a near-tie, {bad} failed "
-          f"(onnxruntime {arm['packages']['onnxruntime']} aarch64 under {results['arm64']['emulator'] or 'emulation'})")
+    print(f"\n{table.columns[0]:<{width}}  {table.columns[1]:<58}  arm64 ms/token")
+    for prompt, detail, ms in table.rows:
+        prompt = prompt if len(prompt) <= width else prompt[:width - 3] + "..."
+        print(f"{prompt:<{width}}  {detail:<58}  {ms:>8.0f}")
+    print(f"real model: {counts['identical']} identical, {counts['near-tie']} diverged at a near-tie, "
+          f"{counts['failed']} failed (onnxruntime {arm['versions']['onnxruntime']} aarch64 under "
+          f"{emulator or 'emulation'}, CPU {os.environ.get('ARM64_CPU') or 'max'})")
     print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in wall.items()))
     print(f"runtime tests on arm64: {tests['passed']} passed, {tests['failed']} failed")
     print(f"results: {out}")
-    passed, failed = tests["passed"] + identical + ties, tests["failed"] + bad
-    total_s = wall.get("total", sum(wall.values()))
+    passed, failed = tests["passed"] + counts["identical"] + counts["near-tie"], tests["failed"] + counts["failed"]
     # The closing line reads like pytest's, counting each prompt as one check.
-    print(f"{str(failed) + ' failed, ' if failed else ''}{passed} passed in {total_s:.2f}s")
+    print(f"{str(failed) + ' failed, ' if failed else ''}{passed} passed in {wall.get('total', 0):.2f}s")
     return 1 if failed else 0
 
 
