@@ -80,7 +80,11 @@ mkdir -p "$WORK"
 exec 9>"$CACHE/arm64.lock"
 flock -n 9 || die "another scripts/test_arm64.sh holds $CACHE/arm64.lock. Fix: wait for it to finish."
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+on_signal() {  # stop what runs in the root (it is ours), then the EXIT trap unmounts
+  if [ -n "${CHILD:-}" ]; then kill -TERM "$CHILD" 2>/dev/null || true; wait "$CHILD" 2>/dev/null || true; fi
+  exit 130
+}
+trap on_signal INT TERM
 cleanup  # mounts a killed earlier run may have left
 
 # ---- 1. emulator --------------------------------------------------------------------------------------------------
@@ -170,7 +174,15 @@ ROOT_ENV=(HOME=/root LANG=C.UTF-8 PATH=$VENV/bin:/usr/local/bin:/usr/bin:/bin:/u
 [ -n "${ARM64_CPU:-}" ] && ROOT_ENV+=("QEMU_CPU=$ARM64_CPU")  # e.g. cortex-a76 (Raspberry Pi 5); default: qemu's max
 [ -n "${ARM64_CPU:-}" ] && ROOT_ENV+=("QEMU_CPU=$ARM64_CPU")  # read by qemu at each exec in the root
 while IFS= read -r line; do ROOT_ENV+=("$line"); done < <(env | grep -E '^(PIP_[A-Z_]*|https?_proxy|HTTPS?_PROXY|no_proxy|NO_PROXY)=' || true)
-in_root() { chroot "$ROOT" /usr/bin/env -i "${ROOT_ENV[@]}" "$@"; }
+CHILD=""
+in_root() {  # run a command in the root; in the background, so that INT/TERM reach the trap at once
+  local rc=0
+  chroot "$ROOT" /usr/bin/env -i "${ROOT_ENV[@]}" "$@" &
+  CHILD=$!
+  wait "$CHILD" || rc=$?
+  CHILD=""
+  return "$rc"
+}
 bind_ro() {  # bind_ro HOST_PATH ROOT_PATH
   mkdir -p "$ROOT$2"
   mount --bind "$1" "$ROOT$2" && mount -o remount,bind,ro "$ROOT$2"
