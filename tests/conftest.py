@@ -72,6 +72,17 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     return build_tiny_hf_model(tmp_path_factory.mktemp("tiny-hf") / "tiny-llama")
 
 
+# onnxruntime's own CPU-detection messages (its cpuinfo library), printed at import where it cannot read the CPU's
+# topology: on some ARM boards, and always in the arm64 root of scripts/test_arm64.sh (no /sys under emulation).
+ORT_PLATFORM_MESSAGES = ("Error in cpuinfo:", "onnxruntime cpuid_info warning:",
+                         "onnxruntime warning: cpuinfo_initialize failed")
+
+
+def app_stderr_lines(stderr: str) -> list[str]:
+    """A subprocess's non-blank stderr lines, less onnxruntime's CPU-detection messages: what edgellm printed."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(ORT_PLATFORM_MESSAGES)]
+
+
 # The draft model of the speculative tests: a different random model with the same tokenizer.
 DRAFT_LAYERS, DRAFT_SEED = 1, 1
 

@@ -12,6 +12,7 @@ from edgellm.errors import ModelFormatError
 from edgellm.manifest import BENCHMARKS_NAME, read_manifest, verify_checksums
 from edgellm.runtime.benchmarks import DeviceBenchmark, save_benchmark
 from edgellm.runtime.device import cpu_model
+from tests.conftest import app_stderr_lines
 
 
 def cli(*args):
@@ -82,7 +83,8 @@ def test_a_damaged_results_file_is_one_clear_error(model_copy):
     with pytest.raises(ModelFormatError, match="is not a valid benchmarks file .* Fix: delete it"):
         edgellm.read_benchmarks(model_copy)
     done = cli("info", str(model_copy))
-    assert done.returncode == 1 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
+    lines = app_stderr_lines(done.stderr)
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
 
 
 def test_save_refuses_a_draft_setup_before_running(model_copy):

@@ -18,7 +18,7 @@ from edgellm.contract import GraphOptions
 from edgellm.errors import InvalidParameterError, ModelFormatError, ProviderError
 from edgellm.manifest import read_manifest, verify_checksums
 from edgellm.runtime.session import DecoderSession, resolve_providers
-from tests.conftest import cuda_available
+from tests.conftest import app_stderr_lines, cuda_available
 
 PROMPTS = ["The garden in spring", "Once upon a time", "Water boils at", "My favourite food is", "Tell me about"]
 CPU_ONLY = pytest.mark.skipif(cuda_available(), reason="describes a CPU-only onnxruntime; tests/gpu/ covers this one")
@@ -90,7 +90,7 @@ def test_gpu_folder_on_cpu_only_install_warns_once(tiny_cuda_dir):
     done = subprocess.run([sys.executable, "-m", "edgellm.cli", "generate", "-m", str(tiny_cuda_dir), "--raw",
                            "--max-new-tokens", "4", "Once upon"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    lines = app_stderr_lines(done.stderr)
     assert len(lines) == 1, lines
     assert "converted for NVIDIA GPUs" in lines[0] and "CPUExecutionProvider" in lines[0]
     assert "onnxruntime-gpu" in lines[0] and "--target cpu" in lines[0]
