@@ -213,12 +213,13 @@ pip_config_into_root() {
 }
 
 # ---- 3. the venv: core deps at the x86 venv's versions, and this checkout's edgellm -------------------------------
-# Test-only additions: pytest, and onnx (tests/runtime/test_gpu_target.py reads graphs with it). Not torch.
+# The core and the [constrained] extra (llguidance); test-only: pytest, jsonschema, and onnx (test_gpu_target.py
+# reads graphs with it). Never torch.
 t=$(date +%s)
 mkdir -p "$ROOT/work"
 "$HOST_PY" - > "$WORK/pins.txt" <<'EOF'
 from importlib import metadata
-for name in ("onnxruntime", "numpy", "tokenizers", "pytest", "onnx"):
+for name in ("onnxruntime", "numpy", "tokenizers", "llguidance", "pytest", "onnx", "jsonschema"):
     print(f"{name}=={metadata.version(name)}")
 EOF
 rm -rf "$WORK/wheel" "$WORK/src"
@@ -235,7 +236,7 @@ if [ "$(cat "$ROOT$VENV/.edgellm-deps" 2>/dev/null)" != "$DEPS_STAMP" ]; then
   pip_config_into_root
   for path in "${PIP_BINDS[@]}"; do bind_ro "$path" "$path" || die "cannot bind-mount $path into the root."; done
   # (pip warns about every project a secondary local index lacks: noise, filtered)
-  in_root python -m pip install -q -c /work/wheel/pins.txt "/work/wheel/$(basename "$WHEEL")" pytest onnx 2>&1 \
+  in_root python -m pip install -q -c /work/wheel/pins.txt "/work/wheel/$(basename "$WHEEL")[constrained]" pytest onnx jsonschema 2>&1 \
     | { grep -v "is ignored: it is neither a file nor a directory" || true; } \
     || die "pip install in the arm64 root failed (see above)."
   for path in "${PIP_BINDS[@]}"; do unmount_under "$ROOT$path"; done
