@@ -18,6 +18,12 @@ On a CPU a (k+1)-token pass costs more than a 1-token one, so speculation pays o
 are accepted. The session measures its acceptance rate and the pass times as it goes, picks the k with
 the best expected tokens per second, and decodes plainly when no k beats plain decoding (probing now
 and then, in case the text becomes easier to predict).
+
+The model of the cost cannot see everything (a multi-token pass that takes a slower kernel, drafts that
+are found but rejected, the generator's own work per token), so the session also clocks what each mode
+really delivers: the wall time from one decode call to the next, per token, while speculating and
+while not. Once both are known, it speculates only while the realized speculative time per token beats
+the realized plain one by the margin ("speculation never costs": at worst a probe now and then).
 """
 
 from __future__ import annotations
@@ -91,6 +97,8 @@ class PromptLookupDrafter:
 
 MIN_PLAIN_SAMPLES = 3
 MAX_PROMPT_INTERVAL = 8  # while off, probe at least on every 8th new prompt
+MIN_REALIZED_TOKENS = 6  # tokens timed in a mode before its realized rate may overrule the cost model
+REALIZED_MEMORY = 0.9    # forgetting factor per token of the realized ms/token estimates (~10-token window)
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,8 @@ class SpeculationStats:
     plain_ms: float         # measured mean of one plain step
     verify_ms_per_extra_token: float
     draft_ms_per_token: float
+    realized_ms_per_token_speculating: float = math.nan  # wall per token, decode call to decode call
+    realized_ms_per_token_plain: float = math.nan
 
 
 class SpeculativeSession:
@@ -148,6 +158,10 @@ class SpeculativeSession:
         # Set by the generator for a constrained reply: (drafts, k) -> the drafts the grammar allows, plus the
         # tokens it forces after them. Drafts it forbids could never be sampled, so they are not verified.
         self.draft_filter: Callable[[list[int], int], list[int]] | None = None
+        # Realized wall ms per token in each mode, from one decode call to the next (generator work included).
+        self._last_call: tuple[float, bool] | None = None  # (time of the last decode call, was it speculative)
+        self._realized = {True: [0.0, 0.0], False: [0.0, 0.0]}  # mode -> [weighted ms sum, weight]
+        self._realized_tokens = {True: 0, False: 0}
 
     # --- the DecoderSession interface ---------------------------------------------------------------
     @property
@@ -177,12 +191,17 @@ class SpeculativeSession:
 
     def forward(self, token_ids: Sequence[int], keep: int = 1) -> np.ndarray:
         decode_step = len(token_ids) == 1 and keep == 1
+        now = time.perf_counter()
+        if decode_step and self._last_call is not None:
+            self._learn_realized(self._last_call[1], (now - self._last_call[0]) * 1000)
+        self._last_call = None
         if decode_step and self._pending:
             token, row = self._pending[0]
             if token == int(token_ids[0]):
                 self._pending.popleft()
                 self._accepted += 1
                 self._acc += 1
+                self._last_call = (now, True)
                 return row
             self._rej += 1  # the generator went another way: the chain from here on is dropped below
             self._rejected += 1
@@ -207,22 +226,43 @@ class SpeculativeSession:
         drafted_at = time.perf_counter()
         draft_ms = (drafted_at - started) * 1000 - getattr(self.drafter, "sync_ms", 0.0)
         if not drafts or self.length + 1 + len(drafts) > self.capacity:
-            return self._plain_step(token_ids)
+            # No draft: a plain step, but one that paid for looking; its time counts against speculating.
+            return self._plain_step(token_ids, started=now, speculative=True)
         rows = self.target.forward([int(token_ids[0]), *drafts], keep=len(drafts) + 1)
         done = time.perf_counter()
         self._learn_cycle(len(drafts), draft_ms, (done - drafted_at) * 1000)
         self._pending.extend(zip(drafts, rows[1:, None, :]))
         self._drafted += len(drafts)
+        self._last_call = (now, True)
         return rows[:1]
 
     # --- adaptation ---------------------------------------------------------------------------------
-    def _plain_step(self, token_ids: Sequence[int]) -> np.ndarray:
-        started = time.perf_counter()
+    def _plain_step(self, token_ids: Sequence[int], started: float | None = None,
+                    speculative: bool = False) -> np.ndarray:
+        began = time.perf_counter()
         logits = self.target.forward(token_ids, keep=1)
-        self._plain_samples.append((time.perf_counter() - started) * 1000)
+        self._plain_samples.append((time.perf_counter() - began) * 1000)
         self._plain_ms = float(np.median(self._plain_samples))  # a median: one slow step must not decide k
         self._plain += 1
+        self._last_call = (began if started is None else started, speculative)
         return logits
+
+    def _learn_realized(self, speculative: bool, ms: float) -> None:
+        entry = self._realized[speculative]
+        entry[0] = REALIZED_MEMORY * entry[0] + ms
+        entry[1] = REALIZED_MEMORY * entry[1] + 1.0
+        self._realized_tokens[speculative] += 1
+
+    def realized_ms_per_token(self, speculative: bool) -> float | None:
+        """Wall ms per generated token while (not) speculating, recent tokens weighted most; None until known."""
+        if self._realized_tokens[speculative] < MIN_REALIZED_TOKENS:
+            return None
+        total, weight = self._realized[speculative]
+        return total / weight
+
+    def _realized_says_no(self) -> bool:
+        spec, plain = self.realized_ms_per_token(True), self.realized_ms_per_token(False)
+        return spec is not None and plain is not None and spec * (1 + self.config.margin) > plain
 
     def _learn_cycle(self, k: int, draft_ms: float, verify_ms: float) -> None:
         self._cycles += 1
@@ -249,12 +289,12 @@ class SpeculativeSession:
     def _choose_k(self) -> int:
         if not self.config.adaptive:
             return self.config.max_draft
-        if len(self._plain_samples) < MIN_PLAIN_SAMPLES:
+        if len(self._plain_samples) < MIN_PLAIN_SAMPLES or self._realized_tokens[False] < MIN_REALIZED_TOKENS:
             return 0  # the first steps measure plain decoding
         if self._extra_ms is None:
             return self._k  # the first cycle measures verification
         best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup)
-        if self.expected_speedup(best_k) >= 1 + self.config.margin:
+        if self.expected_speedup(best_k) >= 1 + self.config.margin and not self._realized_says_no():
             self._k, self._off_steps, self._probe_interval = best_k, 0, self.config.probe_every
             self._prompt_interval = 1
             return best_k
@@ -281,7 +321,9 @@ class SpeculativeSession:
             tokens_per_pass=(passes + self._accepted) / passes if passes else 1.0,
             current_k=self._k, plain_ms=self._plain_ms or math.nan,
             verify_ms_per_extra_token=self._extra_ms if self._extra_ms is not None else math.nan,
-            draft_ms_per_token=self._draft_ms if self._draft_ms is not None else math.nan)
+            draft_ms_per_token=self._draft_ms if self._draft_ms is not None else math.nan,
+            realized_ms_per_token_speculating=self.realized_ms_per_token(True) or math.nan,
+            realized_ms_per_token_plain=self.realized_ms_per_token(False) or math.nan)
 
 
 def enable_speculation(llm, draft="prompt-lookup", config: SpeculativeConfig | None = None) -> SpeculativeSession:

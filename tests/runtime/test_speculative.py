@@ -140,3 +140,44 @@ def test_speculation_warns_unless_the_model_is_batch_invariant(tiny_fp32_dir, ti
         caplog.clear()
         enable_speculation(edgellm.load(tiny_int8_invariant_dir, threads=1), "prompt-lookup")
         assert caplog.text == ""
+
+
+class SlowSelfDrafter:
+    """A real drafter (the model itself, so nearly every draft is accepted) that is slow in a way the cost
+    model cannot see: it books its whole time as one-off cache catch-up (sync_ms), so the model believes
+    drafting is free and speculation a big win, while every cycle really costs the sleep."""
+
+    def __init__(self, session, sleep_s: float) -> None:
+        from edgellm.runtime.speculative import ModelDrafter
+
+        self.inner = ModelDrafter(session)
+        self.sleep_s = sleep_s
+        self.sync_ms = 0.0
+
+    def propose(self, context, k):
+        import time
+
+        started = time.perf_counter()
+        time.sleep(self.sleep_s)
+        drafts = self.inner.propose(context, k)
+        self.sync_ms = (time.perf_counter() - started) * 1000
+        return drafts
+
+
+def test_speculation_never_costs_what_the_cost_model_cannot_see(tiny_fp32_dir):
+    from edgellm.runtime.speculative import SpeculativeSession
+
+    llm = edgellm.load(tiny_fp32_dir, threads=1)
+    drafter = SlowSelfDrafter(edgellm.load(tiny_fp32_dir, threads=1).session, sleep_s=0.05)
+    session = SpeculativeSession(llm.session, drafter, SpeculativeConfig(probe_every=1000))
+    llm.session = session
+    expected = plain_tokens(tiny_fp32_dir, GREEDY)
+    params = edgellm.SamplingParams(max_new_tokens=120, temperature=0.0, ignore_eos=True)
+    got = [llm.generate(p, params).token_ids for p in PROMPTS]
+    assert [g[:40] for g in got] == expected
+    stats = session.stats
+    assert stats.cycles >= 1 and stats.acceptance_rate > 0.9  # the drafts are good ...
+    assert stats.draft_ms_per_token < 1.0  # ... and the cost model believes drafting is free ...
+    # ... but the realized time per token says otherwise, so it decodes plainly.
+    assert stats.realized_ms_per_token_speculating > 3 * stats.realized_ms_per_token_plain
+    assert stats.current_k == 0 and stats.plain_steps > 5 * stats.cycles
