@@ -164,12 +164,29 @@ class SlowSelfDrafter:
         return drafts
 
 
+class FixedLatencySession:
+    """The real tiny-model session with a fixed 5 ms added to every pass, like a device where one pass costs
+    the same for 1 or 7 tokens (memory-bound): there verification is nearly free, and drafting looks worth it."""
+
+    def __init__(self, inner, latency_s: float = 0.005) -> None:
+        self.inner, self.latency_s = inner, latency_s
+
+    def forward(self, token_ids, keep=1):
+        import time
+
+        time.sleep(self.latency_s)
+        return self.inner.forward(token_ids, keep)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 def test_speculation_never_costs_what_the_cost_model_cannot_see(tiny_fp32_dir):
     from edgellm.runtime.speculative import SpeculativeSession
 
     llm = edgellm.load(tiny_fp32_dir, threads=1)
     drafter = SlowSelfDrafter(edgellm.load(tiny_fp32_dir, threads=1).session, sleep_s=0.05)
-    session = SpeculativeSession(llm.session, drafter, SpeculativeConfig(probe_every=1000))
+    session = SpeculativeSession(FixedLatencySession(llm.session), drafter, SpeculativeConfig(probe_every=1000))
     llm.session = session
     expected = plain_tokens(tiny_fp32_dir, GREEDY)
     params = edgellm.SamplingParams(max_new_tokens=120, temperature=0.0, ignore_eos=True)
@@ -177,7 +194,8 @@ def test_speculation_never_costs_what_the_cost_model_cannot_see(tiny_fp32_dir):
     assert [g[:40] for g in got] == expected
     stats = session.stats
     assert stats.cycles >= 1 and stats.acceptance_rate > 0.9  # the drafts are good ...
-    assert stats.draft_ms_per_token < 1.0  # ... and the cost model believes drafting is free ...
+    assert stats.draft_ms_per_token < 1.0  # ... the cost model believes drafting is free ...
+    assert max(session.expected_speedup(k) for k in range(1, 7)) > 1.5  # ... and a big win ...
     # ... but the realized time per token says otherwise, so it decodes plainly.
-    assert stats.realized_ms_per_token_speculating > 3 * stats.realized_ms_per_token_plain
+    assert stats.realized_ms_per_token_speculating > stats.realized_ms_per_token_plain
     assert stats.current_k == 0 and stats.plain_steps > 5 * stats.cycles
