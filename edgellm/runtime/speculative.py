@@ -99,6 +99,7 @@ MIN_PLAIN_SAMPLES = 3
 MAX_PROMPT_INTERVAL = 8  # while off, probe at least on every 8th new prompt
 MIN_REALIZED_TOKENS = 6  # tokens timed in a mode before its realized rate may overrule the cost model
 REALIZED_MEMORY = 0.9    # forgetting factor per token of the realized ms/token estimates (~10-token window)
+# A veto is forgotten after this many plain steps (x probe_every), doubling after each retry that fails.
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,8 @@ class SpeculativeSession:
         self._last_call: tuple[float, bool] | None = None  # (time of the last decode call, was it speculative)
         self._realized = {True: [0.0, 0.0], False: [0.0, 0.0]}  # mode -> [weighted ms sum, weight]
         self._realized_tokens = {True: 0, False: 0}
+        self._since_speculating = 0  # plain steps since the last speculative token was timed
+        self._veto_interval = self.config.probe_every
 
     # --- the DecoderSession interface ---------------------------------------------------------------
     @property
@@ -239,6 +242,12 @@ class SpeculativeSession:
     # --- adaptation ---------------------------------------------------------------------------------
     def _plain_step(self, token_ids: Sequence[int], started: float | None = None,
                     speculative: bool = False) -> np.ndarray:
+        if not speculative and self._realized_tokens[True]:
+            self._since_speculating += 1
+            if self._since_speculating >= self._veto_interval:  # the text may have changed: let the cost model retry
+                self._realized[True] = [0.0, 0.0]
+                self._realized_tokens[True] = 0
+                self._veto_interval = min(2 * self._veto_interval, 16 * self.config.probe_every)
         began = time.perf_counter()
         logits = self.target.forward(token_ids, keep=1)
         self._plain_samples.append((time.perf_counter() - began) * 1000)
@@ -252,6 +261,8 @@ class SpeculativeSession:
         entry[0] = REALIZED_MEMORY * entry[0] + ms
         entry[1] = REALIZED_MEMORY * entry[1] + 1.0
         self._realized_tokens[speculative] += 1
+        if speculative:
+            self._since_speculating = 0
 
     def realized_ms_per_token(self, speculative: bool) -> float | None:
         """Wall ms per generated token while (not) speculating, recent tokens weighted most; None until known."""
@@ -294,7 +305,10 @@ class SpeculativeSession:
         if self._extra_ms is None:
             return self._k  # the first cycle measures verification
         best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup)
-        if self.expected_speedup(best_k) >= 1 + self.config.margin and not self._realized_says_no():
+        vetoed = self._realized_says_no()
+        if not vetoed and self.realized_ms_per_token(True) is not None:
+            self._veto_interval = self.config.probe_every  # speculation proved itself: retries after a veto stay quick
+        if self.expected_speedup(best_k) >= 1 + self.config.margin and not vetoed:
             self._k, self._off_steps, self._probe_interval = best_k, 0, self.config.probe_every
             self._prompt_interval = 1
             return best_k
