@@ -237,6 +237,12 @@ def default_cuda_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_int4_dir() -> Path:
+    """The real default model at int4 (mixed 4/8-bit), converted once per machine (about 3 minutes)."""
+    return _default_model(DEFAULT_MODEL_DIR.with_name(DEFAULT_MODEL_DIR.name + "-int4"), "int4")
+
+
+@pytest.fixture(scope="session")
 def default_fp32_dir() -> Path:
     """The real default model at fp32 (no quantization): the reference the int8 model is judged against."""
     return _default_model(DEFAULT_MODEL_DIR.with_name(DEFAULT_MODEL_DIR.name + "-fp32"), "fp32")

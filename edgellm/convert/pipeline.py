@@ -32,11 +32,11 @@ from .sources import LoadedModel, ResolvedSource, load_source, resolve_source
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("int8", "fp32", "fp16")
+PRECISIONS = ("int8", "int4", "fp32", "fp16")
 # What each target's graph can hold. cpu: fp32 activations, int8 MatMulNBits (MLAS int8 kernels) or fp32.
 # cuda: fp16 activations and KV cache (onnxruntime's CUDA GroupQueryAttention has fp16/bf16 kernels only),
 # weights int8 MatMulNBits (CUDA kernels for 4 and 8 bits) or dense fp16. See README "NVIDIA GPUs and Jetson".
-TARGET_PRECISIONS = {"cpu": ("int8", "fp32"), "cuda": ("int8", "fp16")}
+TARGET_PRECISIONS = {"cpu": ("int8", "int4", "fp32"), "cuda": ("int8", "fp16")}  # int4: mixed 4/8-bit
 TARGETS = tuple(TARGET_PRECISIONS)
 
 
@@ -70,6 +70,8 @@ class ConvertOptions:
     threads: int | None = None
     batch_invariant: bool = False  # logits independent of how tokens are batched (see graph.py); costs 3-20% decode
     draft_head: int | None = None  # a draft-only model: lm_head over the N most frequent chat tokens (draft_head.py)
+    int4_edge_blocks: int = 2      # int4: first and last N blocks stay 8-bit (with the lm_head/embedding)
+    int4_int8_projections: tuple[str, ...] = ("down_proj",)  # int4: these projections stay 8-bit in every block
     progress: bool = True
     validation: validate.ValidationSettings = field(default_factory=validate.ValidationSettings)
 
@@ -95,6 +97,12 @@ class ConvertOptions:
         if self.draft_head is not None and self.draft_head < 256:
             raise InvalidParameterError(f"draft_head={self.draft_head} is too small to draft with: it must be at "
                                         "least 256 (8192 keeps ~96% of what the default model says).")
+        if self.int4_edge_blocks < 0:
+            raise InvalidParameterError(f"int4_edge_blocks={self.int4_edge_blocks} must be 0 or more.")
+        bad = [p for p in self.int4_int8_projections if p not in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
+        if bad:
+            raise InvalidParameterError(f"int4_int8_projections {bad} are not projections; use qkv_proj, o_proj, "
+                                        "gate_up_proj or down_proj.")
         if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
             raise InvalidParameterError(f"smooth_alpha={self.smooth_alpha} must be in [0, 1] (0 = off).")
 
@@ -232,7 +240,25 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
     try:
         steps.step(f"quantize ({options.precision})")
         quantization: dict = {"scheme": "none"}
-        if options.precision == "int8":
+        if options.precision == "int4":
+            import onnx
+
+            from .quantize import ACCURACY_LEVEL, bits_by_layer, int8_keeps, quantize_int4
+
+            keep = int8_keeps(dims.num_layers, options.int4_edge_blocks, tuple(options.int4_int8_projections))
+            quantized = quantize_int4(onnx.load(str(fp32_path)), keep)
+            bits = bits_by_layer(quantized)
+            save_model(quantized, str(model_path))
+            quantization = {"scheme": "weight-only block-wise mixed 4/8-bit (onnxruntime MatMulNBits)", "bits": 4,
+                            "method": "round-to-nearest, uint4 zero points", "block_size": 32, "symmetric": False,
+                            "int8_rule": {"edge_blocks": options.int4_edge_blocks,
+                                          "projections": list(options.int4_int8_projections)},
+                            "accuracy_level": ACCURACY_LEVEL, "int8_layers": sorted(n for n, b in bits.items() if b == 8),
+                            "layers_4bit": sum(b == 4 for b in bits.values()),
+                            "layers_8bit": sum(b == 8 for b in bits.values()), "activations": activation,
+                            "embedding": "GatherBlockQuantized over the int8 lm_head (tied, stored once)",
+                            "smoothing": None}
+        elif options.precision == "int8":
             import onnx
 
             from .quantize import ACCURACY_LEVEL, quantize_int8

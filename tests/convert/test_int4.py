@@ -1,0 +1,111 @@
+"""--precision int4: mixed 4/8-bit MatMulNBits that passes its own (stated) gate and loads without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from edgellm.convert.pipeline import ConvertOptions, convert
+from edgellm.convert.validate import INT4_MAX_PPL_RATIO, INT4_MIN_AGREEMENT, ValidationSettings, limits_for
+from edgellm.errors import ValidationError
+
+
+from ..conftest import build_tiny_hf_model
+
+# A random tiny model is not trained on a 4-bit grid the way the default model's weights are, so it loses more
+# (measured: agreement ~0.73); its gate limits are stated here, looser than the shipped int4 limits
+# (INT4_MAX_PPL_RATIO, INT4_MIN_AGREEMENT), which the default model meets (tests/integration).
+TINY_LIMITS = {"int4_max_ppl_ratio": 1.15, "int4_min_agreement": 0.6}
+SETTINGS = ValidationSettings(heldout_tokens=256, window=128, consistency_tokens=24, **TINY_LIMITS)
+
+
+@pytest.fixture(scope="module")
+def tiny4_hf_dir(tmp_path_factory):
+    """A 4-block tiny model: blocks 1 and 2 go 4-bit, 0 and 3 stay 8-bit."""
+    return build_tiny_hf_model(tmp_path_factory.mktemp("tiny4-hf") / "tiny-llama", layers=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_int4_dir(tiny4_hf_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-int4") / "model"
+    convert(str(tiny4_hf_dir), out, ConvertOptions(precision="int4", progress=False, validation=SETTINGS))  # gated
+    return out
+
+
+def test_int4_passes_its_gate_and_states_its_limits(tiny_int4_dir):
+    manifest = json.loads((tiny_int4_dir / "edgellm.json").read_text())
+    assert manifest["precision"] == "int4"
+    v = manifest["validation"]
+    assert v["gate"]["passed"] and v["gate"]["enforced"]
+    assert v["gate"]["max_ppl_ratio"] == TINY_LIMITS["int4_max_ppl_ratio"]  # the manifest states the int4 limits
+    assert v["gate"]["min_agreement"] == TINY_LIMITS["int4_min_agreement"]
+    assert v["perplexity_ratio"] <= TINY_LIMITS["int4_max_ppl_ratio"]
+    assert v["greedy_agreement"] >= TINY_LIMITS["int4_min_agreement"]
+    q = manifest["quantization"]
+    assert q["bits"] == 4 and q["accuracy_level"] == 4 and q["int8_rule"] == {"edge_blocks": 1,
+                                                                               "projections": ["down_proj"]}
+    assert "lm_head" in q["int8_layers"] and "layers.0/qkv_proj" in q["int8_layers"]
+    # blocks 0 and 3 all 8-bit; blocks 1 and 2: down_proj 8-bit, the other 3 projections 4-bit; plus the lm_head
+    assert q["layers_4bit"] == 2 * 3 and q["layers_8bit"] == 2 * 4 + 2 + 1
+    assert "layers.1/down_proj" in q["int8_layers"] and "layers.1/gate_up_proj" not in q["int8_layers"]
+
+
+def test_int4_has_its_own_stated_limits():
+    assert limits_for("int4", ValidationSettings()) == (INT4_MAX_PPL_RATIO, INT4_MIN_AGREEMENT)
+    assert limits_for("int8", ValidationSettings()) == (ValidationSettings().max_ppl_ratio,
+                                                       ValidationSettings().min_agreement)
+
+
+def test_int4_graph_mixes_4_and_8_bit_blocks(tiny_int4_dir):
+    graph = onnx.load(str(tiny_int4_dir / "model.onnx"), load_external_data=False).graph
+    bits = {}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            assert attrs["accuracy_level"] == 4, node.name
+            bits[node.name.removesuffix(f"_Q{attrs['bits']}")] = attrs["bits"]
+    assert not [n.name for n in graph.node if n.op_type == "MatMul"]  # every projection is quantized
+    assert bits["lm_head"] == 8 and bits["layers.0/gate_up_proj"] == 8 and bits["layers.3/down_proj"] == 8
+    assert bits["layers.1/gate_up_proj"] == 4 and bits["layers.2/qkv_proj"] == 4 and bits["layers.2/down_proj"] == 8
+    assert any(n.op_type == "GatherBlockQuantized" for n in graph.node)
+
+
+def test_int4_rule_can_leave_only_the_head_8_bit(tiny_hf_dir, tmp_path):
+    out = tmp_path / "int4-all"
+    convert(str(tiny_hf_dir), out, ConvertOptions(precision="int4", progress=False, validation=SETTINGS,
+                                                  int4_edge_blocks=0, int4_int8_projections=(), gate=False))
+    q = json.loads((out / "edgellm.json").read_text())["quantization"]
+    assert q["int8_layers"] == ["lm_head"] and q["layers_4bit"] == 2 * 4  # 2 blocks x 4 projections
+
+
+def test_int4_gate_refuses_limits_it_cannot_meet(tiny4_hf_dir, tmp_path):
+    settings = ValidationSettings(heldout_tokens=256, window=128, consistency_tokens=24, int4_max_ppl_ratio=1.0,
+                                  int4_min_agreement=1.0)
+    # Limits no 4-bit model can meet (fp32's perplexity and every argmax exactly): refused, nothing written.
+    with pytest.raises(ValidationError, match="int4"):
+        convert(str(tiny4_hf_dir), tmp_path / "x", ConvertOptions(precision="int4", progress=False,
+                                                                    validation=settings))
+    assert not (tmp_path / "x").exists()
+
+
+def test_int4_refuses_an_unknown_projection():
+    from edgellm.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="up_proj"):
+        ConvertOptions(precision="int4", int4_int8_projections=("up_proj",))
+
+
+def test_int4_loads_and_generates_torch_free(tiny_int4_dir):
+    code = (
+        "import sys, edgellm\n"
+        f"llm = edgellm.load({str(tiny_int4_dir)!r}, threads=1)\n"
+        "r = llm.generate('hello there', edgellm.SamplingParams(max_new_tokens=8, ignore_eos=True))\n"
+        "assert len(r.token_ids) == 8, r\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"

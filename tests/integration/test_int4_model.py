@@ -1,0 +1,50 @@
+"""The default model at --precision int4: passes the stated int4 gate, answers like int8, loads torch-free."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import edgellm
+from edgellm import SamplingParams
+from edgellm.convert.validate import INT4_MAX_PPL_RATIO, INT4_MIN_AGREEMENT
+
+pytestmark = pytest.mark.integration
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_int4_manifest_states_and_passes_its_gate(default_int4_dir, default_model_dir):
+    m = json.loads((default_int4_dir / "edgellm.json").read_text())
+    v = m["validation"]
+    assert m["precision"] == "int4" and m["quantization"]["accuracy_level"] == 4
+    assert v["gate"]["passed"] and v["gate"]["enforced"]
+    assert v["gate"]["max_ppl_ratio"] == INT4_MAX_PPL_RATIO and v["gate"]["min_agreement"] == INT4_MIN_AGREEMENT
+    assert v["perplexity_ratio"] <= INT4_MAX_PPL_RATIO and v["greedy_agreement"] >= INT4_MIN_AGREEMENT
+    assert "lm_head" in m["quantization"]["int8_layers"] and m["quantization"]["layers_4bit"] >= 100
+    int8 = json.loads((default_model_dir / "edgellm.json").read_text())["validation"]
+    assert v["sizes_bytes"]["int4"] < 0.85 * int8["sizes_bytes"]["int8"]
+
+
+def test_int4_answers_and_never_imports_torch(default_int4_dir):
+    code = (
+        "import sys, edgellm\n"
+        f"llm = edgellm.load({str(default_int4_dir)!r}, threads=2)\n"
+        f"r = llm.generate({QUESTION!r}, edgellm.SamplingParams(max_new_tokens=24, temperature=0.0))\n"
+        "print(repr(r.text))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    text, imported = done.stdout.strip().splitlines()[-2:]
+    assert "Paris" in text
+    assert imported == "[]"
+
+
+def test_int4_stream_equals_generate(default_int4_dir):
+    llm = edgellm.load(default_int4_dir, threads=2)
+    params = SamplingParams(max_new_tokens=16, temperature=0.7, seed=3)
+    llm.reset()
+    whole = llm.generate(QUESTION, params)
+    llm.reset()
+    stream = llm.stream(QUESTION, params)
+    assert "".join(c.text for c in stream) == whole.text and stream.result.token_ids == whole.token_ids
