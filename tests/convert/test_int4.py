@@ -25,8 +25,8 @@ SETTINGS = ValidationSettings(heldout_tokens=256, window=128, consistency_tokens
 
 @pytest.fixture(scope="module")
 def tiny4_hf_dir(tmp_path_factory):
-    """A 4-block tiny model: blocks 1 and 2 go 4-bit, 0 and 3 stay 8-bit."""
-    return build_tiny_hf_model(tmp_path_factory.mktemp("tiny4-hf") / "tiny-llama", layers=4)
+    """A 6-block tiny model: blocks 2 and 3 go (mostly) 4-bit, 0, 1, 4 and 5 stay 8-bit."""
+    return build_tiny_hf_model(tmp_path_factory.mktemp("tiny4-hf") / "tiny-llama", layers=6)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +46,12 @@ def test_int4_passes_its_gate_and_states_its_limits(tiny_int4_dir):
     assert v["perplexity_ratio"] <= TINY_LIMITS["int4_max_ppl_ratio"]
     assert v["greedy_agreement"] >= TINY_LIMITS["int4_min_agreement"]
     q = manifest["quantization"]
-    assert q["bits"] == 4 and q["accuracy_level"] == 4 and q["int8_rule"] == {"edge_blocks": 1,
+    assert q["bits"] == 4 and q["accuracy_level"] == 4 and q["int8_rule"] == {"edge_blocks": 2,
                                                                                "projections": ["down_proj"]}
-    assert "lm_head" in q["int8_layers"] and "layers.0/qkv_proj" in q["int8_layers"]
-    # blocks 0 and 3 all 8-bit; blocks 1 and 2: down_proj 8-bit, the other 3 projections 4-bit; plus the lm_head
-    assert q["layers_4bit"] == 2 * 3 and q["layers_8bit"] == 2 * 4 + 2 + 1
-    assert "layers.1/down_proj" in q["int8_layers"] and "layers.1/gate_up_proj" not in q["int8_layers"]
+    assert "lm_head" in q["int8_layers"] and "layers.1/qkv_proj" in q["int8_layers"]
+    # blocks 0, 1, 4, 5 all 8-bit; blocks 2 and 3: down_proj 8-bit, the other 3 projections 4-bit; plus the lm_head
+    assert q["layers_4bit"] == 2 * 3 and q["layers_8bit"] == 4 * 4 + 2 + 1
+    assert "layers.2/down_proj" in q["int8_layers"] and "layers.2/gate_up_proj" not in q["int8_layers"]
 
 
 def test_int4_has_its_own_stated_limits():
@@ -69,8 +69,8 @@ def test_int4_graph_mixes_4_and_8_bit_blocks(tiny_int4_dir):
             assert attrs["accuracy_level"] == 4, node.name
             bits[node.name.removesuffix(f"_Q{attrs['bits']}")] = attrs["bits"]
     assert not [n.name for n in graph.node if n.op_type == "MatMul"]  # every projection is quantized
-    assert bits["lm_head"] == 8 and bits["layers.0/gate_up_proj"] == 8 and bits["layers.3/down_proj"] == 8
-    assert bits["layers.1/gate_up_proj"] == 4 and bits["layers.2/qkv_proj"] == 4 and bits["layers.2/down_proj"] == 8
+    assert bits["lm_head"] == 8 and bits["layers.1/gate_up_proj"] == 8 and bits["layers.4/o_proj"] == 8
+    assert bits["layers.2/gate_up_proj"] == 4 and bits["layers.3/qkv_proj"] == 4 and bits["layers.3/down_proj"] == 8
     assert any(n.op_type == "GatherBlockQuantized" for n in graph.node)
 
 
