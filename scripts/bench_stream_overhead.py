@@ -10,7 +10,6 @@ request) and the same number of new tokens (EOS ignored):
   stream     LLM.stream() greedy, every chunk consumed (sampling, detokenizing, stop matching, chunks)
   stream+stop  the same with two stop strings that never match (stop matching holds text back each token)
   sampled    LLM.stream() with temperature 0.7, top_k 40, top_p 0.9, repetition_penalty 1.1, seed 0
-  old-detok  (--old-detok) the stream with the previous detokenizer (two tokenizer.decode windows per token)
 
 The time inside onnxruntime (run_with_iobinding) is clocked apart in every run, so "outside the model,
 ms/token" = (wall - time in onnxruntime) / tokens: the generator's own cost. Its CPU twin counts the calling
@@ -28,7 +27,7 @@ import time
 import edgellm
 from edgellm.bench import BENCH_MESSAGES
 from edgellm.record import Recorder, Table
-from edgellm.runtime import generator, measure
+from edgellm.runtime import measure
 
 
 class ClockedSession:
@@ -53,39 +52,12 @@ class ClockedSession:
         return getattr(self.inner, name)
 
 
-class OldIncrementalDecoder:
-    """The detokenizer before DecodeStream: decode a prefix window and a full window per token."""
-
-    def __init__(self, tokenizer, context=()) -> None:
-        self.tokenizer = tokenizer
-        self.tokens = list(context[-6:])
-        self._prefix_offset = 0
-        self._read_offset = len(self.tokens)
-
-    def add(self, token_id: int) -> str:
-        self.tokens.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.tokens[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-        full = decode(self.tokens[self._prefix_offset:], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self._prefix_offset, self._read_offset = self._read_offset, len(self.tokens)
-            return full[len(prefix):].replace("\ufffd", "")
-        return ""
-
-    def flush(self) -> str:
-        prefix = self.tokenizer.decode(self.tokens[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(self.tokens[self._prefix_offset:], skip_special_tokens=True)
-        self._read_offset = len(self.tokens)
-        return full[len(prefix):].replace("\ufffd", "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", default=".cache/models/smollm2-135m-instruct")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--old-detok", action="store_true", help="also time the previous two-window detokenizer")
     parser.add_argument("--out", default="benchmarks/stream_overhead.json")
     args = parser.parse_args()
     recorder = Recorder("bench_stream_overhead", parameters=vars(args))
@@ -100,22 +72,16 @@ def main() -> None:
                                    stop=("<never-stop-1>", "\n\nUser:::"))
     sampled = edgellm.SamplingParams(max_new_tokens=n, temperature=0.7, top_k=40, top_p=0.9,
                                      repetition_penalty=1.1, seed=0, ignore_eos=True)
-    new_decoder = generator.IncrementalDecoder
-
     def probe() -> tuple[float, float]:
         run = measure.greedy(llm.session, ids, n)
         return run.decode_ms_per_token, run.prefill_ms + run.decode_ms
 
-    def streamed(params, decoder=new_decoder):
+    def streamed(params):
         def go() -> tuple[float, float]:
             llm.reset()
-            generator.IncrementalDecoder = decoder
-            try:
-                stream = llm.stream(ids, params)
-                for _ in stream:
-                    pass
-            finally:
-                generator.IncrementalDecoder = new_decoder
+            stream = llm.stream(ids, params)
+            for _ in stream:
+                pass
             t = stream.result.timings
             if t.generated_tokens != n:
                 raise RuntimeError(f"made {t.generated_tokens} tokens, not {n}")
@@ -124,8 +90,6 @@ def main() -> None:
 
     variants = {"probe": probe, "stream": streamed(greedy), "stream+stop": streamed(stops),
                 "sampled": streamed(sampled)}
-    if args.old_detok:
-        variants["old-detok"] = streamed(greedy, OldIncrementalDecoder)
     for fn in variants.values():  # warm-up
         fn()
     samples = {name: {"decode_ms_per_token": [], "outside_model_ms_per_token": [],
