@@ -77,9 +77,9 @@ def main() -> None:
                          "decode_vs_int8_median": round(ratio, 3)}
         rows.append([name, summary[name]["perplexity_vs_fp32"], summary[name]["greedy_agreement"], round(ratio, 3)])
     summary["fp32_perplexity"] = round(reference.perplexity, 3)
-    table = Table(["scheme", "held-out perplexity × fp32", "greedy agreement", "decode × int8"], rows,
-                  caption=f"{m.name}, {args.threads} threads, 2048 held-out tokens in windows of 512")
-    recorder.write(args.out, samples=speed, summary=summary, table=table)
+    table = Table(["scheme", "held-out perplexity × fp32", "greedy agreement", "decode × int8"], rows)
+    recorder.write(args.out, samples=speed, summary=summary, table=table,
+                   notes=f"{m.name}, {args.threads} threads, 2048 held-out tokens in windows of 512")
     print(table.markdown())
 
 

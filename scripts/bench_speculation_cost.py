@@ -94,9 +94,10 @@ def main() -> None:
     summary["controller_unguarded"] = unguarded.speculation
     table = Table(["prompt", "plain ms/token", f"--draft {args.draft} ms/token", "draft / plain (median of rounds)",
                    "before: cost model alone / plain"],
-                  rows, caption=f"{drafted.manifest.name} {drafted.manifest.precision}, {args.threads} threads, "
-                                f"{args.new_tokens} greedy tokens, {args.rounds} rounds")
-    recorder.write(args.out, samples=samples, summary=summary, table=table)
+                  rows)  # no caption: docs paste the bare table
+    recorder.write(args.out, samples=samples, summary=summary, table=table,
+                   notes=f"{drafted.manifest.name} {drafted.manifest.precision}, {args.threads} threads, "
+                         f"{args.new_tokens} greedy tokens, {args.rounds} rounds")
     print(table.markdown())
     print(stats)
 
