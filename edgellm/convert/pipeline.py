@@ -246,7 +246,9 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
             from .quantize import ACCURACY_LEVEL, bits_by_layer, int8_keeps, quantize_int4
 
             keep = int8_keeps(dims.num_layers, options.int4_edge_blocks, tuple(options.int4_int8_projections))
-            quantized = quantize_int4(onnx.load(str(fp32_path)), keep)
+            tied = bool(getattr(loaded.model.config, "tie_word_embeddings", False))
+            quantized = quantize_int4(onnx.load(str(fp32_path)), keep, tied=tied)
+            retied = any(n.op_type == "GatherBlockQuantized" for n in quantized.graph.node)
             bits = bits_by_layer(quantized)
             save_model(quantized, str(model_path))
             quantization = {"scheme": "weight-only block-wise mixed 4/8-bit (onnxruntime MatMulNBits)", "bits": 4,
@@ -256,7 +258,8 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
                             "accuracy_level": ACCURACY_LEVEL, "int8_layers": sorted(n for n, b in bits.items() if b == 8),
                             "layers_4bit": sum(b == 4 for b in bits.values()),
                             "layers_8bit": sum(b == 8 for b in bits.values()), "activations": activation,
-                            "embedding": "GatherBlockQuantized over the int8 lm_head (tied, stored once)",
+                            "embedding": "GatherBlockQuantized over the int8 lm_head (tied, stored once)" if retied
+                            else "fp32 table (the source does not tie it to the lm_head)",
                             "smoothing": None}
         elif options.precision == "int8":
             import onnx

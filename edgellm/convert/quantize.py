@@ -142,7 +142,7 @@ def int8_keeps(num_layers: int, edge_blocks: int = INT4_EDGE_BLOCKS,
 
 
 def quantize_int4(model: onnx.ModelProto, keep_int8: list[str], block_size: int = INT4_BLOCK_SIZE,
-                  accuracy_level: int = ACCURACY_LEVEL) -> onnx.ModelProto:
+                  accuracy_level: int = ACCURACY_LEVEL, tied: bool = False) -> onnx.ModelProto:
     """Mixed 4/8-bit weight-only copy of an fp32 decoder built by edgellm.convert.graph.
 
     MatMuls not in keep_int8 become 4-bit MatMulNBits, block-wise, asymmetric with uint4 zero points (onnxruntime's
@@ -161,7 +161,8 @@ def quantize_int4(model: onnx.ModelProto, keep_int8: list[str], block_size: int 
                                      accuracy_level=accuracy_level, nodes_to_exclude=list(keep_int8),
                                      algo_config=config)
     quantizer.process()
-    return quantize_int8(quantizer.model.model, BLOCK_SIZE, accuracy_level)  # the remaining MatMuls, and the tie
+    # the remaining MatMuls at 8 bits, and the embedding re-tied to the int8 lm_head when the source ties them
+    return quantize_int8(quantizer.model.model, BLOCK_SIZE, accuracy_level, tied=tied)
 
 
 def bits_by_layer(model: onnx.ModelProto) -> dict[str, int]:

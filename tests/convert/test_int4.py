@@ -10,7 +10,8 @@ import onnx
 import pytest
 
 from edgellm.convert.pipeline import ConvertOptions, convert
-from edgellm.convert.validate import INT4_MAX_PPL_RATIO, INT4_MIN_AGREEMENT, ValidationSettings, limits_for
+from edgellm.convert.validate import INT4_THRESHOLDS, ValidationSettings
+from edgellm.validation import Thresholds
 from edgellm.errors import ValidationError
 
 
@@ -18,9 +19,9 @@ from ..conftest import build_tiny_hf_model
 
 # A random tiny model is not trained on a 4-bit grid the way the default model's weights are, so it loses more
 # (measured: agreement ~0.73); its gate limits are stated here, looser than the shipped int4 limits
-# (INT4_MAX_PPL_RATIO, INT4_MIN_AGREEMENT), which the default model meets (tests/integration).
-TINY_LIMITS = {"int4_max_ppl_ratio": 1.15, "int4_min_agreement": 0.6}
-SETTINGS = ValidationSettings(heldout_tokens=256, window=128, consistency_tokens=24, **TINY_LIMITS)
+# (INT4_THRESHOLDS), which the default model meets (tests/integration).
+TINY = Thresholds(max_ppl_ratio=1.15, min_agreement=0.6)
+SETTINGS = ValidationSettings(heldout_tokens=256, window=128, consistency_tokens=24, int4_thresholds=TINY)
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +42,8 @@ def test_int4_passes_its_gate_and_states_its_limits(tiny_int4_dir):
     assert manifest["precision"] == "int4"
     v = manifest["validation"]
     assert v["gate"]["passed"] and v["gate"]["enforced"]
-    assert v["gate"]["max_ppl_ratio"] == TINY_LIMITS["int4_max_ppl_ratio"]  # the manifest states the int4 limits
-    assert v["gate"]["min_agreement"] == TINY_LIMITS["int4_min_agreement"]
-    assert v["perplexity_ratio"] <= TINY_LIMITS["int4_max_ppl_ratio"]
-    assert v["greedy_agreement"] >= TINY_LIMITS["int4_min_agreement"]
+    assert v["gate"]["thresholds"] == TINY.to_dict()  # the manifest states the limits int4 was held to
+    assert v["perplexity_ratio"] <= TINY.max_ppl_ratio and v["greedy_agreement"] >= TINY.min_agreement
     q = manifest["quantization"]
     assert q["bits"] == 4 and q["accuracy_level"] == 4 and q["int8_rule"] == {"edge_blocks": 2,
                                                                                "projections": ["down_proj"]}
@@ -55,9 +54,9 @@ def test_int4_passes_its_gate_and_states_its_limits(tiny_int4_dir):
 
 
 def test_int4_has_its_own_stated_limits():
-    assert limits_for("int4", ValidationSettings()) == (INT4_MAX_PPL_RATIO, INT4_MIN_AGREEMENT)
-    assert limits_for("int8", ValidationSettings()) == (ValidationSettings().max_ppl_ratio,
-                                                       ValidationSettings().min_agreement)
+    settings = ValidationSettings()
+    assert settings.thresholds_for("int4") == INT4_THRESHOLDS and INT4_THRESHOLDS.max_ppl_ratio == 1.10
+    assert settings.thresholds_for("int8") == Thresholds() and Thresholds().max_ppl_ratio == 1.03
 
 
 def test_int4_graph_mixes_4_and_8_bit_blocks(tiny_int4_dir):
@@ -83,8 +82,8 @@ def test_int4_rule_can_leave_only_the_head_8_bit(tiny_hf_dir, tmp_path):
 
 
 def test_int4_gate_refuses_limits_it_cannot_meet(tiny4_hf_dir, tmp_path):
-    settings = ValidationSettings(heldout_tokens=256, window=128, consistency_tokens=24, int4_max_ppl_ratio=1.0,
-                                  int4_min_agreement=1.0)
+    settings = ValidationSettings(heldout_tokens=256, window=128, consistency_tokens=24,
+                                  int4_thresholds=Thresholds(max_ppl_ratio=1.0, min_agreement=1.0))
     # Limits no 4-bit model can meet (fp32's perplexity and every argmax exactly): refused, nothing written.
     with pytest.raises(ValidationError, match="int4"):
         convert(str(tiny4_hf_dir), tmp_path / "x", ConvertOptions(precision="int4", progress=False,

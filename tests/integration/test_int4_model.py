@@ -8,7 +8,7 @@ import pytest
 
 import edgellm
 from edgellm import SamplingParams
-from edgellm.convert.validate import INT4_MAX_PPL_RATIO, INT4_MIN_AGREEMENT
+from edgellm.convert.validate import INT4_THRESHOLDS
 
 pytestmark = pytest.mark.integration
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -19,8 +19,9 @@ def test_int4_manifest_states_and_passes_its_gate(default_int4_dir, default_mode
     v = m["validation"]
     assert m["precision"] == "int4" and m["quantization"]["accuracy_level"] == 4
     assert v["gate"]["passed"] and v["gate"]["enforced"]
-    assert v["gate"]["max_ppl_ratio"] == INT4_MAX_PPL_RATIO and v["gate"]["min_agreement"] == INT4_MIN_AGREEMENT
-    assert v["perplexity_ratio"] <= INT4_MAX_PPL_RATIO and v["greedy_agreement"] >= INT4_MIN_AGREEMENT
+    assert v["gate"]["thresholds"] == INT4_THRESHOLDS.to_dict()
+    assert v["perplexity_ratio"] <= INT4_THRESHOLDS.max_ppl_ratio
+    assert v["greedy_agreement"] >= INT4_THRESHOLDS.min_agreement
     assert "lm_head" in m["quantization"]["int8_layers"] and m["quantization"]["layers_4bit"] >= 70
     int8 = json.loads((default_model_dir / "edgellm.json").read_text())["validation"]
     assert v["sizes_bytes"]["int4"] < 0.85 * int8["sizes_bytes"]["int8"]
