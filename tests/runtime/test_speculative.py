@@ -185,7 +185,7 @@ def test_speculation_never_costs_what_the_cost_model_cannot_see(tiny_fp32_dir):
     from edgellm.runtime.speculative import SpeculativeSession
 
     llm = edgellm.load(tiny_fp32_dir, threads=1)
-    drafter = SlowSelfDrafter(edgellm.load(tiny_fp32_dir, threads=1).session, sleep_s=0.05)
+    drafter = SlowSelfDrafter(edgellm.load(tiny_fp32_dir, threads=1).session, sleep_s=0.15)
     session = SpeculativeSession(FixedLatencySession(llm.session), drafter, SpeculativeConfig(probe_every=1000))
     llm.session = session
     expected = plain_tokens(tiny_fp32_dir, GREEDY)
