@@ -35,7 +35,8 @@ CHAT_PROMPTS = [
 
 # int4 (mixed 4/8-bit) is held to its own limits, recorded in the manifest with the verdict: 4 bits cost a small
 # model more (published: Qwen2-0.5B q4_0 +7.7% perplexity). Measured on SmolLM2-135M-Instruct (this gate's text
-# and windows): int4 x1.056, agreement 0.766; llama.cpp's Q4_K_M of the same weights x1.07 (46.21 vs fp32's 43.31; benchmarks/peers_int4.json).
+# and windows): int4 x1.056, agreement 0.766; llama.cpp's Q4_K_M of the same weights x1.07
+# (46.21 vs fp32's 43.31; benchmarks/peers_int4.json).
 INT4_THRESHOLDS = Thresholds(max_ppl_ratio=1.10, min_agreement=0.70)
 
 
