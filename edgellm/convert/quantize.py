@@ -3,8 +3,8 @@
 The scheme, and why (measured on SmolLM2-135M, see README "Why this int8 scheme"):
 - Every MatMul becomes onnxruntime's MatMulNBits, 8-bit, symmetric, blocks of 32 along K,
   accuracy_level 4 (int8 activations inside the kernel, fp32 accumulation). Block scales
-  follow the weight outliers that per-tensor dynamic quantization crushes (ppl 41 vs 23.8),
-  and accuracy_level 4 is the fast int8 path (the fp32-activation paths are 4-25x slower per token).
+  follow the weight outliers that a per-tensor scale would crush, and accuracy_level 4 is the fast
+  int8 path (benchmarks/int8_schemes.json: accuracy_level 1 is many times slower per token).
 - The lm_head is quantized too, and, when the source ties them (config.tie_word_embeddings and
   the two tensors equal), the input embedding reads the very same int8 bytes through
   GatherBlockQuantized, so the tied 49k x 576 matrix is stored once, in int8. An untied

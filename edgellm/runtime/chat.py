@@ -107,6 +107,18 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
             _check_str_method(budget, owner, getattr(target, "__name__", ""), args, kwargs)
         return super().call(__context, __obj, *args, **kwargs)
 
+    def _materialize(self, iterable: Iterable, rest: tuple, kwargs: dict, name: str, estimate) -> list:
+        """List a generator handed to a filter, failing on size as soon as the growing list is too big
+        (so a huge separator over a long generator fails at once, not at the time limit)."""
+        budget, items = self.budget, []
+        check_every = 1
+        for item in self.limited_iter(iterable):
+            items.append(item)
+            if len(items) >= check_every:
+                budget.size(estimate(items, *rest, **kwargs), f"a string (|{name})")
+                check_every = len(items) * 2  # O(n) estimates in all
+        return items
+
     def limited_iter(self, iterable: Iterable) -> Iterator:
         budget = self.budget
         for item in iterable:
@@ -124,9 +136,10 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
         def checked(*args: Any, **kwargs: Any) -> Any:
             budget = self.budget
             budget.tick()
-            if len(args) > skip and not isinstance(args[skip], (str, list, tuple, dict)):
-                args = args[:skip] + (list(self.limited_iter(args[skip])),) + args[skip + 1:]  # a generator: count it
             name = original.__name__.removeprefix("do_")
+            if len(args) > skip and not isinstance(args[skip], (str, list, tuple, dict)):  # a generator: count it
+                items = self._materialize(args[skip], args[skip + 1:], kwargs, name, estimate)
+                args = args[:skip] + (items,) + args[skip + 1:]
             budget.size(estimate(*args[skip:], **kwargs), f"a string (|{name})")
             return original(*args, **kwargs)
 
