@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 RATE = 16000
 CHUNK_MS = 100
+_WARNED: set[tuple[str, Path]] = set()  # a file replayed for several runs is warned about once
 _FIX = "Fix: convert it with `sox IN.wav -r 16000 -c 1 -b 16 OUT.wav`."
 
 
@@ -37,11 +38,23 @@ def read_wav(path: str | Path, rate: int = RATE) -> AudioChunk:
     try:
         with wave.open(str(path), "rb") as wav:
             channels, width, src_rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
-            frames = wav.readframes(wav.getnframes())
+            declared = wav.getnframes()
+            frames = wav.readframes(declared)
     except (wave.Error, EOFError, OSError) as exc:
         raise AudioFormatError(f"{path} is not a readable PCM WAV file ({exc}). {_FIX}") from exc
     if len(frames) == 0:
         raise EmptyAudioError(f"{path} holds no audio (0 samples). Fix: record or pick a file with speech in it.")
+    held = len(frames) // max(width * channels, 1)
+    if held < declared and ("truncated", path) not in _WARNED:  # the header promises more than the file holds
+        _WARNED.add(("truncated", path))
+        logger.warning("%s is truncated: its header says %.2f s of audio, the file holds %.2f s, so the end of the "
+                       "utterance is missing. Fix: copy or record the file again.", path, declared / src_rate,
+                       held / src_rate)
+    if src_rate < rate and ("rate", path) not in _WARNED:  # upsampling cannot bring back what was never recorded
+        _WARNED.add(("rate", path))
+        logger.warning("%s is sampled at %d Hz, below the recognizer's %d Hz: sounds above %d Hz are missing, so "
+                       "words will be misheard more often. Fix: record at %d Hz or more.", path, src_rate, rate,
+                       src_rate // 2, rate)
     samples = to_mono_float(frames, width, channels, source=str(path))
     if src_rate != rate:
         logger.info("resampling %s from %d Hz to %d Hz", path, src_rate, rate)

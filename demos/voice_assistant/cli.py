@@ -215,6 +215,9 @@ def _run(o: RunOptions) -> None:
         if speech is not None:
             speech.wait()
             speech.close()
+    if wav and not any(reports.values()):  # noise, music or silence: say so rather than end without a word
+        click.echo(f"no speech heard in {wav}: the voice activity detector found no utterance to answer. "
+                   "Fix: check that the recording holds speech (16 kHz mono is best).", err=True)
     if summary_only:
         summary = {name: summarize(reports[name]) for name in variants}
         summary["loadavg"] = [round(x, 2) for x in os.getloadavg()]

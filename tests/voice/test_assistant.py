@@ -7,6 +7,7 @@ import subprocess
 import sys
 import wave
 
+import numpy as np
 import pytest
 
 from demos.voice_assistant.assistant import AssistantConfig, VoiceAssistant
@@ -14,7 +15,7 @@ from demos.voice_assistant.audio import WavSource
 from demos.voice_assistant.intents import CommandRecognizer
 from demos.voice_assistant.speech import EspeakSpeaker, SpeechOutput
 
-from .helpers import FIXTURES, REPO, SAMPLE
+from .helpers import FIXTURES, REPO, SAMPLE, write_wav
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,15 @@ def test_cli_json_prints_transcript_reply_and_breakdown(default_model_dir):
     assert set(report["latency_ms"]) == {"end_of_turn", "recognizer_final", "first_token", "first_audio",
                                          "reply_done", "final_to_first_token"}
     assert report["endpointing"] == "smart" and report["end_reason"] == "complete" and not report["speculative"]
+
+
+def test_cli_white_noise_gets_no_reply_and_says_why(default_model_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    noise = write_wav(tmp_path / "noise.wav", np.clip(rng.normal(0, 0.3, 16000 * 10), -1, 1), 16000)
+    done = _cli("--wav", str(noise), "--json", "--fast", "--model", str(default_model_dir), "--max-tokens", "24")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""  # no transcript, no reply: the VAD heard no utterance
+    assert f"no speech heard in {noise}" in done.stderr and "Fix:" in done.stderr
 
 
 def test_cli_compare_reports_medians_for_both_modes(default_model_dir):

@@ -121,3 +121,35 @@ def test_tail_silence_is_appended():
     padded = WavSource(FIXTURES / "ko_time.wav", fast=True, tail_silence=1.0).audio
     assert len(padded.audio) - len(plain.audio) == RATE * 2
     assert not any(padded.audio[len(plain.audio):])
+
+
+def test_wav_cut_mid_data_is_read_with_one_warning_naming_both_lengths(tmp_path, caplog):
+    whole = (FIXTURES / "ko_time.wav").read_bytes()
+    path = tmp_path / "cut_mid_data.wav"
+    path.write_bytes(whole[: len(whole) // 2])  # header intact, data cut: `wave` itself reads it silently
+    with caplog.at_level("WARNING", logger="demos.voice_assistant.audio"):
+        audio = read_wav(path)
+        read_wav(path)  # a file replayed for several runs is warned about once
+    warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 1 and "Fix:" in warnings[0]
+    declared = read_wav(FIXTURES / "ko_time.wav").seconds
+    assert f"{declared:.2f} s" in warnings[0] and audio.seconds < declared * 0.6
+
+
+def test_whole_wav_gives_no_warning(caplog):
+    with caplog.at_level("WARNING", logger="demos.voice_assistant.audio"):
+        read_wav(FIXTURES / "ko_time.wav")
+    assert not caplog.records
+
+
+def test_8khz_recording_warns_that_words_will_be_misheard(tmp_path, caplog):
+    path = write_wav(tmp_path / "phone.wav", _tone(440, 8000), 8000)
+    with caplog.at_level("WARNING", logger="demos.voice_assistant.audio"):
+        read_wav(path)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "8000 Hz" in message and "16000 Hz" in message and "Fix:" in message
+    high = write_wav(tmp_path / "studio.wav", _tone(440, 44100), 44100)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="demos.voice_assistant.audio"):
+        read_wav(high)  # downsampling loses nothing speech needs: no warning
+    assert not caplog.records
