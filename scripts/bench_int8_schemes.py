@@ -38,19 +38,12 @@ import numpy as np
 from bench_optimizations import PROMPT as SPEED_PROMPT  # the same chat prompt as the other benchmarks
 from edgellm.manifest import read_manifest
 from edgellm.record import Recorder, Table
+from edgellm.convert.validate import CHAT_PROMPTS  # the convert gate's chat prompts
 from edgellm.runtime import measure
 from edgellm.runtime.session import DecoderSession
 
 ROOT = Path(__file__).resolve().parent.parent
 HELDOUT = ROOT / "edgellm" / "data" / "heldout_en.txt"
-CHAT_PROMPTS = [
-    "How do plants make food?", "Give me a tip for better sleep.", "What is the boiling point of water?",
-    "Write a haiku about rain.", "Who painted the Mona Lisa?", "How many legs does a spider have?",
-    "Suggest a name for a cat.", "What is machine learning?", "Translate 'good morning' to Spanish.",
-    "Why is the sky blue?", "What should I cook for dinner?", "How far is the Moon?", "What is the largest ocean?",
-    "Tell me a fun fact about bees.", "How do I make tea?", "What does a CPU do?", "Name three fruits.",
-    "What is the tallest mountain?", "How can I save money?", "What language is spoken in Brazil?",
-]  # the convert gate's chat prompts (edgellm/convert/validate.py)
 VARIANTS = {  # name: (bits, symmetric, accuracy_level)
     "8-bit asymmetric (uint8 zero points), accuracy_level 4": (8, False, 4),
     "8-bit symmetric, accuracy_level 1 (fp32 activations)": (8, True, 1),

@@ -35,17 +35,12 @@ from pathlib import Path
 
 import httpx2 as httpx
 
-from serve_client import Sample, chat, env_with_repo, percentile, rss_mb, wait_ready
+from serve_client import QUESTIONS, SYSTEM, Sample, chat, env_with_repo, percentile, rss_mb, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from edgellm.record import Recorder, Table  # noqa: E402
 
-SYSTEM = "You are a helpful assistant on a kiosk in a city museum. Answer in one or two short sentences."
-QUESTIONS = ["What are the opening hours?", "Where is the cafe?", "How much is a ticket?", "Is there a cloakroom?",
-             "Can I take photos?", "Where are the toilets?", "What is the oldest painting here?",
-             "Is the museum accessible by wheelchair?", "Do you have audio guides?", "When was the museum built?",
-             "What is on the second floor?", "Can children visit for free?"]
 EOS_TOKEN = 2  # <|im_end|> in SmolLM2's vocabulary (both servers use the same tokenizer)
 
 

@@ -20,6 +20,11 @@ from urllib.parse import urlparse
 import httpx2 as httpx
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+SYSTEM = "You are a helpful assistant on a kiosk in a city museum. Answer in one or two short sentences."
+QUESTIONS = ["What are the opening hours?", "Where is the cafe?", "How much is a ticket?", "Is there a cloakroom?",
+             "Can I take photos?", "Where are the toilets?", "What is the oldest painting here?",
+             "Is the museum accessible by wheelchair?", "Do you have audio guides?", "When was the museum built?",
+             "What is on the second floor?", "Can children visit for free?"]  # the load and peer scripts' requests
 
 
 @dataclass
