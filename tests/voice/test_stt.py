@@ -84,10 +84,14 @@ def test_vosk_rejects_audio_it_was_not_set_up_for(ko_recognizer):
         ko_recognizer.accept(AudioChunk(8000, 2, 1, bytes(1600)))
 
 
-def test_pocketsphinx_english_on_the_human_recording(sphinx):
+def test_pocketsphinx_english_on_the_human_recording():
+    """A fresh decoder: pocketsphinx adapts its cepstral mean to what it heard before, and the shared fixture has
+    heard many synthetic voices by now (measured: WER 0.47 after the voice suite vs 0.13 fresh on this recording)."""
+    from demos.voice_assistant.stt_sphinx import PocketSphinxRecognizer
+
     if not EN_DIGITS.is_file():
         pytest.fail(f"{EN_DIGITS} is missing: CI keeps shared audio in ../shared/audio/ beside the repository")
-    heard = transcribe(sphinx, EN_DIGITS)
+    heard = transcribe(PocketSphinxRecognizer(), EN_DIGITS)
     assert _wer(EN_DIGITS_TEXT, heard) <= 0.35, heard
     assert "zero one eight zero three" in heard
 
