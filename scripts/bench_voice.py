@@ -32,6 +32,69 @@ SAMPLE = REPO / "demos" / "voice_assistant" / "samples" / "what_is_the_capital_o
 STAGES = ("end_of_turn", "recognizer_final", "first_token", "first_audio", "final_to_first_token")
 
 
+FIXTURES = REPO / "tests" / "voice" / "fixtures"
+# barge-in: (question, what the user says over the reply), the second starting BARGE_GAP s after the first file
+BARGE_INS = [(SAMPLE, FIXTURES / "en_what_time.wav"),
+             (RECORDINGS / "piper_fast_germany.wav", RECORDINGS / "piper_low_sky.wav"),
+             (RECORDINGS / "piper_slow_moon.wav", RECORDINGS / "piper_high_cats.wav"),
+             (RECORDINGS / "espeak_m3_cats.wav", RECORDINGS / "piper_low_water.wav")]
+BARGE_GAP = 0.5
+
+
+def _barge_ins(args, llm, stt, vad, model) -> list[dict]:
+    """The user speaks over the reply while it is spoken (a WAV sink paced like a loudspeaker), audio fed in
+    real time: from the VAD onset of the interruption (when that audio arrived) to generation cancelled and
+    no more reply audio written, per barge-in."""
+    import tempfile
+
+    from demos.voice_assistant.assistant import AssistantConfig, VoiceAssistant
+    from demos.voice_assistant.audio import WavSource, read_wav, silence
+    from demos.voice_assistant.conversation import MemoryConfig
+    from demos.voice_assistant.espeak import EspeakLibrarySpeaker
+    from demos.voice_assistant.speech import SpeechOutput
+    from demos.voice_assistant.turn import TurnDetector
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = AssistantConfig(max_new_tokens=args.max_tokens, memory=MemoryConfig(max_exchanges=0))
+        for run in range(args.barge_in_runs):
+            for question, interruption in BARGE_INS:
+                first, second = read_wav(question), read_wav(interruption)
+                path = Path(tmp) / "barge_in.wav"
+                _write_wav(path, first.audio + silence(BARGE_GAP) + second.audio)
+                speech = SpeechOutput(EspeakLibrarySpeaker(), wav_path=Path(tmp) / "spoken.wav", play=False,
+                                      realtime=True)
+                assistant = VoiceAssistant(stt, llm, None, speech, config, turns=TurnDetector(config.turn, vad, model))
+                reports = list(assistant.run(WavSource(path, tail_silence=1.5, chunk_ms=32).chunks()))
+                speech.close()
+                cut = next((r for r in reports if r.interrupted), None)
+                starts = first.seconds + BARGE_GAP + 0.3  # every recording has 0.3 s of silence before speech
+                results.append({
+                    "run": run, "question": question.name, "interruption": interruption.name,
+                    "interruption_speech_starts_s": round(starts, 3),
+                    "vad_onset_s": cut.barge_in_at_s if cut else None,
+                    "barge_in_ms": cut.barge_in_ms if cut else None,
+                    "detected_ms": cut.barge_in_detected_ms if cut else None,
+                    "cut_reply": cut.reply if cut else None, "interrupted": cut is not None,
+                    "transcripts": [r.transcript for r in reports],
+                    "loadavg": [round(x, 2) for x in os.getloadavg()]})
+                print(f"barge-in run {run} {question.name} <- {interruption.name}: "
+                      + (f"onset {cut.barge_in_at_s:.2f} s (speech from {starts:.2f} s), stopped {cut.barge_in_ms} ms "
+                         f"(VAD {cut.barge_in_detected_ms} ms); heard {[r.transcript for r in reports]}" if cut
+                         else f"NOT interrupted: {[(r.transcript, r.reply) for r in reports]}"), flush=True)
+    return results
+
+
+def _write_wav(path: Path, pcm: bytes) -> None:
+    import wave
+
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(pcm)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
@@ -40,6 +103,8 @@ def main() -> None:
     parser.add_argument("--recordings", nargs="*", help="subset of recordings (file names)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for the LLM (as the demo: 1)")
+    parser.add_argument("--barge-in-runs", type=int, default=2,
+                        help="runs of the barge-in check (the user speaks over the reply; 0: skip)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "voice_turns.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -49,6 +114,7 @@ def main() -> None:
     from demos.voice_assistant.audio import WavSource, read_wav
     from demos.voice_assistant.cli import COMPARE, _percentile, _warm_up
     from demos.voice_assistant.conversation import MemoryConfig
+    from demos.voice_assistant.espeak import EspeakLibrarySpeaker
     from demos.voice_assistant.speech import EspeakSpeaker, SpeechOutput
     from demos.voice_assistant.stt_sphinx import PocketSphinxRecognizer
     from demos.voice_assistant.turn import SmartTurn, TurnConfig, TurnDetector
@@ -65,16 +131,20 @@ def main() -> None:
     llm = edgellm.load(args.model, threads=args.threads)
     stt = PocketSphinxRecognizer(fast=True)  # as the demo runs it
     vad, model = SileroVad(), SmartTurn()
-    speech = SpeechOutput(EspeakSpeaker(), play=False)
+    speech = SpeechOutput(EspeakLibrarySpeaker(), play=False)  # espeak-ng in-process, as the demo speaks
+    command_speech = SpeechOutput(EspeakSpeaker(), play=False)  # the espeak-ng command, a process a clause
     assistants = {}
     for name, change in variants.items():
+        change = dict(change)
+        out = command_speech if change.pop("speaker", None) == "espeak-command" else speech
         config = AssistantConfig(max_new_tokens=args.max_tokens, memory=MemoryConfig(max_exchanges=0), **change)
         turns = TurnDetector(config.turn, vad, model) if config.endpointing != "recognizer" else None
-        assistants[name] = VoiceAssistant(stt, llm, None, speech, config, turns=turns)
+        assistants[name] = VoiceAssistant(stt, llm, None, out, config, turns=turns)
     _warm_up(llm)
     for assistant in assistants.values():  # one discarded pass each: first-call allocations are not measured
         list(assistant.run(WavSource(SAMPLE, fast=True, tail_silence=1.0, chunk_ms=32).chunks()))
     speech.wait()
+    command_speech.wait()
     samples: list[dict] = []
     for run in range(args.runs):
         for rec in names:
@@ -83,6 +153,7 @@ def main() -> None:
                 started = time.perf_counter()
                 reports = list(assistant.run(WavSource(path, tail_silence=1.0, chunk_ms=32).chunks()))
                 speech.wait()
+                command_speech.wait()
                 expected = manifest[rec]["text"].lower().strip("?.!").split()
                 heard = " ".join(r.transcript.lower() for r in reports).split()
                 speech_end = read_wav(path).seconds - 0.6  # every recording ends with 0.6 s of silence
@@ -98,8 +169,11 @@ def main() -> None:
                 print(f"run {run} {rec:32s} {variant:22s} turns {len(reports)} "
                       + (f"eot {lat.end_of_turn:.0f} final {lat.recognizer_final:.0f} token {lat.first_token:.0f} "
                          f"audio {lat.first_audio:.0f} spec {first.speculative} p={first.turn_probability} "
+                         f"text={first.text_probability} {first.end_reason} "
                          f"'{first.transcript}'" if lat else "no reply"), flush=True)
     speech.close()
+    command_speech.close()
+    barge_ins = [] if args.barge_in_runs == 0 else _barge_ins(args, llm, stt, vad, model)
 
     summary, rows = {}, []
     for variant in variants:
@@ -119,6 +193,11 @@ def main() -> None:
         paused = [s for s in mine if manifest[s["recording"]]["pause_after_word"] is not None]
         stats["false_end_of_turn"] = f"{sum(s['false_end_of_turn'] for s in paused)}/{len(paused)}"
         stats["false_end_of_turn_all"] = f"{sum(s['false_end_of_turn'] for s in mine)}/{len(mine)}"
+        gaps = [r["latency_ms"]["first_audio"] - r["latency_ms"]["first_token"] for r in firsts
+                if r["latency_ms"]["first_audio"] is not None and r["latency_ms"]["first_token"] is not None]
+        stats["first_token_to_first_audio_median_ms"] = _percentile(gaps, 0.5)
+        stats["end_reasons"] = {reason: sum(r["end_reason"] == reason for r in firsts)
+                                for reason in sorted({r["end_reason"] for r in firsts})}
         stats["speculative"] = f"{sum(r['speculative'] for r in firsts)}/{len(firsts)}"
         stats["replies"] = len(firsts)
         summary[variant] = stats
@@ -130,9 +209,26 @@ def main() -> None:
     table = Table(["variant", "end of turn", "recognizer final", "first token", "first audio (espeak-ng)",
                    "speculative", "false end of turn (paused)"], rows,
                   caption=f"ms after the last voiced audio, median / p90 over {len(names)} recordings x {args.runs} runs")
-    out = recorder.write(args.out, samples=samples, summary=summary, table=table,
+    stops = [b["barge_in_ms"] for b in barge_ins if b["barge_in_ms"] is not None]
+    summary["barge_in"] = {"count": len(barge_ins), "interrupted": sum(b["interrupted"] for b in barge_ins),
+                           "median_ms": _percentile(stops, 0.5), "p90_ms": _percentile(stops, 0.9),
+                           "max_ms": max(stops) if stops else None,
+                           "within_100_ms": sum(v <= 100 for v in stops),
+                           "vad_detect_median_ms": _percentile([b["detected_ms"] for b in barge_ins
+                                                                if b["detected_ms"] is not None], 0.5),
+                           "samples": barge_ins}
+    bi = summary["barge_in"]
+    barge_table = Table(["barge-ins", "reply cut", "stopped (median / p90 / max)", "within 100 ms",
+                         "of which VAD onset confirmed (median)"],
+                        [[bi["count"], f"{bi['interrupted']}/{bi['count']}",
+                          f"{bi['median_ms']} / {bi['p90_ms']} / {bi['max_ms']}", f"{bi['within_100_ms']}/{len(stops)}",
+                          bi["vad_detect_median_ms"]]],
+                        caption="ms from the arrival of the audio where the user started speaking over the reply "
+                                "to generation cancelled and no more reply audio written")
+    out = recorder.write(args.out, samples=samples, summary=summary, table=table, tables={"barge_in": barge_table},
                          extra_versions=("pocketsphinx", "pipecat-ai", "piper-tts"))
     print(table.markdown())
+    print(barge_table.markdown())
     print(f"wrote {out}")
 
 

@@ -20,7 +20,7 @@ from .errors import VoiceError
 from .intents import CommandRecognizer
 from .prefill import DEFAULT_SYSTEM_PROMPT, BackgroundPrefill, IncrementalPrefill, user_text
 from .speculate import Speculation
-from .speech import ClauseSplitter, SpeechOutput
+from .speech import FIRST_WORDS, ClauseSplitter, SpeechOutput
 from .stt import SpeechToText
 from .turn import ENDPOINTING, TurnConfig, TurnDetector, TurnEvent
 from .types import AudioChunk, Transcript
@@ -35,6 +35,9 @@ class AssistantConfig:
     endpointing: "smart" (Silero VAD + Smart Turn decide when the turn ends), "silence" (VAD + a fixed
     silence), "recognizer" (the recognizer's own endpointer, as before turn-taking existed).
     speculative: start the reply in the background at a pause that sounds final.
+    text_turn: with "smart", the model's probability that the user's words so far end the message is a
+    second end-of-turn opinion next to Smart Turn's (needs incremental prefill; see turn.TurnDetector).
+    first_words: the reply's first words are spoken once this many are written (0: at the first clause's end).
     """
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -45,6 +48,8 @@ class AssistantConfig:
     agree: int = 2
     endpointing: str = "smart"
     speculative: bool = False  # measured: it did not pay on a loaded 2-core machine (bench_voice.py)
+    text_turn: bool = True
+    first_words: int = FIRST_WORDS
     barge_in: bool = True  # speech while the assistant answers stops the answer (use headphones with --speak)
     turn: TurnConfig = field(default_factory=TurnConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -88,6 +93,7 @@ class TurnReport:
     endpointing: str = "recognizer"
     end_reason: str | None = None  # complete / incomplete / silence / max_length / end_of_audio / recognizer
     turn_probability: float | None = None  # Smart Turn's score at the last pause
+    text_probability: float | None = None  # the LLM's P(message ends here) after the words, at the decision
     silence_ms: float | None = None  # audio time the detector waited after the last voiced audio (load-free)
     end_at_s: float | None = None  # stream audio time (s) at which the turn was declared over
     speculative: bool = False  # the reply had been started before the turn ended, and was used
@@ -96,6 +102,8 @@ class TurnReport:
     history_exchanges: int = 0  # earlier exchanges in this turn's prompt
     interrupted: bool = False  # the user barged in: generation and speech were stopped
     barge_in_ms: float | None = None  # from the user's first voiced audio to generation and speech stopped
+    barge_in_detected_ms: float | None = None  # of which: until the VAD confirmed the speech (2 windows)
+    barge_in_at_s: float | None = None  # stream audio time where the VAD found the interrupting speech's onset
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,6 +142,7 @@ class _Turn:
     decided: float | None = None  # wall time of the end-of-turn decision
     reason: str | None = None
     probability: float | None = None
+    text_probability: float | None = None
     silence: float | None = None  # seconds of audio between the last voiced audio and the decision
     at: float | None = None  # stream audio time of the decision
     speculation: Speculation | None = None
@@ -150,6 +159,8 @@ class _Reply:
     thread: threading.Thread = field(default=None)  # type: ignore[assignment]
     stopped: threading.Event = field(default_factory=threading.Event)  # generation over and speech done or cut
     barge_in_ms: float | None = None  # from the user's first voiced audio to reply and speech stopped
+    detected_ms: float | None = None  # of which: until the VAD confirmed it
+    onset_s: float | None = None  # stream audio time of the interrupting speech's onset
 
 
 class VoiceAssistant:
@@ -168,8 +179,10 @@ class VoiceAssistant:
         self.config = config or AssistantConfig()
         self._show = on_text or (lambda text: None)
         self.conversation = Conversation(self.config.system_prompt, self.config.memory)
+        text_signal = self.config.text_turn and self.config.endpointing == "smart"
         self.prefill = (IncrementalPrefill(llm, self.config.system_prompt, self.config.agree, self.config.incremental,
-                                           conversation=self.conversation) if llm is not None else None)
+                                           conversation=self.conversation, text_signal=text_signal)
+                        if llm is not None else None)
         self.turns = None
         if self.config.endpointing != "recognizer":
             self.turns = turns if turns is not None else TurnDetector(self.config.turn)
@@ -200,12 +213,14 @@ class VoiceAssistant:
                 self._arrivals.append((chunk.end, chunk.available or time.perf_counter()))
                 end = chunk.end
                 was_in_turn = turns.in_turn
+                turns.text_probability = self._text_end(words)
                 events = turns.feed(chunk)
                 decided = time.perf_counter()
                 start = next((e for e in events if e.kind == "start"), None)
                 if start is not None:
                     if self.config.barge_in and self._reply is not None and self._reply.thread.is_alive():
-                        self._interrupt(self._arrival(start.at) or decided)
+                        self._reply.onset_s = start.at
+                        self._interrupt(self._arrival(start.at) or decided, decided)
                     for old in recent:
                         if old.end > start.at - pre_roll:
                             words = self._hear(old) or words
@@ -242,6 +257,7 @@ class VoiceAssistant:
             logger.info("conversation forgotten after %.0f s idle", self.config.memory.idle_timeout)
         turn.voiced = self._arrival(event.last_voiced)
         turn.decided, turn.reason, turn.at = decided, event.reason, event.at
+        turn.text_probability = None if event.text_probability is None else round(event.text_probability, 4)
         turn.silence = None if event.last_voiced is None else event.at - event.last_voiced
         heard = self.stt.finalize()
         final_at = time.perf_counter()
@@ -272,15 +288,19 @@ class VoiceAssistant:
         self._reply = reply
         reply.thread.start()
 
-    def _interrupt(self, onset: float) -> None:
-        """Barge-in: the user speaks while the reply is generated or spoken. Stop both, then listen."""
+    def _interrupt(self, onset: float, detected: float) -> None:
+        """Barge-in: the user speaks while the reply is generated or spoken. Stop both, then listen.
+
+        onset: when the audio where the user started speaking arrived; detected: when the VAD said so.
+        """
         reply = self._reply
         assert reply is not None
         reply.cancel.cancel()
         if self.speech is not None:
-            self.speech.stop()
+            self.speech.stop(wait=1.0)  # no audio of the reply written or played after this
         reply.stopped.wait()  # the reply thread then caches the next turn's prefix; the loop goes on listening
         reply.barge_in_ms = round((time.perf_counter() - onset) * 1000.0, 1)
+        reply.detected_ms = round((detected - onset) * 1000.0, 1)
         logger.info("barge-in: reply stopped %.0f ms after the user started speaking", reply.barge_in_ms)
 
     def _answered(self) -> Iterator[TurnReport]:
@@ -292,7 +312,8 @@ class VoiceAssistant:
             if isinstance(result, BaseException):
                 raise result
             if reply.barge_in_ms is not None:
-                result = replace(result, interrupted=True, barge_in_ms=reply.barge_in_ms)
+                result = replace(result, interrupted=True, barge_in_ms=reply.barge_in_ms,
+                                 barge_in_detected_ms=reply.detected_ms, barge_in_at_s=reply.onset_s)
             yield result
 
     def _ready_for_next_turn(self) -> None:
@@ -338,6 +359,11 @@ class VoiceAssistant:
         self._turn.sounds_final = event.complete if event.complete is not None else True
         if self._turn.sounds_final and self._turn.speculation is None:
             self._speculate(words)
+
+    def _text_end(self, words: list[str]) -> float | None:
+        """The model's P(the message ends) after exactly the latest partial's words, once it is known."""
+        known = self.prefill.end_probability if self.prefill is not None else None
+        return known[1] if known is not None and words and known[0] == tuple(words) else None
 
     def _speculate(self, words: list[str]) -> None:
         if not (self.config.speculative and words and self.llm is not None):
@@ -496,7 +522,7 @@ class VoiceAssistant:
             prefills=self.prefill.prefills if self.prefill else 0,
             finish_reason=result.finish_reason if result is not None else None,
             endpointing=self.config.endpointing, end_reason=turn.reason or "recognizer",
-            turn_probability=turn.probability,
+            turn_probability=turn.probability, text_probability=turn.text_probability,
             silence_ms=None if turn.silence is None else round(turn.silence * 1000.0, 1),
             end_at_s=None if turn.at is None else round(turn.at, 3), speculative=speculation is not None,
             speculations_cancelled=turn.cancelled, speculations_restarted=turn.restarted, history_exchanges=history)
@@ -509,7 +535,7 @@ class VoiceAssistant:
                 self.speech.say(self.config.holding_phrase)
 
         holder = _Holder(self.config.budget_ms, hold)
-        splitter, parts = ClauseSplitter(), []
+        splitter, parts = ClauseSplitter(self.config.first_words), []
         self._show("assistant: ")
         stream = None
         try:

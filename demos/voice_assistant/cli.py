@@ -62,6 +62,10 @@ def _status(message: str) -> None:
               help="--endpointing silence: the silence that ends a turn.")
 @click.option("--complete-ms", type=float, default=200.0, show_default=True,
               help="Silence that ends a turn once Smart Turn says it sounds complete.")
+@click.option("--confident-ms", type=float, default=100.0, show_default=True,
+              help="Silence that ends a turn when Smart Turn and the model's reading of the words both say complete.")
+@click.option("--no-text-turn", is_flag=True,
+              help="End turns on Smart Turn alone (without the model's probability that the words end the message).")
 @click.option("--incomplete-ms", type=float, default=1000.0, show_default=True,
               help="Silence that ends a turn that sounds unfinished.")
 @click.option("--max-turn-s", type=float, default=20.0, show_default=True, help="A longer turn is closed anyway.")
@@ -75,8 +79,8 @@ def _status(message: str) -> None:
 @click.option("--runs", type=int, default=1, show_default=True,
               help="With --wav: repeat and report medians and p90.")
 @click.option("--compare", is_flag=True, help="With --wav: run each turn-taking variant side by side "
-              "(recognizer endpointer, fixed silence, Smart Turn without incremental prefill, without and with "
-              "speculative start).")
+              "(recognizer endpointer, fixed silence, Smart Turn without incremental prefill, Smart Turn alone, "
+              "Smart Turn + the model's text signal, with speculative start, with whole-clause speech).")
 @click.option("--budget-ms", type=float, default=200.0, show_default=True, help="Final result → first token budget.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--no-commands", is_flag=True, help="Send everything to the LLM (no smart-home commands).")
@@ -119,6 +123,8 @@ class RunOptions:
     endpointing: str
     silence_ms: float
     complete_ms: float
+    confident_ms: float
+    no_text_turn: bool
     incomplete_ms: float
     max_turn_s: float
     speculative: bool
@@ -142,8 +148,12 @@ COMPARE = {
     "recognizer_endpointer": {"endpointing": "recognizer", "speculative": False},
     "fixed_silence": {"endpointing": "silence", "speculative": False},
     "smart_no_incremental": {"endpointing": "smart", "speculative": False, "incremental": False},
+    "smart_turn_only": {"endpointing": "smart", "speculative": False, "text_turn": False},
     "smart": {"endpointing": "smart", "speculative": False},
     "smart_speculative": {"endpointing": "smart", "speculative": True},
+    # the speech out before: the espeak-ng command (a process a clause), and nothing said before a clause ends
+    "smart_clause_speech": {"endpointing": "smart", "speculative": False, "first_words": 0,
+                            "speaker": "espeak-command"},
 }
 STAGES = ("end_of_turn", "recognizer_final", "first_token", "first_audio", "final_to_first_token")
 
@@ -159,10 +169,12 @@ def _run(o: RunOptions) -> None:
         raise click.UsageError("--runs N (N >= 1) and --compare need --wav FILE.")
     wav = o.wav
     turn = TurnConfig(complete_silence=o.complete_ms / 1000.0, incomplete_silence=o.incomplete_ms / 1000.0,
+                      confident_silence=o.confident_ms / 1000.0,
                       fixed_silence=o.silence_ms / 1000.0, max_turn=o.max_turn_s)
     variants = COMPARE if o.compare else {o.endpointing: {"endpointing": o.endpointing,
                                                           "speculative": o.speculative,
-                                                          "incremental": not o.no_incremental}}
+                                                          "incremental": not o.no_incremental,
+                                                          "text_turn": not o.no_text_turn}}
     chunk_ms = 100 if all(v["endpointing"] == "recognizer" for v in variants.values()) else 32
     source = (lambda: WavSource(wav, fast=o.fast, tail_silence=TAIL_SILENCE, chunk_ms=chunk_ms)) if wav else \
         (lambda: MicrophoneSource(max_seconds=o.seconds, chunk_ms=chunk_ms))
@@ -192,6 +204,7 @@ def _run(o: RunOptions) -> None:
     memory = MemoryConfig(max_exchanges=0) if o.no_memory or o.runs > 1 or o.compare else MemoryConfig()
     assistants = {}
     for name, change in variants.items():
+        change = {k: v for k, v in change.items() if k != "speaker"}  # the speaker is shared here
         config = AssistantConfig(max_new_tokens=o.max_tokens, budget_ms=o.budget_ms, turn=turn, memory=memory,
                                  barge_in=not o.no_barge_in, **change)
         turns = None

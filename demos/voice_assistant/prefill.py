@@ -8,7 +8,10 @@ longest common token prefix, which `llm.prefill` does by itself.
 When every word of the latest partial is stable (the user paused), we also cache the end of the user
 turn and the assistant header, betting that the pause is the end: if it is, the final result finds its
 whole prompt cached and the first token costs one model step; if not, the next prefill drops those few
-tokens again.
+tokens again. Before the header goes in, the model's next-token distribution after the user's words is
+free (only the last word's token is recomputed): the probability that the message ends there (next
+token "?", "." or "!" or end of message) is kept as `end_probability`, a text end-of-turn signal in the
+spirit of LiveKit's turn detector, from the model we already run.
 """
 
 from __future__ import annotations
@@ -36,6 +39,21 @@ def user_text(words: Sequence[str]) -> str:
     return text[:1].upper() + text[1:]
 
 
+def end_token_ids(llm: Any) -> list[int]:
+    """Tokens after which the user's message is over: the model's end-of-message ids and every token that is
+    only sentence-end punctuation ("?", ".", "!", "?!", " ..."). Transcripts carry no punctuation, so the
+    model's "?" after "what is the capital of france" is the strongest sign the question is complete."""
+    ids = set(llm.manifest.generation.eos_token_ids)
+    vocab = llm.tokenizer.get_vocab()
+    for token, i in vocab.items():
+        bare = token.replace("\u0120", "").replace(" ", "")  # byte-level BPE writes a leading space as Ġ
+        if bare and all(c in "?.!" for c in bare):
+            text = llm.tokenizer.decode([i])
+            if text.strip() and all(c in "?.!" for c in text.strip()):
+                ids.add(i)
+    return sorted(ids)
+
+
 def stable_words(partials: Sequence[Sequence[str]]) -> list[str]:
     """Words every one of the given partials agrees on, from the start (their common prefix)."""
     if not partials:
@@ -58,14 +76,19 @@ class IncrementalPrefill:
     """
 
     def __init__(self, llm: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT, agree: int = 2,
-                 enabled: bool = True, close_turn: bool = True, conversation: Conversation | None = None) -> None:
+                 enabled: bool = True, close_turn: bool = True, conversation: Conversation | None = None,
+                 text_signal: bool = True) -> None:
+        """text_signal: on a pause, also take the model's probability that the message ends after the words."""
         self.llm, self.system_prompt, self.enabled, self.close_turn = llm, system_prompt, enabled, close_turn
+        self._end_ids = end_token_ids(llm) if text_signal and enabled else None
         self.conversation = conversation  # earlier turns go in front of the user's words (None: no memory)
         self.prefix = self._user_turn_prefix()
         self._recent: deque[list[str]] = deque(maxlen=max(1, agree))
         self.committed: list[str] = []
         self.closed = False  # whether the cache also holds the end of the turn and the assistant header
         self.prefills = 0  # prefill calls made for the current utterance
+        # (words, P(the message ends after them)) at the last pause; None while the words are changing
+        self.end_probability: tuple[tuple[str, ...], float] | None = None
 
     def _user_turn_prefix(self) -> str:
         text = self.llm.render_chat(self.messages(SENTINEL), add_generation_prompt=False)
@@ -89,6 +112,7 @@ class IncrementalPrefill:
         self.committed = []
         self.closed = False
         self.prefills = 0
+        self.end_probability = None
         return self.llm.prefill(self.prefix)
 
     def update(self, words: Sequence[str]) -> bool:
@@ -105,6 +129,11 @@ class IncrementalPrefill:
         if self.committed[:len(stable)] != stable[:len(self.committed)]:
             logger.debug("partial revised %r -> %r: the cache rolls back", self.committed, stable)
         self.committed, self.closed = stable, closed
+        if not closed:
+            self.end_probability = None
+        elif self._end_ids is not None:
+            ends = self.llm.next_token_probability(self.prefix + user_text(stable), self._end_ids)
+            self.end_probability = (tuple(stable), ends)
         text = (self.llm.render_chat(self.messages(user_text(stable)), add_generation_prompt=True) if closed
                 else self.prefix + user_text(stable))
         cached = self.llm.prefill(text)

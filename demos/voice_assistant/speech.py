@@ -1,7 +1,11 @@
 """Speech out: cut the streamed reply into clauses and speak each as soon as it is complete.
 
-Speaking per clause (not per reply) is what makes the answer start while the model is still writing.
-Synthesis and playback run on their own thread so the token loop never waits for audio.
+Speaking per clause (not per reply) is what makes the answer start while the model is still writing;
+the first few words of a reply are spoken as soon as they are written (`first_words`), not at the
+first clause's end: with ~15 ms a token, "The capital of France is Paris." is complete ~100 ms after
+its first token, "The capital of" ~45 ms. Synthesis and playback run on their own thread so the token
+loop never waits for audio; espeak-ng runs in-process (espeak.py: ~2 ms a clause instead of a 16–35 ms
+process start).
 """
 
 from __future__ import annotations
@@ -33,13 +37,19 @@ logger = logging.getLogger(__name__)
 _BOUNDARY = re.compile(r"[.!?;:](?=\s)|\n|(?<=[^\W\d])[.!?]$")
 _COMMA = re.compile(r",(?=\s)")
 MIN_COMMA_WORDS = 4  # shorter clauses sound choppy when spoken alone
+FIRST_WORDS = 3  # the reply's first words are spoken once this many are complete (0: wait for a clause)
 
 
 class ClauseSplitter:
-    """Feed streamed text; get back whole clauses (ending at . ! ? ; : or a comma after a few words)."""
+    """Feed streamed text; get back whole clauses (ending at . ! ? ; : or a comma after a few words).
 
-    def __init__(self) -> None:
+    first_words: the first piece is cut after that many complete words when no clause ended sooner
+    (a word is complete once the text after it starts; 0 = clauses only).
+    """
+
+    def __init__(self, first_words: int = FIRST_WORDS) -> None:
         self._buffer = ""
+        self._first_words = first_words
 
     def feed(self, text: str) -> list[str]:
         self._buffer += text
@@ -51,6 +61,7 @@ class ClauseSplitter:
             clause, self._buffer = self._buffer[:cut].strip(), self._buffer[cut:]
             if clause:
                 clauses.append(clause)
+                self._first_words = 0
 
     def flush(self) -> str | None:
         rest, self._buffer = self._buffer.strip(), ""
@@ -61,6 +72,10 @@ class ClauseSplitter:
         comma = next((m for m in _COMMA.finditer(self._buffer)
                       if len(self._buffer[:m.start()].split()) >= MIN_COMMA_WORDS), None)
         ends = [m.end() for m in (match, comma) if m is not None]
+        if self._first_words:
+            words = list(re.finditer(r"\S+(?=\s)", self._buffer))  # complete words: text follows them
+            if len(words) >= self._first_words:
+                ends.append(words[self._first_words - 1].end())
         return min(ends) if ends else None
 
 
@@ -112,10 +127,17 @@ class PiperSpeaker:
 
 
 def default_speaker() -> Speaker:
-    """piper when it and its voice are installed, else espeak-ng."""
+    """piper when it and its voice are installed, else espeak-ng (in-process; the command if the library fails)."""
     try:
         return PiperSpeaker()
     except ImportError:
+        pass
+    from .espeak import EspeakLibrarySpeaker
+
+    try:
+        return EspeakLibrarySpeaker()
+    except AudioDeviceError as exc:
+        logger.warning("%s; speaking through the espeak-ng command instead", exc)
         return EspeakSpeaker()
 
 
@@ -144,7 +166,10 @@ class SpeechOutput:
         self._wav_rate = 0
         if wav_path is not None:
             self._wav = wave.open(str(wav_path), "wb")  # noqa: SIM115 - closed in close()
-        self._queue: queue.Queue[tuple[str, Callable[[float], None] | None] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, Callable[[float], None] | None, int] | None] = queue.Queue()
+        self._cut = threading.Event()  # set by stop(): wakes the paced writer at once
+        self._idle = threading.Event()  # clear while audio is being written or played
+        self._idle.set()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="speech-out", daemon=True)
         self._thread.start()
@@ -152,7 +177,7 @@ class SpeechOutput:
     def say(self, text: str, on_start: Callable[[float], None] | None = None) -> None:
         if self._error is not None:
             raise VoiceError(f"speech output stopped: {self._error}") from self._error
-        self._queue.put((text, on_start))
+        self._queue.put((text, on_start, self._epoch))
 
     def wait(self) -> None:
         """Block until everything queued has been spoken."""
@@ -163,9 +188,14 @@ class SpeechOutput:
         """Something is queued, being synthesized or being played."""
         return self._queue.unfinished_tasks > 0
 
-    def stop(self) -> None:
-        """Barge-in: drop every queued clause and cut the one being played (within one 20 ms slice)."""
+    def stop(self, wait: float = 0.0) -> bool:
+        """Barge-in: drop every queued clause and cut the one being played (at the next 20 ms slice).
+
+        wait: seconds to wait until no audio of the cut reply is being written or played any more.
+        Returns whether the output is idle.
+        """
         self._epoch += 1
+        self._cut.set()
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -177,6 +207,7 @@ class SpeechOutput:
                 break
         if self._sd is not None:
             self._sd.stop()
+        return self._idle.wait(wait) if wait > 0 else self._idle.is_set()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -187,16 +218,23 @@ class SpeechOutput:
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
-            text, on_start = item
-            epoch = self._epoch
+            text, on_start, epoch = item
             try:
+                if epoch != self._epoch:
+                    continue  # said before the last stop()
                 audio = self.speaker.synthesize(text)
                 if epoch != self._epoch:
                     continue  # stopped while synthesizing
                 if on_start is not None:
                     on_start(time.perf_counter())
                 self.speaking = True
-                self._output(audio, epoch)
+                self._cut.clear()
+                self._idle.clear()
+                try:
+                    if epoch == self._epoch:
+                        self._output(audio, epoch)
+                finally:
+                    self._idle.set()
             except Exception as exc:  # any failure: reported to the caller on its next say()
                 logger.error("speech output failed: %s", exc)
                 self._error = exc
@@ -213,7 +251,7 @@ class SpeechOutput:
                 if epoch != self._epoch:
                     return
                 self._write(AudioChunk(audio.rate, SAMPLE_WIDTH, 1, audio.audio[at:at + step]))
-                time.sleep(max(0.0, started + (i + 1) * 0.02 - time.perf_counter()))
+                self._cut.wait(max(0.0, started + (i + 1) * 0.02 - time.perf_counter()))
             return
         self._write(audio)
         if self._sd is not None and epoch == self._epoch:

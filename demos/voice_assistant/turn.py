@@ -6,6 +6,10 @@ of ... France". Instead, at every pause the last 8 s of the turn are scored by S
 
 - complete   → the turn ends once the silence reaches `complete_silence` (0.2 s);
 - incomplete → the detector keeps listening up to `incomplete_silence` (1 s);
+- the words so far, when the assistant gives them (`text_probability`: our own LLM's probability that
+  the user's message ends after them, next token "?", "." or end of message), are a second opinion:
+  both complete → `confident_silence`; text complete where Smart Turn hesitates → `complete_silence`;
+  text that clearly goes on ("what is the capital of") → never before `incomplete_silence`;
 - speech again before that → the pause is forgotten and the turn goes on;
 - a turn longer than `max_turn` seconds is closed anyway, so a speaker who never stops cannot hang us.
 
@@ -125,6 +129,9 @@ class TurnConfig:
     incomplete_silence: float = 1.0
     fixed_silence: float = 0.7
     threshold: float = 0.7  # Smart Turn probability at or above which a pause "sounds finished" (tuned)
+    confident_silence: float = 0.1  # Smart Turn and the text both say complete
+    text_complete: float = 0.4  # text end probability at or above which the words "read finished"
+    text_continues: float = 0.01  # below it the words clearly go on: wait incomplete_silence (0: never veto)
     max_turn: float = 20.0
     pre_roll: float = 0.5  # audio kept from before the VAD's speech start (soft word onsets, barge-in)
     vad: VadConfig = field(default_factory=VadConfig)
@@ -132,10 +139,14 @@ class TurnConfig:
     def __post_init__(self) -> None:
         if self.endpointing not in ENDPOINTING:
             raise VoiceError(f"endpointing {self.endpointing!r} is not known. Fix: use one of {', '.join(ENDPOINTING)}.")
-        for name in ("complete_silence", "incomplete_silence", "fixed_silence", "max_turn"):
+        for name in ("complete_silence", "incomplete_silence", "fixed_silence", "max_turn", "confident_silence"):
             value = getattr(self, name)
             if not 0.05 <= value <= 600:
                 raise VoiceError(f"{name}={value} s is out of range. Fix: use 0.05 to 600 seconds.")
+        for name in ("text_complete", "text_continues"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise VoiceError(f"{name}={value} is out of range. Fix: use a probability from 0 to 1.")
         if not 0.0 <= self.pre_roll <= 5.0:
             raise VoiceError(f"pre_roll={self.pre_roll} s is out of range. Fix: use 0 to 5 seconds.")
 
@@ -145,8 +156,10 @@ class TurnEvent:
     """kind: "start" (speech began a turn), "pause" (scored), "resume" (speech after a pause), "end".
 
     at: stream time (s) of the window that triggered it; last_voiced: where voiced audio last ended.
-    pause: probability, complete, score_ms. end: reason ("complete", "incomplete", "silence",
-    "max_length", "end_of_audio").
+    pause: probability, complete, score_ms. end: reason ("complete" (Smart Turn), "complete_both" (Smart
+    Turn and the text), "complete_text" (the text alone), "incomplete", "text_continues" (Smart Turn said
+    complete, the words clearly go on), "silence", "max_length", "end_of_audio"); text_probability: the
+    text's end probability used for the decision (None: not known).
     """
 
     kind: str
@@ -156,6 +169,7 @@ class TurnEvent:
     complete: bool | None = None
     score_ms: float | None = None
     reason: str | None = None
+    text_probability: float | None = None
 
 
 class TurnDetector:
@@ -182,6 +196,8 @@ class TurnDetector:
         self.turn_start = 0.0
         self._wait: float | None = None  # silence (s) that ends the turn after the current pause
         self._pause_reason = ""
+        self._complete = False  # Smart Turn's verdict at the current pause
+        self.text_probability: float | None = None  # set by the assistant: P(message ends) after the words so far
 
     @property
     def paused(self) -> bool:
@@ -223,11 +239,26 @@ class TurnDetector:
             self.in_turn, self._wait = False, None
             events.append(TurnEvent("end", score.end, act.last_voiced, reason="max_length"))
             self.activity.reset()  # a speaker who goes on starts a new turn
-        elif (self._wait is not None and act.last_voiced is not None
-              and score.end - act.last_voiced >= self._wait - 1e-6):
-            self.in_turn, self._wait = False, None
-            events.append(TurnEvent("end", score.end, act.last_voiced, reason=self._pause_reason))
+        elif self._wait is not None and act.last_voiced is not None:
+            wait, reason = self._decide()
+            if score.end - act.last_voiced >= wait - 1e-6:
+                self.in_turn, self._wait = False, None
+                events.append(TurnEvent("end", score.end, act.last_voiced, reason=reason,
+                                        text_probability=self.text_probability))
         return events
+
+    def _decide(self) -> tuple[float, str]:
+        """The silence that ends the current pause, and why: Smart Turn's verdict, then the words' (if known)."""
+        cfg, text = self.config, self.text_probability
+        if self._pause_reason == "silence" or text is None:
+            return self._wait, self._pause_reason  # type: ignore[return-value]
+        if text < cfg.text_continues:
+            return cfg.incomplete_silence, "text_continues" if self._complete else "incomplete"
+        if text >= cfg.text_complete:
+            if self._complete:
+                return min(cfg.confident_silence, cfg.complete_silence), "complete_both"
+            return cfg.complete_silence, "complete_text"
+        return self._wait, self._pause_reason  # type: ignore[return-value]
 
     def _pause(self, at: float) -> TurnEvent:
         cfg = self.config
@@ -238,6 +269,7 @@ class TurnDetector:
         probability = self.model.probability(self.turn_audio())
         score_ms = round((time.perf_counter() - started) * 1000.0, 1)
         complete = probability >= cfg.threshold
+        self._complete = complete
         self._wait = cfg.complete_silence if complete else cfg.incomplete_silence
         self._pause_reason = "complete" if complete else "incomplete"
         logger.debug("pause at %.2f s: complete p=%.3f (%s ms)", at, probability, score_ms)

@@ -198,6 +198,29 @@ class LLM:
             prefill(self.session, ids, (lambda: cancel.cancelled) if cancel else None)
             return self.session.length
 
+    def next_token_probability(self, prompt: Prompt, token_ids: Sequence[int],
+                               cancel: CancelToken | None = None) -> float | None:
+        """Prefill `prompt` as prefill() does (the cache keeps it) and return the total probability that the
+        next token is one of `token_ids` (greedy-free: the softmax of the raw logits). None when cancelled.
+
+        Nearly free after a prefill of the same prompt: only its last token is recomputed. The voice demo
+        asks it for P(end of the user's message) after the words heard so far (a text end-of-turn signal).
+        """
+        _check_cancel(cancel)
+        wanted = np.asarray(list(token_ids), dtype=np.int64)
+        if wanted.size == 0 or wanted.min() < 0 or wanted.max() >= self.session.vocab_size:
+            raise InvalidParameterError(f"token_ids={list(token_ids)[:8]!r} must be a non-empty list of ids below "
+                                        f"the vocabulary size {self.session.vocab_size}. Fix: take them from "
+                                        "llm.tokenizer.")
+        ids = self.encode(prompt, add_generation_prompt=False)
+        self._close_active()
+        with self._lock:
+            logits, _ = prefill(self.session, ids, (lambda: cancel.cancelled) if cancel else None)
+        if logits is None:
+            return None
+        shifted = np.exp(logits.astype(np.float64) - float(np.max(logits)))
+        return float(shifted[np.unique(wanted)].sum() / shifted.sum())
+
     def reset(self) -> None:
         """Forget the cache (the next prompt is prefilled from scratch)."""
         self._close_active()

@@ -92,7 +92,7 @@ def test_cli_json_prints_transcript_reply_and_breakdown(default_model_dir):
     assert report["transcript"] == "What is the capital of france" and "Paris" in report["reply"]
     assert set(report["latency_ms"]) == {"end_of_turn", "recognizer_final", "first_token", "first_audio",
                                          "reply_done", "final_to_first_token"}
-    assert report["endpointing"] == "smart" and report["end_reason"] == "complete" and not report["speculative"]
+    assert report["endpointing"] == "smart" and report["end_reason"] in ("complete", "complete_both") and not report["speculative"]
 
 
 def test_cli_white_noise_gets_no_reply_and_says_why(default_model_dir, tmp_path):
@@ -109,8 +109,8 @@ def test_cli_compare_reports_medians_for_both_modes(default_model_dir):
                 "--runs", "2", "--compare")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"recognizer_endpointer", "fixed_silence", "smart_no_incremental", "smart",
-                            "smart_speculative", "loadavg"}
+    assert set(summary) == {"recognizer_endpointer", "fixed_silence", "smart_no_incremental", "smart_turn_only",
+                            "smart", "smart_speculative", "smart_clause_speech", "loadavg"}
     for name, mode in summary.items():
         if name != "loadavg":
             assert mode["replies"] == 2 and mode["median_ms"]["first_token"] > 0, name
@@ -120,6 +120,8 @@ def test_cli_compare_reports_medians_for_both_modes(default_model_dir):
     # fixed 0.7 s silence vs Smart Turn's 0.2 s after a complete question (audio time: --fast compresses wall time)
     silence = {name: [t["silence_ms"] for t in summary[name]["turns"]] for name in ("smart", "fixed_silence")}
     assert max(silence["smart"]) <= 232 and min(silence["fixed_silence"]) >= 700
+    assert {t["end_reason"] for t in summary["smart_turn_only"]["turns"]} == {"complete"}
+    assert all(t["text_probability"] is None for t in summary["smart_turn_only"]["turns"])
 
 
 @pytest.mark.parametrize("args, message", [
