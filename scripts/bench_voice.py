@@ -6,12 +6,19 @@ Every recording in benchmarks/voice/ (scripts/make_voice_recordings.py) and the 
 in real time (as a microphone would deliver it, in 32 ms chunks, with 1 s of silence after the file)
 through each turn-taking variant of `python -m demos.voice_assistant --compare`, interleaved, in one
 process: recognizer endpointer, VAD + fixed 0.7 s silence, VAD + Smart Turn without incremental prefill,
-with it, and with speculative start. Replies are spoken with espeak-ng (synthesized, not played), so
-"first audio" is when the first clause's audio is ready. Every time is in ms after the last voiced
-audio (Silero VAD on the input; for the recognizer-endpointer variant, the recognizer's last word).
+Smart Turn alone, Smart Turn + the model's text end-of-turn signal (the default), with speculative start,
+and the default with the old speech out (the espeak-ng command per whole clause). Replies are spoken with
+espeak-ng (synthesized, not played), so "first audio" is when the first piece's audio is ready. Every
+time is in ms after the last voiced audio (Silero VAD on the input; for the recognizer-endpointer
+variant, the recognizer's last word).
 
 A false end of turn is a recording answered as more than one turn, or whose turn was declared over
-(in audio time) before the recording's speech ended (each file ends with 0.6 s of silence). The machine's load average is recorded before and after.
+(in audio time) before the recording's speech ended (each file ends with 0.6 s of silence). The machine's
+load average is recorded with every sample.
+
+Barge-in (--barge-in-runs): a question, 0.5 s, then another recording spoken over the reply, fed in real
+time, the reply "played" at loudspeaker pace into a WAV sink; per barge-in, the ms from the arrival of the
+audio where the VAD put the interruption's onset to generation cancelled and no reply audio written any more.
 """
 
 from __future__ import annotations
@@ -207,8 +214,7 @@ def main() -> None:
                      f"{med['first_token']} / {p90['first_token']}", f"{med['first_audio']} / {p90['first_audio']}",
                      stats["speculative"], stats["false_end_of_turn"]])
     table = Table(["variant", "end of turn", "recognizer final", "first token", "first audio (espeak-ng)",
-                   "speculative", "false end of turn (paused)"], rows,
-                  caption=f"ms after the last voiced audio, median / p90 over {len(names)} recordings x {args.runs} runs")
+                   "speculative", "false end of turn (paused)"], rows)  # no caption: README markers take tables only
     stops = [b["barge_in_ms"] for b in barge_ins if b["barge_in_ms"] is not None]
     summary["barge_in"] = {"count": len(barge_ins), "interrupted": sum(b["interrupted"] for b in barge_ins),
                            "median_ms": _percentile(stops, 0.5), "p90_ms": _percentile(stops, 0.9),
@@ -222,12 +228,13 @@ def main() -> None:
                          "of which VAD onset confirmed (median)"],
                         [[bi["count"], f"{bi['interrupted']}/{bi['count']}",
                           f"{bi['median_ms']} / {bi['p90_ms']} / {bi['max_ms']}", f"{bi['within_100_ms']}/{len(stops)}",
-                          bi["vad_detect_median_ms"]]],
-                        caption="ms from the arrival of the audio where the user started speaking over the reply "
-                                "to generation cancelled and no more reply audio written")
+                          bi["vad_detect_median_ms"]]])
     out = recorder.write(args.out, samples=samples, summary=summary, table=table, tables={"barge_in": barge_table},
                          extra_versions=("pocketsphinx", "pipecat-ai", "piper-tts"))
+    print(f"ms after the last voiced audio, median / p90 over {len(names)} recordings x {args.runs} runs")
     print(table.markdown())
+    print("barge-in: ms from the arrival of the audio where the user started speaking over the reply to generation "
+          "cancelled and no more reply audio written")
     print(barge_table.markdown())
     print(f"wrote {out}")
 

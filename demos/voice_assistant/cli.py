@@ -60,7 +60,7 @@ def _status(message: str) -> None:
               "recognizer's own endpointer.")
 @click.option("--silence-ms", type=float, default=700.0, show_default=True,
               help="--endpointing silence: the silence that ends a turn.")
-@click.option("--complete-ms", type=float, default=200.0, show_default=True,
+@click.option("--complete-ms", type=float, default=150.0, show_default=True,
               help="Silence that ends a turn once Smart Turn says it sounds complete.")
 @click.option("--confident-ms", type=float, default=100.0, show_default=True,
               help="Silence that ends a turn when Smart Turn and the model's reading of the words both say complete.")

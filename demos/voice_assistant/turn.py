@@ -4,7 +4,7 @@ A fixed silence wait must be long (Home Assistant waits 0.7 s) or it cuts off "w
 of ... France". Instead, at every pause the last 8 s of the turn are scored by Smart Turn v3.2
 (Whisper log-mel features in, the probability that the turn is complete out):
 
-- complete   → the turn ends once the silence reaches `complete_silence` (0.2 s);
+- complete   → the turn ends once the silence reaches `complete_silence` (0.15 s);
 - incomplete → the detector keeps listening up to `incomplete_silence` (1 s);
 - the words so far, when the assistant gives them (`text_probability`: our own LLM's probability that
   the user's message ends after them, next token "?", "." or end of message), are a second opinion:
@@ -125,12 +125,12 @@ class TurnConfig:
     """Seconds. endpointing: "smart" (VAD + Smart Turn) or "silence" (VAD + a fixed `fixed_silence` wait)."""
 
     endpointing: str = "smart"
-    complete_silence: float = 0.2
+    complete_silence: float = 0.15
     incomplete_silence: float = 1.0
     fixed_silence: float = 0.7
     threshold: float = 0.7  # Smart Turn probability at or above which a pause "sounds finished" (tuned)
     confident_silence: float = 0.1  # Smart Turn and the text both say complete
-    text_complete: float = 0.4  # text end probability at or above which the words "read finished"
+    text_complete: float = 0.2  # text end probability at or above which the words "read finished"
     text_continues: float = 0.01  # below it the words clearly go on: wait incomplete_silence (0: never veto)
     max_turn: float = 20.0
     pre_roll: float = 0.5  # audio kept from before the VAD's speech start (soft word onsets, barge-in)
