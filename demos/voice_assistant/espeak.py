@@ -84,6 +84,8 @@ class EspeakLibrarySpeaker:
         A text that ends without punctuation (the first words of a reply, spoken early) gets no closing
         pause, so the next piece follows without a gap. Returns False when the sink stopped it.
         """
+        if not text.strip():
+            return True
         data = text.encode("utf-8") + b"\0"
         flags = _CHARS_UTF8 | (_ENDPAUSE if text.rstrip().endswith(_SENTENCE_END) else 0)
         with _lock:

@@ -101,10 +101,13 @@ class EspeakSpeaker:
         self.voice, self.wpm = voice, words_per_minute
 
     def synthesize(self, text: str) -> AudioChunk:
-        done = subprocess.run([self._exe, "--stdout", "-v", self.voice, "-s", str(self.wpm), text],
+        if not text.strip():
+            return AudioChunk(22050, SAMPLE_WIDTH, 1, b"")
+        # the text goes in on stdin: as an argument, a reply starting with "-" ("- Paris") is read as an option
+        done = subprocess.run([self._exe, "--stdout", "-v", self.voice, "-s", str(self.wpm)], input=text.encode(),
                               capture_output=True, check=False, timeout=30)
-        if done.returncode != 0:
-            raise VoiceError(f"espeak-ng failed ({done.stderr.decode(errors='replace').strip()}).")
+        if done.returncode != 0 or not done.stdout:
+            raise VoiceError(f"espeak-ng failed on {text[:40]!r} ({done.stderr.decode(errors='replace').strip()}).")
         return _parse_wav(done.stdout)
 
 

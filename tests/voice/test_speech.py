@@ -126,3 +126,12 @@ def test_stop_cuts_the_clause_being_played_at_once(tmp_path):
     out.close()
     with wave.open(str(tmp_path / "cut.wav")) as wav:
         assert wav.getnframes() / wav.getframerate() < 1.0
+
+
+@pytest.mark.parametrize("speaker", ["command", "library"])
+def test_a_clause_that_starts_with_a_dash_is_spoken_not_read_as_an_option(speaker):
+    from demos.voice_assistant.espeak import EspeakLibrarySpeaker
+
+    voice = EspeakSpeaker() if speaker == "command" else EspeakLibrarySpeaker()
+    assert voice.synthesize("- Paris is the capital.").seconds > 0.5
+    assert voice.synthesize("  ").seconds == 0.0
