@@ -67,3 +67,29 @@ def test_speaking_over_the_reply_cuts_it_and_the_new_question_is_heard(tmp_path,
     said = [uncut, answered["reply"]] + ([cut["holding_phrase"]] if cut["holding_phrase"] else [])
     full = sum(EspeakSpeaker().synthesize(text).seconds for text in said)
     assert spoken < full - 0.3, (spoken, full, reports)  # the first reply was not spoken to its end
+
+
+def test_barge_in_report_says_where_the_interruption_began(tmp_path, sphinx, llm):
+    """Audio fed in real time (a paced WAV source), the reply "played" at loudspeaker pace: the cut reply's report
+    puts the interruption's onset where its speech starts and counts the VAD's confirmation in barge_in_ms."""
+    from demos.voice_assistant.assistant import AssistantConfig, VoiceAssistant
+    from demos.voice_assistant.audio import WavSource
+    from demos.voice_assistant.espeak import EspeakLibrarySpeaker
+    from demos.voice_assistant.speech import SpeechOutput
+
+    first, second = read_wav(SAMPLE).audio, read_wav(FIXTURES / "en_what_time.wav").audio
+    path = tmp_path / "barge.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(first + silence(0.5) + second)
+    speech = SpeechOutput(EspeakLibrarySpeaker(), wav_path=tmp_path / "spoken.wav", play=False, realtime=True)
+    assistant = VoiceAssistant(sphinx, llm, None, speech, AssistantConfig(max_new_tokens=48, speculative=False))
+    reports = list(assistant.run(WavSource(path, tail_silence=1.5, chunk_ms=32).chunks()))
+    speech.close()
+    cut = reports[0]
+    starts = len(first) / 32000 + 0.5 + 0.3  # the fixture's speech starts 0.3 s into it
+    assert cut.interrupted and abs(cut.barge_in_at_s - starts) < 0.15, (cut, starts)
+    assert 0 < cut.barge_in_detected_ms <= cut.barge_in_ms  # the VAD's two windows are part of the time
+    assert reports[-1].transcript == "What time is it" and not reports[-1].interrupted
