@@ -199,3 +199,50 @@ def test_speculation_never_costs_what_the_cost_model_cannot_see(tiny_fp32_dir):
     # ... but the realized time per token says otherwise, so it decodes plainly.
     assert stats.realized_ms_per_token_speculating > stats.realized_ms_per_token_plain
     assert stats.current_k == 0 and stats.plain_steps > 5 * stats.cycles
+
+
+class EmptySlowDrafter:
+    """Looks for drafts (slowly) and never finds one: every step pays the search and gains nothing."""
+
+    takes_array = True
+
+    def __init__(self, sleep_s: float) -> None:
+        self.sleep_s, self.calls = sleep_s, 0
+
+    def propose(self, context, k):
+        import time
+
+        self.calls += 1
+        time.sleep(self.sleep_s)
+        return []
+
+
+def test_a_drafter_that_never_drafts_is_switched_off(tiny_fp32_dir):
+    """Before any verify pass has been timed, the realized rate still vetoes drafting that only costs."""
+    from edgellm.runtime.speculative import SpeculativeSession
+
+    llm = edgellm.load(tiny_fp32_dir, threads=1)
+    drafter = EmptySlowDrafter(0.02)
+    session = SpeculativeSession(llm.session, drafter, SpeculativeConfig(probe_every=1000))
+    llm.session = session
+    params = edgellm.SamplingParams(max_new_tokens=80, temperature=0.0, ignore_eos=True)
+    llm.generate(PROMPTS[0], params)
+    assert session.stats.cycles == 0 and session.stats.current_k == 0
+    assert drafter.calls < 20  # without the veto it searched on every one of the 79 steps
+
+
+def test_the_drafters_context_array_follows_every_truncation(tiny_fp32_dir):
+    """The incremental int64 copy of the context equals the cached tokens after appends and roll-backs."""
+    from edgellm.runtime.speculative import SpeculativeSession
+
+    llm = edgellm.load(tiny_fp32_dir, threads=1)
+    session = SpeculativeSession(llm.session, PromptLookupDrafter())
+    rng = np.random.default_rng(0)
+    session.forward([1, 2, 3, 4], keep=1)
+    for _ in range(60):
+        if rng.random() < 0.3:
+            session.truncate(int(rng.integers(1, session.length + 1)))
+        else:
+            session.target.forward([int(t) for t in rng.integers(5, 50, int(rng.integers(1, 4)))], keep=1)
+        token = int(rng.integers(5, 50))
+        assert session._context(token).tolist() == session.target.tokens + [token]
