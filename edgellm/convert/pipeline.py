@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import InvalidParameterError, UnsupportedArchitectureError
 from ..manifest import GenerationDefaults, Manifest
 from ..runtime import measure
-from ..runtime.session import DecoderSession
+from ..runtime.session import PREFILL_GRAPH_MIN_TOKENS, DecoderSession
 from ..validation import DraftHead, HeldOut, PerplexityScore, ValidationReport
 from . import draft_head, output, validate
 from ..contract import GraphOptions
@@ -56,6 +56,7 @@ def _source_revision(package: Path | None = None) -> str:
 CONVERTER_REVISION = _source_revision()
 HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "data" / "heldout_en.txt"
 SPEED_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+PREFILL_MODEL = "prefill.onnx"  # --prefill-graph (edgellm/convert/prefill.py)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class ConvertOptions:
     draft_head: int | None = None  # a draft-only model: lm_head over the N most frequent chat tokens (draft_head.py)
     int4_edge_blocks: int = 2      # int4: first and last N blocks stay 8-bit (with the lm_head/embedding)
     int4_int8_projections: tuple[str, ...] = ("down_proj",)  # int4: these projections stay 8-bit in every block
+    prefill_graph: bool = False    # int8 CPU: also write prefill.onnx, QGEMM for prompts (edgellm/convert/prefill.py)
     progress: bool = True
     validation: validate.ValidationSettings = field(default_factory=validate.ValidationSettings)
 
@@ -92,6 +94,11 @@ class ConvertOptions:
             flag = "--batch-invariant" if self.batch_invariant else "--draft-head"
             raise InvalidParameterError(f"{flag} is built and measured for the CPU graph only, not for target "
                                         f"cuda. Fix: drop {flag}, or use --target cpu.")
+        if self.prefill_graph and (self.precision != "int8" or self.target != "cpu" or self.batch_invariant
+                                   or self.draft_head):
+            raise InvalidParameterError("--prefill-graph is built for int8 CPU models (not int4, fp32, --target cuda, "
+                                        "--batch-invariant or --draft-head). Fix: drop --prefill-graph, or use "
+                                        "--precision int8 --target cpu without the others.")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise InvalidParameterError(f"block_size={self.block_size} must be a power of two >= 16.")
         if self.draft_head is not None and self.draft_head < 256:
@@ -273,14 +280,27 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
             tied = bool(getattr(loaded.model.config, "tie_word_embeddings", False))
             quantized = quantize_int8(source_model, options.block_size, tied=tied)
             retied = any(n.op_type == "GatherBlockQuantized" for n in quantized.graph.node)
+            prefill_model = None
+            if options.prefill_graph:  # before saving: save_model moves the weights out of `quantized`
+                from .prefill import build_prefill_graph
+
+                # Weights from a fresh fp32 graph (the quantizer rewrote source_model's MatMuls in place).
+                prefill_model = build_prefill_graph(quantized, onnx.load(str(fp32_path)))
             save_model(quantized, str(model_path))
-            del quantized, source_model
+            if prefill_model is not None:
+                save_model(prefill_model, str(staging / PREFILL_MODEL))
+            del quantized, source_model, prefill_model
             quantization = {"scheme": "weight-only block-wise int8 (onnxruntime MatMulNBits)", "bits": 8,
                             "block_size": options.block_size, "symmetric": True, "accuracy_level": ACCURACY_LEVEL,
                             "activations": activation,
                             "embedding": "GatherBlockQuantized over the int8 lm_head (tied, stored once)" if retied
                             else "separate Gather table (the source does not tie it to the lm_head)",
                             "smoothing": smoothing}
+            if options.prefill_graph:
+                quantization["prefill_graph"] = {
+                    "file": PREFILL_MODEL, "min_tokens": PREFILL_GRAPH_MIN_TOKENS,
+                    "scheme": "layer MatMuls as MatMulIntegerToFloat (MLAS QGEMM): per-channel symmetric int8 "
+                              "weights from fp32, per-row symmetric int8 activations; lm_head as in model.onnx"}
         elif options.precision == "fp16":
             save_model(gpu_model, str(model_path))
             quantization = {"scheme": "none (dense fp16 weights)", "activations": activation}
@@ -289,6 +309,8 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
 
         (staging / "tokenizer.json").write_text(loaded.tokenizer_json)
         files = {"model": "model.onnx", "weights": "model.onnx.data", "tokenizer": "tokenizer.json"}
+        if options.prefill_graph:
+            files.update(prefill_model=PREFILL_MODEL, prefill_weights=PREFILL_MODEL + ".data")
         if loaded.chat_template:
             (staging / "chat_template.jinja").write_text(loaded.chat_template)
             files["chat_template"] = "chat_template.jinja"
@@ -332,10 +354,14 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
     candidate = None if options.precision == "fp32" else options.precision  # the graph judged against fp32
     reference_graph = GraphOptions.for_build(options.batch_invariant)
     sessions = {"fp32": DecoderSession(fp32_path, io, dims, capacity, threads=options.threads, graph=reference_graph)}
+    prefill_path = model_path.with_name(PREFILL_MODEL) if options.prefill_graph else None
     if candidate:
+        # With a prefill graph, perplexity and chat agreement (many tokens per call) are measured through it, the
+        # decode probe and the KV check's token-by-token half through model.onnx: as the runtime runs them.
         sessions[candidate] = DecoderSession(model_path, io, dims, capacity, threads=options.threads,
                                              graph=GraphOptions.for_build(options.batch_invariant,
-                                                                          target=options.target))
+                                                                          target=options.target),
+                                             prefill_path=prefill_path)
 
     sample = tokens[:64]
     with torch.no_grad():
@@ -345,7 +371,14 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
     source_max_abs_diff = float(np.abs(source_logits - onnx_logits).max())
 
     scores = {name: measure.perplexity(s, tokens, settings.window) for name, s in sessions.items()}
-    kv = {name: measure.kv_consistency(s, tokens[:settings.consistency_tokens]) for name, s in sessions.items()}
+    kv = {name: measure.kv_consistency(s, tokens[:settings.consistency_tokens]) for name, s in sessions.items()
+          if s.prefill_session is None}
+    if candidate and prefill_path is not None:  # each graph's own cache handling: one pass vs step by step
+        graphs = sessions[candidate]
+        for name, min_tokens in ((candidate, 10**9), (f"{candidate}_prefill_graph", 1)):
+            graphs.prefill_min_tokens = min_tokens
+            kv[name] = measure.kv_consistency(graphs, tokens[:settings.consistency_tokens])
+        graphs.prefill_min_tokens = PREFILL_GRAPH_MIN_TOKENS
     chat = None
     if candidate and loaded.chat_template:
         chats = [tokenizer.encode(_render(loaded, q), add_special_tokens=False).ids for q in validate.CHAT_PROMPTS]
@@ -356,6 +389,8 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
     ratio = agreement = None
     if candidate:
         sizes[candidate] = validate.folder_bytes([model_path, model_path.with_name("model.onnx.data")])
+        if prefill_path is not None:
+            sizes[f"{candidate}_prefill_graph"] = validate.folder_bytes([prefill_path, Path(f"{prefill_path}.data")])
         ratio = round(scores[candidate].perplexity / scores["fp32"].perplexity, 5)
         agreement = round(float((scores[candidate].argmax == scores["fp32"].argmax).mean()), 5)
         sizes[f"{candidate}_over_fp32"] = round(sizes[candidate] / sizes["fp32"], 4)

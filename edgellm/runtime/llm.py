@@ -24,7 +24,7 @@ from .chat import ChatTemplate, check_text, validate_messages
 from .constraint import GrammarCompiler
 from .generator import Stream, _Outcome, prefill
 from .sampling import ResolvedSampling
-from .session import GPU_PROVIDERS, DecoderSession
+from .session import GPU_PROVIDERS, DecoderSession, resolve_providers
 from .tools import ToolSet, parse_tool_calls
 from .types import CancelToken, GenerationResult, SamplingParams
 
@@ -339,8 +339,11 @@ def load(path: str | Path, providers: Sequence[str] | str | None = None, threads
     target = manifest.graph.target
     if providers is None and target == "cuda":  # a GPU folder prefers the GPU when this install has one
         providers = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else None
+    prefill_path = paths.get("prefill_model")
+    if prefill_path is not None and resolve_providers(providers)[0] != "CPUExecutionProvider":
+        prefill_path = None  # a CPU graph for prompts: on a GPU the decode graph does both
     session = DecoderSession(paths["model"], manifest.io, manifest.dims, capacity, providers, threads, head_tokens,
-                             graph=manifest.graph)
+                             graph=manifest.graph, prefill_path=prefill_path)
     _warn_if_mismatched(manifest, target, session.provider)
     logger.info("loaded %s (%s) on %s, context %d", manifest.name, manifest.precision, session.provider, capacity)
     llm = LLM(folder, manifest, session, tokenizer, template)

@@ -34,6 +34,9 @@ _ORT_LOAD_ERRORS = (RuntimeError, ValueError, OSError) + tuple(
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}  # ONNX input type -> buffer dtype
 TRT_CACHE = Path(".cache") / "trt"  # inside the model folder; not in its checksums (edgellm.manifest)
+# Calls with at least this many new tokens run on the folder's prefill graph, if it has one (convert
+# --prefill-graph); fewer (decode steps, speculative verify passes of up to 7) stay on the decode graph.
+PREFILL_GRAPH_MIN_TOKENS = 8
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -108,12 +111,22 @@ def _provider_options(providers: list[str], model_path: Path) -> list:
     return entries
 
 
+def _open(model_path: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=providers)
+    except _ORT_LOAD_ERRORS as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ModelFormatError(f"onnxruntime cannot load {model_path} ({reason}). Fix: re-run `edgellm convert` "
+                               "(a truncated, damaged or foreign model file, or weights outside the folder).") from exc
+
+
 class DecoderSession:
     """Runs forward passes and owns the KV cache; knows nothing about text or sampling."""
 
     def __init__(self, model_path: Path, io: IONames | dict, dims: ModelDims | dict, capacity: int,
                  providers: Sequence[str] | str | None = None, threads: int | None = None,
-                 head_tokens: np.ndarray | None = None, graph: GraphOptions | dict | None = None) -> None:
+                 head_tokens: np.ndarray | None = None, graph: GraphOptions | dict | None = None,
+                 prefill_path: Path | None = None) -> None:
         """io, dims, graph: the manifest's contract (edgellm.contract; dicts are read with from_dict).
         graph.attention_pad_rows: cache slots past `capacity` the graph writes (batch-invariant graphs: 1);
         None means unknown, and one spare slot is kept, which is safe for every graph edgellm builds.
@@ -121,6 +134,8 @@ class DecoderSession:
         None: read from the graph.
         head_tokens: for draft models whose lm_head covers only these ids (edgellm convert --draft-head);
         their logits are scattered into full-vocabulary rows whose other entries are -inf.
+        prefill_path: the folder's prefill graph (convert --prefill-graph): same inputs and outputs, run for calls
+        of PREFILL_GRAPH_MIN_TOKENS tokens or more, on the same KV buffers (CPU only).
         Raises ModelFormatError when the graph's inputs/outputs disagree with io, dims or the KV dtype."""
         dims = dims if isinstance(dims, ModelDims) else ModelDims.from_dict(dims)
         io = io if isinstance(io, IONames) else IONames.from_dict(io, dims.num_layers)
@@ -136,13 +151,7 @@ class DecoderSession:
         self.providers = resolve_providers(providers)
         if self.providers[0] in GPU_PROVIDERS and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]), if there
-        try:
-            self.session = ort.InferenceSession(str(model_path), options,
-                                                providers=_provider_options(self.providers, model_path))
-        except _ORT_LOAD_ERRORS as exc:
-            reason = " ".join(str(exc).split())[:300]
-            raise ModelFormatError(f"onnxruntime cannot load {model_path} ({reason}). Fix: re-run `edgellm convert` "
-                                   "(a truncated, damaged or foreign model file, or weights outside the folder).") from exc
+        self.session = _open(model_path, options, _provider_options(self.providers, model_path))
         self.provider = self.session.get_providers()[0]
         if self.providers[0] in GPU_PROVIDERS and self.provider != self.providers[0]:
             raise ProviderError(
@@ -170,6 +179,20 @@ class DecoderSession:
             self._binding.bind_ortvalue_input(past, buffer)
             self._binding.bind_ortvalue_output(present, buffer)
             self._kv.append(buffer)
+        self.prefill_session = self._prefill_binding = None
+        self.prefill_min_tokens = PREFILL_GRAPH_MIN_TOKENS  # calls this long or longer take the prefill graph
+        if prefill_path is not None:
+            if self.device != "cpu":
+                raise ModelFormatError(f"{prefill_path} is a CPU prefill graph; this session runs on {self.provider}. "
+                                       "Fix: run on the CPU, or convert without --prefill-graph for the GPU.")
+            self.prefill_session = _open(prefill_path, options, ["CPUExecutionProvider"])
+            check_session(self.prefill_session.get_inputs(), self.prefill_session.get_outputs(), io, dims,
+                          None if self.head_tokens is None else head_size, model=str(prefill_path))
+            self._prefill_binding = self.prefill_session.io_binding()
+            self._prefill_binding.bind_ortvalue_output(io.logits, self._logits_one)
+            for (past, present), buffer in zip(io.kv_pairs, self._kv):  # the one cache, written by both graphs
+                self._prefill_binding.bind_ortvalue_input(past, buffer)
+                self._prefill_binding.bind_ortvalue_output(present, buffer)
         self._mask = np.ones((1, capacity), dtype=np.int64)
         self._keep = {}
         self.tokens: list[int] = []  # tokens whose keys/values are in the cache, in order
@@ -210,7 +233,9 @@ class DecoderSession:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, count)
         if keep not in self._keep:
             self._keep[keep] = np.array(keep, dtype=np.int64)
-        binding = self._binding
+        session, binding = self.session, self._binding
+        if self._prefill_binding is not None and count >= self.prefill_min_tokens:
+            session, binding = self.prefill_session, self._prefill_binding
         binding.bind_cpu_input(self.io.input_ids, ids)
         binding.bind_cpu_input(self.io.attention_mask, self._mask[:, :total])
         binding.bind_cpu_input(self.io.num_logits_to_keep, self._keep[keep])
@@ -218,7 +243,7 @@ class DecoderSession:
             binding.bind_ortvalue_output(self.io.logits, self._logits_one)
         else:
             binding.bind_output(self.io.logits, "cpu")
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         self.tokens.extend(int(t) for t in token_ids)
         logits = self._logits_one.numpy()[0] if keep == 1 else binding.get_outputs()[0].numpy()[0]
         if self.head_tokens is None:
