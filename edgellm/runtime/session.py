@@ -111,6 +111,18 @@ def _provider_options(providers: list[str], model_path: Path) -> list:
     return entries
 
 
+def _session_options(threads: int | None, spin_after_run: bool = True) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    if not spin_after_run:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
+
 def _open(model_path: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(model_path), options, providers=providers)
@@ -142,12 +154,7 @@ class DecoderSession:
         if isinstance(graph, dict):
             graph = GraphOptions.from_dict(graph)
         spare = 1 if graph is None else graph.attention_pad_rows
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options = _session_options(threads)
         self.providers = resolve_providers(providers)
         if self.providers[0] in GPU_PROVIDERS and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]), if there
@@ -185,7 +192,9 @@ class DecoderSession:
             if self.device != "cpu":
                 raise ModelFormatError(f"{prefill_path} is a CPU prefill graph; this session runs on {self.provider}. "
                                        "Fix: run on the CPU, or convert without --prefill-graph for the GPU.")
-            self.prefill_session = _open(prefill_path, options, ["CPUExecutionProvider"])
+            # Its worker threads stop spinning when a prompt is done, so they leave the cores to the decode steps.
+            self.prefill_session = _open(prefill_path, _session_options(threads, spin_after_run=False),
+                                         ["CPUExecutionProvider"])
             check_session(self.prefill_session.get_inputs(), self.prefill_session.get_outputs(), io, dims,
                           None if self.head_tokens is None else head_size, model=str(prefill_path))
             self._prefill_binding = self.prefill_session.io_binding()
