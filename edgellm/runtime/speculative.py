@@ -155,7 +155,7 @@ class SpeculativeSession:
         self._plain_ms: float | None = None
         self._extra_ms: float | None = None  # verify cost per extra token beyond the first
         self._draft_ms: float | None = None
-        self._k = min(3, self.config.max_draft)
+        self._k = self._first_k = min(3, self.config.max_draft)
         self._off_steps = 0
         self._probe_interval = self.config.probe_every
         self._decoding = False  # the last call was a decode step (so the next prefill is a new prompt)
@@ -328,7 +328,7 @@ class SpeculativeSession:
             return 0  # the first steps measure plain decoding
         vetoed = self._realized_says_no()
         if self._extra_ms is None and not vetoed:
-            return self._k  # the first cycle measures verification
+            return self._first_k  # the first cycle measures verification (tried again once a veto is forgotten)
         # (Vetoed before any cycle: drafting found nothing, and looking cost more than plain steps did.)
         best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup) if self._extra_ms is not None else 0
         if not vetoed and self.realized_ms_per_token(True) is not None:

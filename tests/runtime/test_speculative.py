@@ -246,3 +246,35 @@ def test_the_drafters_context_array_follows_every_truncation(tiny_fp32_dir):
             session.target.forward([int(t) for t in rng.integers(5, 50, int(rng.integers(1, 4)))], keep=1)
         token = int(rng.integers(5, 50))
         assert session._context(token).tolist() == session.target.tokens + [token]
+
+
+class LateDrafter:
+    """Finds nothing (slowly) for its first calls, then drafts with the model itself (nearly always accepted)."""
+
+    def __init__(self, session, empty_calls: int) -> None:
+        from edgellm.runtime.speculative import ModelDrafter
+
+        self.inner, self.empty_calls, self.calls = ModelDrafter(session), empty_calls, 0
+
+    def propose(self, context, k):
+        import time
+
+        self.calls += 1
+        if self.calls <= self.empty_calls:
+            time.sleep(0.02)
+            return []
+        return self.inner.propose(context, k)
+
+
+def test_drafting_is_tried_again_after_a_veto_before_any_verify_pass(tiny_fp32_dir):
+    """A veto from empty drafts is forgotten after probe_every plain steps; then drafting that pays starts."""
+    from edgellm.runtime.speculative import SpeculativeSession
+
+    llm = edgellm.load(tiny_fp32_dir, threads=1)
+    drafter = LateDrafter(edgellm.load(tiny_fp32_dir, threads=1).session, empty_calls=8)
+    session = SpeculativeSession(llm.session, drafter, SpeculativeConfig(probe_every=4))
+    llm.session = session
+    params = edgellm.SamplingParams(max_new_tokens=120, temperature=0.0, ignore_eos=True)
+    llm.generate(PROMPTS[0], params)
+    assert drafter.calls > 8  # it looked again after the veto ...
+    assert session.stats.cycles > 0 and session.stats.accepted > 10  # ... and drafted once drafts came
