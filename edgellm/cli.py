@@ -448,6 +448,10 @@ def info(model_dir: str, verify: bool, as_json: bool) -> None:
     click.echo(f"target {graph.target}; KV cache {graph.kv_dtype}")
     if graph.batch_invariant:
         click.echo("batch-invariant: logits do not depend on how tokens are batched (exact speculative decoding)")
+    if "prefill_model" in manifest.files:
+        kv = v.kv_consistency.get(f"{v.precision}_prefill_graph") if v is not None else None
+        click.echo(f"prefill graph: {manifest.files['prefill_model']} runs prompts (int8 GEMM, per-row activations)"
+                   + (f"; its KV consistency {kv.worst:.2g}" if kv is not None else ""))
     if graph.head_tokens and v is not None and v.draft_head is not None:
         h = v.draft_head
         click.echo(f"draft head: {h.tokens} of {h.of} tokens ({h.heldout_coverage:.1%} of held-out replies)")

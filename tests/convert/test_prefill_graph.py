@@ -92,6 +92,16 @@ def test_prompts_run_on_the_prefill_graph_and_steps_on_the_decode_graph(prefill_
     assert stream.result.token_ids == result.token_ids and text == result.text
 
 
+def test_info_names_the_prefill_graph(prefill_dir):
+    from click.testing import CliRunner
+
+    from edgellm.cli import main
+
+    out = CliRunner().invoke(main, ["info", str(prefill_dir)])
+    assert out.exit_code == 0, out.output
+    assert "prefill graph: prefill.onnx runs prompts" in out.output and "KV consistency" in out.output
+
+
 def test_the_prefill_graph_loads_without_torch(prefill_dir):
     code = ("import sys, edgellm; llm = edgellm.load(sys.argv[1], threads=1); "
             "assert llm.session.prefill_session is not None; "
