@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .claims import ClaimGuard, GuardedReply
 from .conversation import Conversation, MemoryConfig, wants_new_conversation
 from .errors import VoiceError
 from .intents import CommandRecognizer
@@ -54,6 +55,7 @@ class AssistantConfig:
     turn: TurnConfig = field(default_factory=TurnConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     new_conversation_reply: str = "Okay, let's start a new conversation."
+    guard_claims: bool = True  # model replies may not claim a device action (claims.py)
 
     def __post_init__(self) -> None:
         if self.endpointing not in ("recognizer", *ENDPOINTING):
@@ -100,6 +102,8 @@ class TurnReport:
     speculations_cancelled: int = 0  # background replies dropped because the user went on
     speculations_restarted: int = 0  # guesses replaced because the recognizer's words changed in the pause
     history_exchanges: int = 0  # earlier exchanges in this turn's prompt
+    heard: Any = None  # types.CommandRoute: what the open model and the command grammar heard, and the choice
+    claim_blocked: bool = False  # the model's reply claimed a device action and was replaced by an honest line
     interrupted: bool = False  # the user barged in: generation and speech were stopped
     barge_in_ms: float | None = None  # from the user's first voiced audio to generation and speech stopped
     barge_in_detected_ms: float | None = None  # of which: until the VAD confirmed the speech (2 windows)
@@ -177,6 +181,7 @@ class VoiceAssistant:
         self.stt, self.llm, self.commands, self.speech = stt, llm, commands, speech
         self.intent_model = intent_model  # asked when hassil finds nothing (intent_model.IntentModel)
         self.config = config or AssistantConfig()
+        self.claims = ClaimGuard(commands) if self.config.guard_claims else None
         self._show = on_text or (lambda text: None)
         self.conversation = Conversation(self.config.system_prompt, self.config.memory)
         text_signal = self.config.text_turn and self.config.endpointing == "smart"
@@ -525,7 +530,8 @@ class VoiceAssistant:
             turn_probability=turn.probability, text_probability=turn.text_probability,
             silence_ms=None if turn.silence is None else round(turn.silence * 1000.0, 1),
             end_at_s=None if turn.at is None else round(turn.at, 3), speculative=speculation is not None,
-            speculations_cancelled=turn.cancelled, speculations_restarted=turn.restarted, history_exchanges=history)
+            speculations_cancelled=turn.cancelled, speculations_restarted=turn.restarted, history_exchanges=history,
+            heard=heard.route, claim_blocked="claim_blocked" in marks)
 
     def _generate(self, text: str, marks: dict[str, float], speak: Callable[[str], None],
                   speculation: Speculation | None, cancel: Any | None = None) -> tuple[str, Any, str | None]:
@@ -536,6 +542,7 @@ class VoiceAssistant:
 
         holder = _Holder(self.config.budget_ms, hold)
         splitter, parts = ClauseSplitter(self.config.first_words), []
+        guarded = self.claims.reply() if self.claims is not None else None
         self._show("assistant: ")
         stream = None
         try:
@@ -555,13 +562,29 @@ class VoiceAssistant:
                     marks["token"] = time.perf_counter()
                     holder.first_token()
                 parts.append(chunk.text)
-                self._show(chunk.text)
+                if guarded is None:
+                    self._show(chunk.text)
                 for clause in splitter.feed(chunk.text):
-                    speak(clause)
+                    self._say(clause, guarded, speak)
+                if guarded is not None and guarded.blocked:  # nothing more of this reply is said
+                    marks["claim_blocked"] = time.perf_counter()
+                    speculation.cancel() if speculation is not None else stream.close()  # type: ignore[union-attr]
+                    break
         finally:
             holder.first_token()
         rest = splitter.flush()
         if rest and not (cancel is not None and cancel.cancelled):
-            speak(rest)
+            self._say(rest, guarded, speak)
         result = speculation.result if speculation is not None else stream.result  # type: ignore[union-attr]
-        return "".join(parts).strip(), result, self.config.holding_phrase if holder.fired else None
+        text = guarded.text if guarded is not None and guarded.blocked else "".join(parts).strip()
+        return text, result, self.config.holding_phrase if holder.fired else None
+
+    def _say(self, clause: str, guarded: GuardedReply | None, speak: Callable[[str], None]) -> None:
+        """Show and speak a clause of a model reply, once the claim guard has passed it."""
+        if guarded is not None:
+            said = guarded.clause(clause)
+            if said is None:
+                return
+            self._show(f"{said} ")
+            clause = said
+        speak(clause)

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import SttModelError
 from .types import AudioChunk, Transcript
@@ -88,8 +88,12 @@ def find_vosk_model(explicit: str | Path | None = None, models_dir: Path = MODEL
 def open_recognizer(vosk_model: str | Path | None = None, grammar: Sequence[str] | None = None,
                     engine: str = "auto", endpoint_silence: float | None = None,
                     announce: Callable[[str], None] = print, models_dir: Path = MODELS_DIR,
-                    fast: bool = False) -> SpeechToText:
-    """The recognizer the CLI uses: Vosk when a model is found, else pocketsphinx (announced)."""
+                    fast: bool = False, commands: Any = None) -> SpeechToText:
+    """The recognizer the CLI uses: Vosk when a model is found, else pocketsphinx (announced).
+
+    commands: a CommandRecognizer whose home (areas, devices, floors) makes the command grammar every
+    utterance is also decoded with (grammar.py); None: the open model only.
+    """
     if engine not in ("auto", "vosk", "pocketsphinx"):
         raise SttModelError(f"unknown recognizer {engine!r}. Fix: pick auto, vosk or pocketsphinx.")
     path = None if engine == "pocketsphinx" else find_vosk_model(vosk_model, models_dir)
@@ -97,7 +101,7 @@ def open_recognizer(vosk_model: str | Path | None = None, grammar: Sequence[str]
         from .stt_vosk import VoskRecognizer
 
         announce(f"speech-to-text: Vosk model {path}")
-        return VoskRecognizer(path, grammar=grammar, endpoint_silence=endpoint_silence)
+        return VoskRecognizer(path, grammar=grammar, endpoint_silence=endpoint_silence, commands=commands)
     if engine == "vosk":
         raise SttModelError(f"no Vosk model found (looked at --vosk-model, ${ENV_VAR} and {models_dir}/vosk*). "
                             "Fix: run `python -m demos.voice_assistant download-vosk-model`.")
@@ -107,5 +111,7 @@ def open_recognizer(vosk_model: str | Path | None = None, grammar: Sequence[str]
         announce(f"speech-to-text: no Vosk model found (--vosk-model, ${ENV_VAR}, {models_dir}/vosk*); "
                  "falling back to the offline English pocketsphinx recognizer (less accurate). "
                  "For Vosk: python -m demos.voice_assistant download-vosk-model")
-    return PocketSphinxRecognizer(grammar=grammar, window=0.3 if endpoint_silence is None else endpoint_silence,
-                                  fast=fast)
+    options = {"grammar": grammar, "window": 0.3 if endpoint_silence is None else endpoint_silence, "fast": fast}
+    if commands is not None:
+        return PocketSphinxRecognizer.with_commands(commands, **options)
+    return PocketSphinxRecognizer(**options)

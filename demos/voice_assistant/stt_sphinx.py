@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from edgellm.errors import MissingDependencyError
 
 from .audio import RATE
 from .errors import AudioFormatError, VoiceError
-from .types import AudioChunk, Transcript, Word
+from .types import AudioChunk, CommandRoute, Transcript, Word
+
+if TYPE_CHECKING:
+    from .grammar import CommandGrammar
 
 logger = logging.getLogger(__name__)
 
 FRAMES_PER_SECOND = 100  # pocketsphinx's default feature frame rate
+# Acoustic score of the command grammar's sentence minus the open model's (per frame), at or above which
+# the sentence is taken: tuned on the tune_* files of benchmarks/voice/commands/ by scripts/bench_commands.py.
+ROUTE_THRESHOLD = -6.5
 _FILLERS = re.compile(r"^(<s>|</s>|<sil>|\[.*\]|\+\+.*\+\+)$")
 
 
@@ -37,7 +46,8 @@ class PocketSphinxRecognizer:
     name = "pocketsphinx"
 
     def __init__(self, rate: int = RATE, window: float = 0.3, grammar: Sequence[str] | None = None,
-                 fast: bool = False) -> None:
+                 fast: bool = False, commands: CommandGrammar | None = None,
+                 route_threshold: float = ROUTE_THRESHOLD) -> None:
         try:
             import pocketsphinx
         except ImportError as exc:
@@ -48,6 +58,20 @@ class PocketSphinxRecognizer:
         self._decoder = pocketsphinx.Decoder(samprate=rate, loglevel="FATAL", **speed)
         if grammar:
             self._use_grammar(grammar)
+        self._command_decoder = self._aligner = None
+        self._audio: list[bytes] = []
+        if commands is not None:
+            if not -100.0 <= route_threshold <= 0.0:
+                raise VoiceError(f"route threshold {route_threshold} is out of range. Fix: use -100 to 0 (0: only a "
+                                 f"sentence as likely as the open model's is a command; default {ROUTE_THRESHOLD}).")
+            self.route_threshold = route_threshold
+            # bestpath off: its lattice pass took 0.7-4 s at the end of an utterance on this grammar, and
+            # then returned a cut-short sentence ("set a timer for five") more often than the plain search
+            self._command_decoder = pocketsphinx.Decoder(samprate=rate, loglevel="FATAL", bestpath=False, **speed)
+            self._command_decoder.add_fsg("commands", self._command_decoder.create_fsg(
+                "commands", *commands.fsg_transitions()))
+            self._command_decoder.activate_search("commands")
+            self._aligner = pocketsphinx.Decoder(samprate=rate, loglevel="FATAL")  # scores both results
         self._in_utt = False
         self.own_endpointer = True
         self.reset()
@@ -66,9 +90,37 @@ class PocketSphinxRecognizer:
                              "from its dictionary, or drop --grammar.") from exc
         self._decoder.activate_search("grammar")
 
+    @classmethod
+    def with_commands(cls, commands: Any = None, **options: Any) -> PocketSphinxRecognizer:
+        """A recognizer that also decodes every utterance with the command grammar of `commands`
+        (a CommandRecognizer's home, or the default one) and routes each final by the two results."""
+        from .grammar import CommandGrammar
+
+        lookup = pocketsphinx_vocabulary()
+        home = {} if commands is None else {"areas": commands.areas, "devices": commands.devices,
+                                            "floors": commands.floors}
+        return cls(commands=CommandGrammar.build(**home, vocabulary=lookup), **options)
+
+    def _start(self) -> None:
+        self._decoder.start_utt()
+        if self._command_decoder is not None:
+            self._command_decoder.start_utt()
+            self._audio = []
+
+    def _process(self, audio: bytes) -> None:
+        self._decoder.process_raw(audio, False, False)
+        if self._command_decoder is not None:
+            self._command_decoder.process_raw(audio, False, False)
+            self._audio.append(audio)  # kept for the alignments that score the two results
+
+    def _end(self) -> None:
+        self._decoder.end_utt()
+        if self._command_decoder is not None:
+            self._command_decoder.end_utt()
+
     def reset(self) -> None:
         if self._in_utt:
-            self._decoder.end_utt()
+            self._end()
         try:
             self._endpointer = self._ps.Endpointer(window=self.window, sample_rate=self.sample_rate)
         except ValueError as exc:
@@ -85,9 +137,9 @@ class PocketSphinxRecognizer:
                                    "Fix: read audio through demos.voice_assistant.audio.")
         if not self.own_endpointer:
             if not self._in_utt:
-                self._decoder.start_utt()
+                self._start()
                 self._in_utt, self._utt_start = True, chunk.timestamp
-            self._decoder.process_raw(chunk.audio, False, False)
+            self._process(chunk.audio)
             return self._hypothesis(is_final=False)
         self._pending += chunk.audio
         size = self._endpointer.frame_bytes
@@ -114,7 +166,7 @@ class PocketSphinxRecognizer:
         if speech and not self._in_utt:
             self._start_utt()
         if speech:
-            self._decoder.process_raw(speech, False, False)
+            self._process(speech)
         if not self._in_utt:
             return Transcript("", is_final=True)
         return self._end_utt()
@@ -124,18 +176,72 @@ class PocketSphinxRecognizer:
             return None
         if not self._in_utt:
             self._start_utt()
-        self._decoder.process_raw(speech, False, False)
+        self._process(speech)
         return None if self._endpointer.in_speech else self._end_utt()
 
     def _start_utt(self) -> None:
-        self._decoder.start_utt()
+        self._start()
         self._in_utt = True
         self._utt_start = self._endpointer.speech_start
 
     def _end_utt(self) -> Transcript:
         self._decoder.end_utt()
+        started = time.perf_counter()
+        if self._command_decoder is not None:
+            self._command_decoder.end_utt()
         self._in_utt = False
-        return self._hypothesis(is_final=True)
+        heard = self._hypothesis(is_final=True)
+        return heard if self._command_decoder is None else self._route(heard, started)
+
+    def _route(self, heard: Transcript, started: float) -> Transcript:
+        """Take the command grammar's sentence when it explains the audio about as well as the open model's.
+
+        Both sentences are force-aligned to the utterance's audio; the score is the grammar sentence's
+        acoustic log-likelihood minus the open sentence's, per 10 ms frame (0: as good; a question
+        forced into a command sentence scores far below). Same text: a command with no alignment; no
+        grammar sentence (the search reached no sentence end): the open path.
+        """
+        hyp = self._command_decoder.hyp()  # type: ignore[union-attr]
+        sentence = hyp.hypstr if hyp is not None else ""
+        score: float | None = None
+        if sentence and heard.text.strip():
+            if sentence == heard.text:
+                score = 0.0
+            else:
+                grammar, open_ = self._acoustic(sentence), self._acoustic(heard.text)
+                score = None if grammar is None or open_ is None else grammar - open_
+        command = score is not None and score >= self.route_threshold
+        route = CommandRoute(heard.text, sentence, None if score is None else round(score, 3), self.route_threshold,
+                             command, round((time.perf_counter() - started) * 1000.0, 2))
+        logger.info("heard %r, command grammar %r: score %s → %s", heard.text, sentence, score,
+                    "command" if command else "open")
+        if not command:
+            return replace(heard, route=route)
+        words = heard.words
+        if words:  # the grammar's words over the span the open model heard speech in
+            words = (Word(sentence, words[0].start, words[-1].end),)
+        return Transcript(sentence, is_final=True, words=words, route=route)
+
+    def _acoustic(self, text: str) -> float | None:
+        """Acoustic log-likelihood per frame of `text` force-aligned to this utterance (None: no alignment)."""
+        aligner, audio = self._aligner, b"".join(self._audio)
+        try:
+            aligner.set_align_text(text)
+            aligner.start_utt()
+            aligner.process_raw(audio, False, True)
+            aligner.end_utt()
+            if aligner.hyp() is None:
+                return None
+            aligner.set_alignment()
+            aligner.start_utt()
+            aligner.process_raw(audio, False, True)
+            aligner.end_utt()
+        except (RuntimeError, ValueError) as exc:  # a word the dictionary lacks, or no path through the audio
+            logger.debug("no alignment of %r: %s", text, exc)
+            return None
+        words = list(aligner.get_alignment().words())
+        frames = sum(w.duration for w in words)
+        return sum(w.score for w in words) / frames if frames else None
 
     def _hypothesis(self, is_final: bool) -> Transcript:
         hyp = self._decoder.hyp()
@@ -147,3 +253,15 @@ class PocketSphinxRecognizer:
                  self._utt_start + (seg.end_frame + 1) / FRAMES_PER_SECOND)
             for seg in self._decoder.seg() if not _FILLERS.match(seg.word))
         return Transcript(text, is_final=True, words=words)
+
+
+def pocketsphinx_vocabulary() -> Callable[[str], bool]:
+    """Whether pocketsphinx's bundled US English dictionary has a word (the words a grammar may use)."""
+    try:
+        import pocketsphinx
+    except ImportError as exc:
+        raise MissingDependencyError("pocketsphinx", "dev", "the command grammar") from exc
+    path = pocketsphinx.get_model_path("en-us/cmudict-en-us.dict")
+    with open(path, encoding="utf-8") as f:
+        words = {line.split(maxsplit=1)[0] for line in f if line.strip() and "(" not in line.split(maxsplit=1)[0]}
+    return words.__contains__

@@ -12,21 +12,27 @@ import logging
 import re
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from edgellm.errors import MissingDependencyError
 
 from .audio import RATE, silence
 from .errors import AudioFormatError, SttModelError
 from .stt import check_vosk_model
-from .types import AudioChunk, Transcript, Word
+from .types import AudioChunk, CommandRoute, Transcript, Word
 
 logger = logging.getLogger(__name__)
 
 WARM_SECONDS = 1.0
+# With a command grammar: its sentence is taken when every word's confidence is at least this (not tuned:
+# no English Vosk model can be had offline here; pocketsphinx's router is the measured one).
+ROUTE_CONFIDENCE = 0.9
 
 
 class VoskRecognizer:
@@ -39,9 +45,15 @@ class VoskRecognizer:
     name = "vosk"
 
     def __init__(self, model_dir: str | Path, rate: int = RATE, grammar: Sequence[str] | None = None,
-                 endpoint_silence: float | None = None) -> None:
+                 endpoint_silence: float | None = None, commands: Any = None,
+                 route_confidence: float = ROUTE_CONFIDENCE) -> None:
         vosk = _import_vosk()
         model_dir = check_vosk_model(model_dir)
+        graph = model_dir / "graph"
+        if commands is not None and not ((graph / "HCLr.fst").is_file() and (graph / "Gr.fst").is_file()):
+            raise SttModelError(f"the Vosk model {model_dir} does not support grammar: it has a static graph "
+                                "(graph/HCLG.fst), not the dynamic one a phrase list needs (graph/HCLr.fst + "
+                                "graph/Gr.fst). Fix: use a small or -lgraph model, or --no-command-grammar.")
         self.sample_rate = rate
         self.model_dir = model_dir
         load_dir = model_dir
@@ -59,14 +71,32 @@ class VoskRecognizer:
         else:
             self._rec = vosk.KaldiRecognizer(self._model, rate)
         self._rec.SetWords(True)
+        self._command_rec = None
+        self.route_confidence = route_confidence
+        if commands is not None:
+            self._command_rec = self._command_recognizer(vosk, commands, rate)
         self._fed = 0.0  # seconds of audio the recognizer has seen since it was created
         self._rec.AcceptWaveform(silence(WARM_SECONDS, rate))  # pay the first-call spike now, not mid-utterance
+        if self._command_rec is not None:
+            self._command_rec.AcceptWaveform(silence(WARM_SECONDS, rate))
         self._fed += WARM_SECONDS
         self.own_endpointer = True
         self.reset()
 
+    def _command_recognizer(self, vosk: ModuleType, commands: Any, rate: int) -> Any:
+        """A second recognizer restricted to the command sentences (grammar.CommandGrammar.phrases())."""
+        from .grammar import CommandGrammar
+
+        home = {"areas": commands.areas, "devices": commands.devices, "floors": commands.floors}
+        grammar = CommandGrammar.build(**home, vocabulary=lambda word: self._model.vosk_model_find_word(word) != -1)
+        rec = vosk.KaldiRecognizer(self._model, rate, json.dumps(grammar.phrases() + ["[unk]"]))
+        rec.SetWords(True)
+        return rec
+
     def reset(self) -> None:
         self._rec.Reset()
+        if self._command_rec is not None:
+            self._command_rec.Reset()
         self._base = self._fed
         self._held: list[Transcript] = []  # finals Vosk's endpointer gave inside a turn it does not own
 
@@ -83,6 +113,8 @@ class VoskRecognizer:
         if not self.own_endpointer and self._fed == self._base:  # gated audio: map Vosk's times to the stream's
             self._base -= chunk.timestamp
         self._fed += chunk.seconds
+        if self._command_rec is not None:
+            self._command_rec.AcceptWaveform(chunk.audio)  # its own endpoints are ignored: finalize() reads it
         if self._rec.AcceptWaveform(chunk.audio):
             final = self._final(self._rec.Result())
             if self.own_endpointer:
@@ -105,8 +137,23 @@ class VoskRecognizer:
         self._held = []
         if not self.own_endpointer:
             self._base = self._fed
-        return Transcript(" ".join(t.text for t in parts), is_final=True,
-                          words=tuple(w for t in parts for w in t.words))
+        heard = Transcript(" ".join(t.text for t in parts), is_final=True,
+                           words=tuple(w for t in parts for w in t.words))
+        return heard if self._command_rec is None else self._route(heard)
+
+    def _route(self, heard: Transcript) -> Transcript:
+        """The grammar recognizer's sentence when it holds no [unk] and Vosk is sure of every word."""
+        started = time.perf_counter()
+        result = json.loads(self._command_rec.FinalResult())  # type: ignore[union-attr]
+        sentence = result.get("text", "")
+        confs = [w.get("conf", 0.0) for w in result.get("result", ())]
+        score = min(confs) if confs and "[unk]" not in sentence.split() else None
+        command = score is not None and bool(heard.text.strip()) and score >= self.route_confidence
+        route = CommandRoute(heard.text, sentence, score, self.route_confidence, command,
+                             round((time.perf_counter() - started) * 1000.0, 2))
+        if not command:
+            return replace(heard, route=route)
+        return Transcript(sentence, is_final=True, words=heard.words, route=route)
 
     def _final(self, raw: str) -> Transcript:
         result = json.loads(raw)

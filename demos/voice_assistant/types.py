@@ -43,12 +43,29 @@ class Word:
 
 
 @dataclass(frozen=True)
+class CommandRoute:
+    """How a final was routed between the open model and the command grammar (grammar.py).
+
+    score: the grammar sentence's acoustic log-likelihood minus the open sentence's, per 10 ms frame
+    (0: as likely; None: no grammar sentence); at or above the threshold the grammar's sentence is taken.
+    """
+
+    open_text: str
+    grammar_text: str
+    score: float | None
+    threshold: float
+    command: bool
+    ms: float  # time the command grammar added to the final (its end of utterance and the comparison)
+
+
+@dataclass(frozen=True)
 class Transcript:
     """A recognizer hypothesis. Partials may still change; a final closes the utterance."""
 
     text: str
     is_final: bool
     words: tuple[Word, ...] = field(default=())
+    route: CommandRoute | None = None  # finals of a recognizer with a command grammar
 
     @property
     def word_list(self) -> list[str]:
