@@ -230,7 +230,8 @@ class PocketSphinxRecognizer:
             aligner.start_utt()
             aligner.process_raw(audio, False, True)
             aligner.end_utt()
-            if aligner.hyp() is None:
+            found = aligner.hyp()
+            if found is None or found.hypstr.split() != text.split():  # the alignment did not reach the end
                 return None
             aligner.set_alignment()
             aligner.start_utt()
