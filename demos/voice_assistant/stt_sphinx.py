@@ -47,7 +47,7 @@ class PocketSphinxRecognizer:
 
     def __init__(self, rate: int = RATE, window: float = 0.3, grammar: Sequence[str] | None = None,
                  fast: bool = False, commands: CommandGrammar | None = None,
-                 route_threshold: float = ROUTE_THRESHOLD) -> None:
+                 route_threshold: float = ROUTE_THRESHOLD, is_command: Callable[[str], bool] | None = None) -> None:
         try:
             import pocketsphinx
         except ImportError as exc:
@@ -65,6 +65,7 @@ class PocketSphinxRecognizer:
                 raise VoiceError(f"route threshold {route_threshold} is out of range. Fix: use -100 to 0 (0: only a "
                                  f"sentence as likely as the open model's is a command; default {ROUTE_THRESHOLD}).")
             self.route_threshold = route_threshold
+            self._is_command = is_command or (lambda text: True)
             # bestpath off: its lattice pass took 0.7-4 s at the end of an utterance on this grammar, and
             # then returned a cut-short sentence ("set a timer for five") more often than the plain search
             self._command_decoder = pocketsphinx.Decoder(samprate=rate, loglevel="FATAL", bestpath=False, **speed)
@@ -99,7 +100,8 @@ class PocketSphinxRecognizer:
         lookup = pocketsphinx_vocabulary()
         home = {} if commands is None else {"areas": commands.areas, "devices": commands.devices,
                                             "floors": commands.floors}
-        return cls(commands=CommandGrammar.build(**home, vocabulary=lookup), **options)
+        matches = None if commands is None else (lambda text: commands.match(text) is not None)
+        return cls(commands=CommandGrammar.build(**home, vocabulary=lookup), is_command=matches, **options)
 
     def _start(self) -> None:
         self._decoder.start_utt()
@@ -199,12 +201,13 @@ class PocketSphinxRecognizer:
         Both sentences are force-aligned to the utterance's audio; the score is the grammar sentence's
         acoustic log-likelihood minus the open sentence's, per 10 ms frame (0: as good; a question
         forced into a command sentence scores far below). Same text: a command with no alignment; no
-        grammar sentence (the search reached no sentence end): the open path.
+        grammar sentence (the search reached no sentence end), or one hassil does not take as a command
+        (the grammar is a little wider than hassil: domain checks): the open path.
         """
         hyp = self._command_decoder.hyp()  # type: ignore[union-attr]
         sentence = hyp.hypstr if hyp is not None else ""
         score: float | None = None
-        if sentence and heard.text.strip():
+        if sentence and heard.text.strip() and self._is_command(sentence):  # else no alignment is needed
             if sentence == heard.text:
                 score = 0.0
             else:

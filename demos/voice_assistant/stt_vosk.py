@@ -72,6 +72,7 @@ class VoskRecognizer:
             self._rec = vosk.KaldiRecognizer(self._model, rate)
         self._rec.SetWords(True)
         self._command_rec = None
+        self._commands = commands
         self.route_confidence = route_confidence
         if commands is not None:
             self._command_rec = self._command_recognizer(vosk, commands, rate)
@@ -147,7 +148,8 @@ class VoskRecognizer:
         result = json.loads(self._command_rec.FinalResult())  # type: ignore[union-attr]
         sentence = result.get("text", "")
         confs = [w.get("conf", 0.0) for w in result.get("result", ())]
-        score = min(confs) if confs and "[unk]" not in sentence.split() else None
+        usable = confs and "[unk]" not in sentence.split() and self._commands.match(sentence) is not None  # type: ignore[union-attr]
+        score = min(confs) if usable else None
         command = score is not None and bool(heard.text.strip()) and score >= self.route_confidence
         route = CommandRoute(heard.text, sentence, score, self.route_confidence, command,
                              round((time.perf_counter() - started) * 1000.0, 2))

@@ -77,8 +77,6 @@ def test_a_question_still_goes_to_the_open_model(commands, name):
     heard = _final(PocketSphinxRecognizer.with_commands(commands, fast=True), name)
     route = heard.route
     assert not route.command and heard.text == route.open_text, route
-    # the grammar found no sentence end, or forced the question into a command sentence that scored far worse
-    assert not route.grammar_text or route.score is None or route.score < route.threshold - 1, route
     assert commands.match(heard.text) is None
 
 
