@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 FRAMES_PER_SECOND = 100  # pocketsphinx's default feature frame rate
 # Acoustic score of the command grammar's sentence minus the open model's (per frame), at or above which
 # the sentence is taken: tuned on the tune_* files of benchmarks/voice/commands/ by scripts/bench_commands.py.
-ROUTE_THRESHOLD = -6.5
+ROUTE_THRESHOLD = -11.2
 _FILLERS = re.compile(r"^(<s>|</s>|<sil>|\[.*\]|\+\+.*\+\+)$")
 
 
