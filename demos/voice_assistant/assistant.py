@@ -573,17 +573,17 @@ class VoiceAssistant:
         finally:
             holder.first_token()
         rest = splitter.flush()
-        if rest and not (cancel is not None and cancel.cancelled):
-            self._say(rest, guarded, speak)
+        if (rest or guarded is not None) and not (cancel is not None and cancel.cancelled):
+            self._say(rest or "", guarded, speak, last=True)
         result = speculation.result if speculation is not None else stream.result  # type: ignore[union-attr]
         text = guarded.text if guarded is not None and guarded.blocked else "".join(parts).strip()
         return text, result, self.config.holding_phrase if holder.fired else None
 
-    def _say(self, clause: str, guarded: GuardedReply | None, speak: Callable[[str], None]) -> None:
+    def _say(self, clause: str, guarded: GuardedReply | None, speak: Callable[[str], None], last: bool = False) -> None:
         """Show and speak a clause of a model reply, once the claim guard has passed it."""
         if guarded is not None:
-            said = guarded.clause(clause)
-            if said is None:
+            said = guarded.clause(clause, last)
+            if not said:
                 return
             self._show(f"{said} ")
             clause = said

@@ -76,6 +76,12 @@ class ClaimGuard:
         return bool(_STATE.search(sentence) or _FIRST_PERSON.search(sentence) or _UNDER_WAY.search(sentence)
                      or _TIMER.search(sentence))
 
+    def may_claim(self, text: str) -> bool:
+        """Whether an unfinished sentence states an action, so that naming a device next would make it a claim."""
+        sentence = " ".join(re.sub(r"[^a-z' ]", " ", text.lower().replace("’", "'")).split())
+        return bool(_STATE.search(sentence) or _FIRST_PERSON.search(sentence) or _UNDER_WAY.search(sentence)
+                    or _TIMER.search(sentence))
+
     def reply(self) -> GuardedReply:
         return GuardedReply(self)
 
@@ -85,27 +91,35 @@ _ACTIONS = ("HassTurnOn", "HassTurnOff", "HassStartTimer", "HassCancelTimer", "H
 
 
 class GuardedReply:
-    """One reply's clauses, in order: clause() gives what may be said (the clause, the honest line once
-    a sentence claims an action, then nothing)."""
+    """One reply's clauses, in order: clause() gives what may be said now (the clause; or None while a
+    sentence that could still become a claim is held back until it ends; or the honest line once a
+    sentence claims an action, and then nothing)."""
 
     def __init__(self, guard: ClaimGuard) -> None:
         self.guard = guard
         self.blocked = False
         self.said: list[str] = []
         self._sentence = ""
+        self._held: list[str] = []
 
-    def clause(self, clause: str) -> str | None:
+    def clause(self, clause: str, last: bool = False) -> str | None:
+        """last: the reply's final piece (nothing is held back any more)."""
         if self.blocked:
             return None
         self._sentence = f"{self._sentence} {clause}".strip()
+        self._held.append(clause)
         if self.guard.claims(self._sentence):
-            self.blocked = True
+            self.blocked, self._held = True, []
             self.said.append(self.guard.honest_line)
             return self.guard.honest_line
-        if _SENTENCE_END.search(clause):
+        ended = bool(_SENTENCE_END.search(clause))
+        if not (ended or last) and self.guard.may_claim(self._sentence):
+            return None  # "Turning off the" is no claim yet, "... lights." would be: wait for the sentence's end
+        out, self._held = " ".join(self._held), []
+        if ended:
             self._sentence = ""
-        self.said.append(clause)
-        return clause
+        self.said.append(out)
+        return out
 
     @property
     def text(self) -> str:

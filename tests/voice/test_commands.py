@@ -114,6 +114,16 @@ def test_a_blocked_clause_is_replaced_before_it_is_said_and_the_rest_dropped(com
     assert reply.blocked and reply.text == f"The kitchen lights {HONEST_LINE}"
 
 
+def test_a_sentence_that_starts_like_a_claim_is_held_until_it_ends(commands):
+    reply = ClaimGuard(commands).reply()  # the first words are spoken early: "Turning off the" must wait
+    assert [reply.clause(c) for c in ("Turning off the", "lights now.")] == [None, HONEST_LINE]
+    reply = ClaimGuard(commands).reply()
+    assert [reply.clause(c) for c in ("Turning off a computer", "takes a minute.")] == \
+        [None, "Turning off a computer takes a minute."]
+    reply = ClaimGuard(commands).reply()
+    assert [reply.clause(c) for c in ("Paris is the", "capital of France.")] == ["Paris is the", "capital of France."]
+
+
 def test_a_model_reply_that_claims_an_action_is_not_said(llm):
     # the default model echoes a misheard command back ("turn off the lights in the ah."): from the model
     # path, that would tell the user the lights are being turned off
