@@ -8,7 +8,10 @@ through each turn-taking variant of `python -m demos.voice_assistant --compare`,
 process: recognizer endpointer, VAD + fixed 0.7 s silence, VAD + Smart Turn without incremental prefill,
 Smart Turn alone, Smart Turn + the model's text end-of-turn signal (the default), with speculative start,
 and the default with the old speech out (the espeak-ng command per whole clause); where piper-tts and its
-voice are installed, also the default spoken with piper (`smart_piper`). Replies are spoken with espeak-ng
+voice are installed, also the default spoken with piper (`smart_piper`). Every variant hears as the demo
+does by default: hassil commands on and pocketsphinx decoding each utterance with the command grammar as
+well, routed by score (`with_commands`); `smart_no_grammar` is the default without the command grammar, to
+show what routing costs. Replies are spoken with espeak-ng
 in-process (synthesized, not played), so "first audio" is when the first piece's audio is ready. Every
 time is in ms after the last voiced audio (Silero VAD on the input; for the recognizer-endpointer
 variant, the recognizer's last word).
@@ -49,7 +52,7 @@ BARGE_INS = [(SAMPLE, FIXTURES / "en_what_time.wav"),
 BARGE_GAP = 0.5
 
 
-def _barge_ins(args, llm, stt, vad, model) -> list[dict]:
+def _barge_ins(args, llm, stt, vad, model, commands) -> list[dict]:
     """The user speaks over the reply while it is spoken (a WAV sink paced like a loudspeaker), audio fed in
     real time: from the VAD onset of the interruption (when that audio arrived) to generation cancelled and
     no more reply audio written, per barge-in."""
@@ -72,7 +75,8 @@ def _barge_ins(args, llm, stt, vad, model) -> list[dict]:
                 _write_wav(path, first.audio + silence(BARGE_GAP) + second.audio)
                 speech = SpeechOutput(EspeakLibrarySpeaker(), wav_path=Path(tmp) / "spoken.wav", play=False,
                                       realtime=True)
-                assistant = VoiceAssistant(stt, llm, None, speech, config, turns=TurnDetector(config.turn, vad, model))
+                assistant = VoiceAssistant(stt, llm, commands, speech, config,
+                                           turns=TurnDetector(config.turn, vad, model))
                 reports = list(assistant.run(WavSource(path, tail_silence=1.5, chunk_ms=32).chunks()))
                 speech.close()
                 cut = next((r for r in reports if r.interrupted), None)
@@ -133,6 +137,7 @@ def main() -> None:
     from demos.voice_assistant.cli import COMPARE, _percentile, _warm_up
     from demos.voice_assistant.conversation import MemoryConfig
     from demos.voice_assistant.espeak import EspeakLibrarySpeaker
+    from demos.voice_assistant.intents import CommandRecognizer
     from demos.voice_assistant.speech import EspeakSpeaker, SpeechOutput
     from demos.voice_assistant.stt_sphinx import PocketSphinxRecognizer
     from demos.voice_assistant.turn import SmartTurn, TurnConfig, TurnDetector
@@ -144,12 +149,16 @@ def main() -> None:
                 **manifest}
     names = args.recordings or list(manifest)
     piper = _piper()
-    extra = {"smart_piper": {"endpointing": "smart", "speculative": False, "speaker": "piper"}} if piper else {}
+    extra = {"smart_no_grammar": {"endpointing": "smart", "speculative": False, "recognizer": "plain"}}
+    if piper:
+        extra["smart_piper"] = {"endpointing": "smart", "speculative": False, "speaker": "piper"}
     variants = {k: v for k, v in {**COMPARE, **extra}.items() if not args.variants or k in args.variants}
     recorder = Recorder("bench_voice", parameters={**vars(args), "recordings": names, "variants": variants})
 
     llm = edgellm.load(args.model, threads=args.threads)
-    stt = PocketSphinxRecognizer(fast=True)  # as the demo runs it
+    commands = CommandRecognizer()  # as the demo runs by default: hassil commands and the command grammar
+    stt = PocketSphinxRecognizer.with_commands(commands, fast=True)
+    recognizers = {"plain": PocketSphinxRecognizer(fast=True)}
     vad, model = SileroVad(), SmartTurn()
     speech = SpeechOutput(EspeakLibrarySpeaker(), play=False)  # espeak-ng in-process, as the demo speaks
     command_speech = SpeechOutput(EspeakSpeaker(), play=False)  # the espeak-ng command, a process a clause
@@ -158,9 +167,10 @@ def main() -> None:
     for name, change in variants.items():
         change = dict(change)
         out = outputs.get(change.pop("speaker", None)) or speech
+        heard_by = recognizers.get(change.pop("recognizer", None)) or stt
         config = AssistantConfig(max_new_tokens=args.max_tokens, memory=MemoryConfig(max_exchanges=0), **change)
         turns = TurnDetector(config.turn, vad, model) if config.endpointing != "recognizer" else None
-        assistants[name] = VoiceAssistant(stt, llm, None, out, config, turns=turns)
+        assistants[name] = VoiceAssistant(heard_by, llm, commands, out, config, turns=turns)
     _warm_up(llm)
     for assistant in assistants.values():  # one discarded pass each: first-call allocations are not measured
         list(assistant.run(WavSource(SAMPLE, fast=True, tail_silence=1.0, chunk_ms=32).chunks()))
@@ -194,7 +204,7 @@ def main() -> None:
                          f"'{first.transcript}'" if lat else "no reply"), flush=True)
     for out in (speech, *filter(None, outputs.values())):
         out.close()
-    barge_ins = [] if args.barge_in_runs == 0 else _barge_ins(args, llm, stt, vad, model)
+    barge_ins = [] if args.barge_in_runs == 0 else _barge_ins(args, llm, stt, vad, model, commands)
 
     summary, rows = {}, []
     for variant in variants:
@@ -226,9 +236,9 @@ def main() -> None:
         rows.append([variant, f"{med['end_of_turn']} / {p90['end_of_turn']}",
                      f"{med['recognizer_final']} / {p90['recognizer_final']}",
                      f"{med['first_token']} / {p90['first_token']}", f"{med['first_audio']} / {p90['first_audio']}",
-                     stats["speculative"], stats["false_end_of_turn"]])
+                     stats["speculative"], stats["false_end_of_turn"], f"{len(firsts)}/{len(mine)}"])
     table = Table(["variant", "end of turn", "recognizer final", "first token", "first audio",
-                   "speculative", "false end of turn (paused)"], rows)  # no caption: README markers take tables only
+                   "speculative", "false end of turn (paused)", "answered by the model"], rows)  # no caption: README markers take tables only
     stops = [b["barge_in_ms"] for b in barge_ins if b["barge_in_ms"] is not None]
     summary["barge_in"] = {"count": len(barge_ins), "interrupted": sum(b["interrupted"] for b in barge_ins),
                            "median_ms": _percentile(stops, 0.5), "p90_ms": _percentile(stops, 0.9),

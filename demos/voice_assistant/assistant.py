@@ -242,6 +242,9 @@ class VoiceAssistant:
                         self._paused(event, words)
                     elif event.kind == "resume":
                         self._cancel_speculation()
+                        resume = getattr(self.stt, "resume", None)  # undo a final taken at the pause
+                        if resume is not None:
+                            resume()
                     elif event.kind == "end":
                         self._end_turn(event, decided)
                         words = []
@@ -364,6 +367,10 @@ class VoiceAssistant:
         self._turn.sounds_final = event.complete if event.complete is not None else True
         if self._turn.sounds_final and self._turn.speculation is None:
             self._speculate(words)
+        if self._turn.sounds_final:  # take the final now, during the silence waited anyway
+            prepare = getattr(self.stt, "prepare_final", None)  # pocketsphinx with the command grammar
+            if prepare is not None:
+                prepare()
 
     def _text_end(self, words: list[str]) -> float | None:
         """The model's P(the message ends) after exactly the latest partial's words, once it is known."""

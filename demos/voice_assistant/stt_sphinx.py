@@ -121,7 +121,7 @@ class PocketSphinxRecognizer:
             self._command_decoder.end_utt()
 
     def reset(self) -> None:
-        if self._in_utt:
+        if self._in_utt and getattr(self, "_early", None) is None:  # an early final already ended the decoders
             self._end()
         try:
             self._endpointer = self._ps.Endpointer(window=self.window, sample_rate=self.sample_rate)
@@ -131,6 +131,9 @@ class PocketSphinxRecognizer:
         self._pending = b""
         self._in_utt = False
         self._utt_start = 0.0
+        self._early: Transcript | None = None  # the final taken at a pause (prepare_final), until used or undone
+        self._early_partial = ""
+        self._early_cmn: tuple[str, str] = ("", "")
 
     def accept(self, chunk: AudioChunk) -> Transcript | None:
         if chunk.rate != self.sample_rate or chunk.channels != 1 or chunk.width != 2:
@@ -138,6 +141,9 @@ class PocketSphinxRecognizer:
                                    f"{chunk.rate} Hz, {chunk.channels} channel(s). "
                                    "Fix: read audio through demos.voice_assistant.audio.")
         if not self.own_endpointer:
+            if self._early is not None:  # decoders ended at the pause: keep the audio in case speech goes on
+                self._audio.append(chunk.audio)
+                return Transcript(self._early_partial, is_final=False)
             if not self._in_utt:
                 self._start()
                 self._in_utt, self._utt_start = True, chunk.timestamp
@@ -155,6 +161,9 @@ class PocketSphinxRecognizer:
         return self._hypothesis(is_final=False) if self._in_utt else None
 
     def finalize(self) -> Transcript:
+        if self._early is not None:  # taken at the pause: nothing left to decode or align
+            early, self._early, self._in_utt = self._early, None, False
+            return early
         if not self._in_utt:
             return Transcript("", is_final=True)
         return self._end_utt()
@@ -206,13 +215,7 @@ class PocketSphinxRecognizer:
         """
         hyp = self._command_decoder.hyp()  # type: ignore[union-attr]
         sentence = hyp.hypstr if hyp is not None else ""
-        score: float | None = None
-        if sentence and heard.text.strip() and self._is_command(sentence):  # else no alignment is needed
-            if sentence == heard.text:
-                score = 0.0
-            else:
-                grammar, open_ = self._acoustic(sentence), self._acoustic(heard.text)
-                score = None if grammar is None or open_ is None else grammar - open_
+        score = self._score(heard.text, sentence)
         command = score is not None and score >= self.route_threshold
         route = CommandRoute(heard.text, sentence, None if score is None else round(score, 3), self.route_threshold,
                              command, round((time.perf_counter() - started) * 1000.0, 2))
@@ -225,9 +228,52 @@ class PocketSphinxRecognizer:
             words = (Word(sentence, words[0].start, words[-1].end),)
         return Transcript(sentence, is_final=True, words=words, route=route)
 
-    def _acoustic(self, text: str) -> float | None:
-        """Acoustic log-likelihood per frame of `text` force-aligned to this utterance (None: no alignment)."""
-        aligner, audio = self._aligner, b"".join(self._audio)
+    def prepare_final(self) -> None:
+        """At a pause that sounds final, take the final now: end both decoders' utterance and route it.
+
+        Ending the utterance and aligning the two sentences (four Viterbi passes) take ~100 ms of CPU on a
+        2-core machine. Done here, during the silence the turn detector waits anyway, `finalize()` at the
+        end of the turn returns at once. If the user goes on instead, `resume()` decodes the utterance
+        again from its start (kept audio), so the final is the one a single pass would give. A thread
+        does not help: the alignment holds the GIL and delays the audio loop just the same.
+        """
+        if self._command_decoder is None or self.own_endpointer or not self._in_utt or self._early is not None:
+            return
+        started = time.perf_counter()
+        # ending an utterance adapts each decoder's cepstral mean: keep the means to undo it in resume()
+        self._early_cmn = (self._decoder.get_cmn(), self._command_decoder.get_cmn())
+        # until the turn ends, partials stay what they were: the words the model has already prefilled
+        self._early_partial = self._hypothesis(is_final=False).text
+        self._end()
+        heard = self._hypothesis(is_final=True)
+        routed = self._route(heard, started)
+        self._early = replace(routed, route=replace(routed.route, early=True)) if routed.route else routed
+        logger.debug("final taken at the pause in %.1f ms", (time.perf_counter() - started) * 1000.0)
+
+    def resume(self) -> None:
+        """Speech went on after prepare_final(): decode the whole utterance again, the new audio included."""
+        if self._early is None:
+            return
+        self._early, audio = None, self._audio
+        self._decoder.set_cmn(self._early_cmn[0])
+        self._command_decoder.set_cmn(self._early_cmn[1])  # type: ignore[union-attr]
+        self._start()  # both decoders start a fresh utterance (and a fresh audio list)
+        for piece in audio:
+            self._process(piece)
+
+    def _score(self, open_text: str, sentence: str) -> float | None:
+        """The grammar sentence's acoustic score minus the open sentence's (None: not a command candidate)."""
+        if not (sentence and open_text.strip() and self._is_command(sentence)):  # no alignment is needed
+            return None
+        if sentence == open_text:
+            return 0.0
+        audio = b"".join(self._audio)
+        grammar, open_ = self._acoustic(sentence, audio), self._acoustic(open_text, audio)
+        return None if grammar is None or open_ is None else grammar - open_
+
+    def _acoustic(self, text: str, audio: bytes) -> float | None:
+        """Acoustic log-likelihood per frame of `text` force-aligned to `audio` (None: no alignment)."""
+        aligner = self._aligner
         try:
             aligner.set_align_text(text)
             aligner.start_utt()

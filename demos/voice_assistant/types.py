@@ -56,6 +56,7 @@ class CommandRoute:
     threshold: float
     command: bool
     ms: float  # time the command grammar added to the final (its end of utterance and the comparison)
+    early: bool = False  # the final was taken at a pause that sounded final (prepare_final), not at the end
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,53 @@ def test_the_issues_misheard_commands_are_heard_right_with_the_grammar(commands,
     assert routed.route.open_text == open_only.text  # the same open model, the same audio
 
 
+@pytest.mark.parametrize("name", ["tune_piper_turn_on_the_kitchen_lights.wav",
+                                  "test_piper-mid_set_a_timer_for_five_minutes.wav",
+                                  "test_piper-mid_what_is_the_capital_of_france.wav",
+                                  "test_piper-high-slow_why_is_the_sky_blue.wav"])
+def test_a_final_taken_at_the_pause_is_the_final_taken_at_the_end(commands, name):
+    """The assistant takes the final at a pause that sounds final; the end of the turn returns that one."""
+    plain = _final(PocketSphinxRecognizer.with_commands(commands, fast=True), name)
+    recognizer = PocketSphinxRecognizer.with_commands(commands, fast=True)
+    recognizer.use_own_endpointer(False)
+    chunks = list(WavSource(RECORDINGS / name, fast=True, chunk_ms=32).chunks())
+    for chunk in chunks[:-6]:  # every recording ends in 0.6 s of silence: the pause
+        recognizer.accept(chunk)
+    recognizer.prepare_final()
+    for chunk in chunks[-6:]:  # the silence the turn detector waits
+        recognizer.accept(chunk)
+    early = recognizer.finalize()
+    assert early.route.early and not plain.route.early
+    # the same decision; the words may differ a little (the final no longer hears the trailing silence)
+    assert early.route.command == plain.route.command, (early.route, plain.route)
+    if plain.route.command:
+        first, second = commands.match(early.text), commands.match(plain.text)
+        assert (first.intent, first.slots) == (second.intent, second.slots)
+    again = _final(recognizer, name)  # the next utterance decodes as usual (its cepstral mean has adapted)
+    assert not again.route.early and again.route.command == plain.route.command
+
+
+def test_speech_after_an_early_final_is_decoded_with_the_whole_utterance(commands):
+    """A pause that sounded final, then the user goes on: the final is the one a single pass gives."""
+    name = "test_piper-mid_set_a_timer_for_five_minutes.wav"
+    plain = _final(PocketSphinxRecognizer.with_commands(commands, fast=True), name)
+    recognizer = PocketSphinxRecognizer.with_commands(commands, fast=True)
+    recognizer.use_own_endpointer(False)
+    chunks = list(WavSource(RECORDINGS / name, fast=True, chunk_ms=32).chunks())
+    half = len(chunks) // 2
+    for chunk in chunks[:half]:
+        recognizer.accept(chunk)
+    recognizer.prepare_final()  # mid-sentence: "set a timer"
+    recognizer.accept(chunks[half])  # the chunk where speech goes on arrives before the detector says so
+    recognizer.resume()
+    for chunk in chunks[half + 1:]:
+        recognizer.accept(chunk)
+    heard = recognizer.finalize()
+    assert not heard.route.early
+    assert (heard.text, heard.route.open_text, heard.route.score) == (plain.text, plain.route.open_text,
+                                                                      plain.route.score)
+
+
 @pytest.mark.parametrize("name", ["test_piper-mid_what_is_the_capital_of_france.wav",
                                   "test_piper-high-slow_why_is_the_sky_blue.wav",
                                   "test_piper-high-slow_what_are_kitchen_lights_made_of.wav"])
