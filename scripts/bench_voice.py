@@ -8,10 +8,10 @@ through each turn-taking variant of `python -m demos.voice_assistant --compare`,
 process: recognizer endpointer, VAD + fixed 0.7 s silence, VAD + Smart Turn without incremental prefill,
 Smart Turn alone, Smart Turn + the model's text end-of-turn signal (the default), with speculative start,
 and the default with the old speech out (the espeak-ng command per whole clause); where piper-tts and its
-voice are installed, also the default spoken with piper (`smart_piper`). Every variant hears as the demo
-does by default: hassil commands on and pocketsphinx decoding each utterance with the command grammar as
-well, routed by score (`with_commands`); `smart_no_grammar` is the default without the command grammar, to
-show what routing costs. Replies are spoken with espeak-ng
+voice are installed, also the default spoken with piper (`smart_piper`). Every variant has hassil commands on
+and, except `smart_no_grammar`, pocketsphinx decoding each utterance with the command grammar as well,
+routed by score (`--command-grammar`); `smart_no_grammar` is the demo's default (the grammar is opt-in),
+side by side to show what routing costs. Replies are spoken with espeak-ng
 in-process (synthesized, not played), so "first audio" is when the first piece's audio is ready. Every
 time is in ms after the last voiced audio (Silero VAD on the input; for the recognizer-endpointer
 variant, the recognizer's last word).
