@@ -39,3 +39,17 @@ def llm(default_model_dir):
     import edgellm
 
     return edgellm.load(default_model_dir)
+
+
+@pytest.fixture(scope="module")  # per module, as before: each test file starts from a fresh detector state
+def vad():
+    from demos.voice_assistant.vad import SileroVad
+
+    return SileroVad()
+
+
+@pytest.fixture(scope="module")
+def smart_turn():
+    from demos.voice_assistant.turn import SmartTurn
+
+    return SmartTurn()

@@ -8,22 +8,11 @@ import pytest
 from demos.voice_assistant.assistant import AssistantConfig, VoiceAssistant
 from demos.voice_assistant.audio import WavSource, read_wav
 from demos.voice_assistant.prefill import IncrementalPrefill
-from demos.voice_assistant.turn import SmartTurn, TurnConfig, TurnDetector
-from demos.voice_assistant.vad import SileroVad
+from demos.voice_assistant.turn import TurnConfig, TurnDetector
 
 from .helpers import RECORDINGS, SAMPLE
 
 RULE = TurnConfig()
-
-
-@pytest.fixture(scope="module")
-def vad():
-    return SileroVad()
-
-
-@pytest.fixture(scope="module")
-def smart_turn():
-    return SmartTurn()
 
 
 def _end_probability(llm, text: str) -> float:

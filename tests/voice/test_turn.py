@@ -27,16 +27,6 @@ def _chunk(samples: np.ndarray, at: float = 0.0) -> AudioChunk:
     return AudioChunk(RATE, 2, 1, pcm, at)
 
 
-@pytest.fixture(scope="module")
-def vad():
-    return SileroVad()
-
-
-@pytest.fixture(scope="module")
-def smart_turn():
-    return SmartTurn()
-
-
 def _events(path, config=None, vad=None, model=None, tail=1.0):
     detector = TurnDetector(config or TurnConfig(), vad, model)
     events = []
