@@ -1,0 +1,30 @@
+/* edgellm's int8 block matmul: the decode-time replacement for onnxruntime's MatMulNBits (bits 8, block 32).
+ *
+ * Y[m,n] = sum_k A[m,k] * (B[n,k] - 128) * scales[n*(K/32) + k/32]
+ * B is uint8 [N, K/32, 32], exactly MatMulNBits' layout for bits=8, block_size=32 and no zero_points input,
+ * so a graph can switch op without touching its weights. A is first quantized per 32-block to int8
+ * (symmetric, as MatMulNBits does with accuracy_level=4) into a scratch buffer; then any number of threads
+ * call edgellm_q8_matmul on disjoint [n_begin, n_end) ranges.
+ */
+#ifndef EDGELLM_Q8_KERNEL_H
+#define EDGELLM_Q8_KERNEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+size_t edgellm_q8_scratch_bytes(int64_t M, int64_t K);
+void edgellm_q8_quantize(const float* A, int64_t M, int64_t K, void* scratch);
+void edgellm_q8_matmul(const void* scratch, int64_t M, int64_t K, const uint8_t* B, const float* scales,
+                       int64_t N, int64_t n_begin, int64_t n_end, float* Y);
+/* "avx512vnni", "avx2" or "scalar": the code path this CPU runs (EDGELLM_Q8_ISA=avx2|scalar forces a lower one). */
+const char* edgellm_q8_isa(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
