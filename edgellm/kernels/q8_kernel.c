@@ -44,9 +44,6 @@ static void quantize_row(const float* a, int64_t K, uint8_t* out) {
     corr[i] = -128 * ((int32_t)q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
 }
 
-void edgellm_q8_quantize(const float* A, int64_t M, int64_t K, void* scratch) {
-  for (int64_t m = 0; m < M; ++m) quantize_row(A + m * K, K, (uint8_t*)scratch + m * row_bytes(K));
-}
 
 static float block_scale(const float* sa, int64_t b) { return sa[(b / 2) * 16 + (b % 2) * 8]; }
 
@@ -70,6 +67,7 @@ static void matmul_scalar(const uint8_t* scratch, int64_t M, int64_t K, const ui
 }
 
 #ifdef EDGELLM_X86
+#define TILE_MIN_M 4 /* from this many activation rows on, the tile kernel is faster (measured: M=4 2x) */
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 
 VNNI_TARGET static inline __m512 pair_scales(const float* s, int64_t p, const __m512i halves) {
@@ -78,15 +76,42 @@ VNNI_TARGET static inline __m512 pair_scales(const float* s, int64_t p, const __
   return _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two));
 }
 
-/* 4 weight rows at a time share each activation load; the rows are contiguous, so the 4 streams are one. */
-VNNI_TARGET static void matmul_vnni(const uint8_t* scratch, int64_t M, int64_t K, const uint8_t* B,
-                                    const float* scales, int64_t N, int64_t n0, int64_t n1, float* Y) {
+
+/* One activation row into the scratch layout, 2 blocks (one pair) per step. */
+VNNI_TARGET static void quantize_row_vnni(const float* a, int64_t K, uint8_t* out) {
+  const int64_t np = pairs_of(K), nb = K / 32;
+  const __m512i ones = _mm512_set1_epi8(1), m128 = _mm512_set1_epi32(-128);
+  for (int64_t p = 0; p < np; ++p) {
+    float scale2[2] = {0.0f, 0.0f};
+    __m128i qb[4];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t b = 2 * p + h;
+      if (b >= nb) { qb[2 * h] = qb[2 * h + 1] = _mm_setzero_si128(); continue; }
+      const __m512 v0 = _mm512_loadu_ps(a + 32 * b), v1 = _mm512_loadu_ps(a + 32 * b + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      scale2[h] = amax / 127.0f;
+      const __m512 vi = _mm512_set1_ps(inv);
+      qb[2 * h] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, vi)));
+      qb[2 * h + 1] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, vi)));
+    }
+    const __m512i q = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(
+        _mm512_castsi128_si512(qb[0]), qb[1], 1), qb[2], 2), qb[3], 3);
+    _mm512_storeu_si512(out + 64 * p, q);
+    _mm512_storeu_si512(out + np * 64 + 64 * p, _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q), m128));
+    _mm512_storeu_ps((float*)(out + np * 128) + 16 * p,
+                     _mm512_insertf32x8(_mm512_set1_ps(scale2[0]), _mm256_set1_ps(scale2[1]), 1));
+  }
+}
+
+/* Decoding (M small): one weight row at a time, so the weights are read as one sequential stream that the
+ * hardware prefetcher follows (interleaving 4 rows halved the bandwidth); two pairs per step for ILP. */
+VNNI_TARGET static void matmul_vnni_row(const uint8_t* scratch, int64_t M, int64_t K, const uint8_t* B,
+                                        const float* scales, int64_t N, int64_t n0, int64_t n1, float* Y) {
   const int64_t nb = K / 32, np = pairs_of(K), full = nb / 2;
   const size_t rb = row_bytes(K);
   const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __mmask64 low32 = 0xFFFFFFFFull;
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
+  for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = B + n * K;
     const float* s = scales + n * nb;
     for (int64_t m = 0; m < M; ++m) {
@@ -94,46 +119,128 @@ VNNI_TARGET static void matmul_vnni(const uint8_t* scratch, int64_t M, int64_t K
       const uint8_t* q = row;
       const uint8_t* corr = row + np * 64;
       const float* sa = (const float*)(row + np * 128);
-      __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps(), f2 = _mm512_setzero_ps(),
-             f3 = _mm512_setzero_ps();
-      for (int64_t p = 0; p < full; ++p) {
-        const __m512i a = _mm512_loadu_si512(q + 64 * p);
-        const __m512i c = _mm512_loadu_si512(corr + 64 * p);
-        const __m512 sav = _mm512_loadu_ps(sa + 16 * p);
-        const __m512i d0 = _mm512_dpbusd_epi32(c, _mm512_loadu_si512(w + 64 * p), a);
-        const __m512i d1 = _mm512_dpbusd_epi32(c, _mm512_loadu_si512(w + K + 64 * p), a);
-        const __m512i d2 = _mm512_dpbusd_epi32(c, _mm512_loadu_si512(w + 2 * K + 64 * p), a);
-        const __m512i d3 = _mm512_dpbusd_epi32(c, _mm512_loadu_si512(w + 3 * K + 64 * p), a);
-        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mul_ps(pair_scales(s, p, halves), sav), f0);
-        f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_mul_ps(pair_scales(s + nb, p, halves), sav), f1);
-        f2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), _mm512_mul_ps(pair_scales(s + 2 * nb, p, halves), sav), f2);
-        f3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d3), _mm512_mul_ps(pair_scales(s + 3 * nb, p, halves), sav), f3);
+      __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
+      int64_t p = 0;
+      for (; p + 2 <= full; p += 2) {
+        const __m512i d0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(corr + 64 * p), _mm512_loadu_si512(w + 64 * p), _mm512_loadu_si512(q + 64 * p));
+        const __m512i d1 = _mm512_dpbusd_epi32(_mm512_loadu_si512(corr + 64 * p + 64), _mm512_loadu_si512(w + 64 * p + 64), _mm512_loadu_si512(q + 64 * p + 64));
+        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mul_ps(pair_scales(s, p, halves), _mm512_loadu_ps(sa + 16 * p)), f0);
+        f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_mul_ps(pair_scales(s, p + 1, halves), _mm512_loadu_ps(sa + 16 * p + 16)), f1);
       }
-      if (nb & 1) { /* the last block alone: upper half of a, corr, sa are zero in the scratch */
-        const int64_t p = full;
-        const __m512i a = _mm512_loadu_si512(q + 64 * p);
-        const __m512i c = _mm512_loadu_si512(corr + 64 * p);
-        const __m512 sav = _mm512_loadu_ps(sa + 16 * p);
-        const uint8_t* wl = w + 64 * p;
-        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, _mm512_maskz_loadu_epi8(low32, wl), a)),
-                             _mm512_mul_ps(_mm512_set1_ps(s[2 * p]), sav), f0);
-        f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, _mm512_maskz_loadu_epi8(low32, wl + K), a)),
-                             _mm512_mul_ps(_mm512_set1_ps(s[nb + 2 * p]), sav), f1);
-        f2 = _mm512_fmadd_ps(
-            _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, _mm512_maskz_loadu_epi8(low32, wl + 2 * K), a)),
-            _mm512_mul_ps(_mm512_set1_ps(s[2 * nb + 2 * p]), sav), f2);
-        f3 = _mm512_fmadd_ps(
-            _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, _mm512_maskz_loadu_epi8(low32, wl + 3 * K), a)),
-            _mm512_mul_ps(_mm512_set1_ps(s[3 * nb + 2 * p]), sav), f3);
+      for (; p < full; ++p) {
+        const __m512i d0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(corr + 64 * p), _mm512_loadu_si512(w + 64 * p), _mm512_loadu_si512(q + 64 * p));
+        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mul_ps(pair_scales(s, p, halves), _mm512_loadu_ps(sa + 16 * p)), f0);
       }
-      float* y = Y + m * N + n;
-      y[0] = _mm512_reduce_add_ps(f0);
-      y[1] = _mm512_reduce_add_ps(f1);
-      y[2] = _mm512_reduce_add_ps(f2);
-      y[3] = _mm512_reduce_add_ps(f3);
+      if (nb & 1) {
+        const __m512i d0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(corr + 64 * p), _mm512_maskz_loadu_epi8(0xFFFFFFFFull, w + 64 * p), _mm512_loadu_si512(q + 64 * p));
+        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mul_ps(_mm512_set1_ps(s[2 * p]), _mm512_loadu_ps(sa + 16 * p)), f0);
+      }
+      Y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(f0, f1));
     }
   }
-  if (n < n1) matmul_scalar(scratch, M, K, B, scales, N, n, n1, Y);
+}
+
+/* Prompts (M > 1) are compute-bound, so the 16 rows of a tile are gathered into 8 registers whose lane j holds
+ * row n+j's 4 bytes: one vpdpbusd with a broadcast activation dword then serves 16 outputs (the row kernel
+ * serves one). Two chains per activation row and 4 rows at a time hide vpdpbusd's latency. */
+
+/* W[g] lane j = dword g of the 32 bytes at w + j*K (j < 16): a 16x8 -> 8x16 dword transpose done as two 8x8
+ * transposes, rows j and j+8 sharing a register. */
+VNNI_TARGET static inline void transpose_tile(const uint8_t* w, int64_t K, __m512i W[8]) {
+  __m512i r[8], t[8], u[8];
+  for (int j = 0; j < 8; ++j)
+    r[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(w + j * K))),
+                              _mm256_loadu_si256((const __m256i*)(w + (j + 8) * K)), 1);
+  for (int j = 0; j < 8; j += 2) {
+    t[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]);
+    t[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {
+    u[h] = _mm512_unpacklo_epi64(t[h], t[h + 2]);
+    u[h + 1] = _mm512_unpackhi_epi64(t[h], t[h + 2]);
+    u[h + 2] = _mm512_unpacklo_epi64(t[h + 1], t[h + 3]);
+    u[h + 3] = _mm512_unpackhi_epi64(t[h + 1], t[h + 3]);
+  }
+  /* u[c] (c < 4) holds column c (128-bit lanes 0, 2) and c+4 (lanes 1, 3) of rows 0-3 / 8-11; u[c+4] rows 4-7 / 12-15 */
+  const __m512i lo = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), hi = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+  for (int c = 0; c < 4; ++c) {
+    W[c] = _mm512_permutex2var_epi64(u[c], lo, u[c + 4]);
+    W[c + 4] = _mm512_permutex2var_epi64(u[c], hi, u[c + 4]);
+  }
+}
+
+#define TILE_M 4 /* activation rows per register block: 4 beat 6 and 8 on the prompt shapes */
+VNNI_TARGET static void matmul_vnni_tiles(const uint8_t* scratch, int64_t M, int64_t K, const uint8_t* B,
+                                          const float* scales, int64_t N, int64_t n0, int64_t n1, float* Y) {
+  const int64_t nb = K / 32, np = pairs_of(K);
+  const size_t rb = row_bytes(K);
+  int32_t* cb = (int32_t*)malloc(sizeof(int32_t) * M * nb);
+  float* sb = (float*)malloc(sizeof(float) * M * nb);
+  float* acc = (float*)aligned_alloc(64, sizeof(float) * 16 * ((M + TILE_M - 1) / TILE_M * TILE_M));
+  float* swt = (float*)aligned_alloc(64, sizeof(float) * 16 * nb);
+  if (!cb || !sb || !acc || !swt) { free(cb); free(sb); free(acc); free(swt); matmul_vnni_row(scratch, M, K, B, scales, N, n0, n1, Y); return; }
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* row = scratch + m * rb;
+    const int32_t* corr = (const int32_t*)(row + np * 64);
+    const float* sa = (const float*)(row + np * 128);
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t c = 0;
+      for (int l = 0; l < 8; ++l) c += corr[(b / 2) * 16 + (b % 2) * 8 + l];
+      cb[m * nb + b] = c;
+      sb[m * nb + b] = block_scale(sa, b);
+    }
+  }
+  int64_t n = n0;
+  for (; n + 16 <= n1; n += 16) {
+    const uint8_t* w = B + n * K;
+    memset(acc, 0, sizeof(float) * 16 * M);
+    for (int64_t b = 0; b < nb; ++b)
+      for (int j = 0; j < 16; ++j) swt[16 * b + j] = scales[(n + j) * nb + b];
+    for (int64_t b = 0; b < nb; ++b) {
+      if (!(b & 1) && n + 32 <= n1) /* the next tile's rows, a line per row every other block */
+        for (int j = 0; j < 16; ++j) _mm_prefetch((const char*)(w + (16 + j) * K + b * 32), _MM_HINT_T0);
+      __m512i W[8];
+      transpose_tile(w + b * 32, K, W);
+      const __m512 sw = _mm512_load_ps(swt + 16 * b);
+      int64_t m = 0;
+      for (; m + TILE_M <= M; m += TILE_M) {
+        __m512i d[TILE_M][2];
+        for (int t = 0; t < TILE_M; ++t) {
+          d[t][0] = _mm512_set1_epi32(cb[(m + t) * nb + b]);
+          d[t][1] = _mm512_setzero_si512();
+        }
+        for (int g = 0; g < 8; g += 2)
+          for (int t = 0; t < TILE_M; ++t) {
+            const int32_t* a = (const int32_t*)(scratch + (m + t) * rb + b * 32 + 4 * g);
+            d[t][0] = _mm512_dpbusd_epi32(d[t][0], W[g], _mm512_set1_epi32(a[0]));
+            d[t][1] = _mm512_dpbusd_epi32(d[t][1], W[g + 1], _mm512_set1_epi32(a[1]));
+          }
+        for (int t = 0; t < TILE_M; ++t) {
+          float* f = acc + (m + t) * 16;
+          const __m512 s = _mm512_mul_ps(sw, _mm512_set1_ps(sb[(m + t) * nb + b]));
+          _mm512_store_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d[t][0], d[t][1])), s,
+                                             _mm512_load_ps(f)));
+        }
+      }
+      for (; m < M; ++m) {
+        __m512i d0 = _mm512_set1_epi32(cb[m * nb + b]), d1 = _mm512_setzero_si512();
+        const int32_t* a = (const int32_t*)(scratch + m * rb + b * 32);
+        for (int g = 0; g < 8; g += 2) {
+          d0 = _mm512_dpbusd_epi32(d0, W[g], _mm512_set1_epi32(a[g]));
+          d1 = _mm512_dpbusd_epi32(d1, W[g + 1], _mm512_set1_epi32(a[g + 1]));
+        }
+        float* f = acc + m * 16;
+        const __m512 s = _mm512_mul_ps(sw, _mm512_set1_ps(sb[m * nb + b]));
+        _mm512_store_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), s, _mm512_load_ps(f)));
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) _mm512_storeu_ps(Y + m * N + n, _mm512_load_ps(acc + m * 16));
+  }
+  free(cb);
+  free(sb);
+  free(acc);
+  free(swt);
+  if (n < n1) matmul_vnni_row(scratch, M, K, B, scales, N, n, n1, Y);
 }
 
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
@@ -187,6 +294,14 @@ static int chosen_isa(void) { /* 2 avx512vnni, 1 avx2, 0 scalar; EDGELLM_Q8_ISA 
   return isa;
 }
 
+void edgellm_q8_quantize(const float* A, int64_t M, int64_t K, void* scratch) {
+  void (*fn)(const float*, int64_t, uint8_t*) = quantize_row;
+#ifdef EDGELLM_X86
+  if (chosen_isa() == 2) fn = quantize_row_vnni;
+#endif
+  for (int64_t m = 0; m < M; ++m) fn(A + m * K, K, (uint8_t*)scratch + m * row_bytes(K));
+}
+
 const char* edgellm_q8_isa(void) {
   static const char* names[] = {"scalar", "avx2", "avx512vnni"};
   return names[chosen_isa()];
@@ -197,7 +312,7 @@ void edgellm_q8_matmul(const void* scratch, int64_t M, int64_t K, const uint8_t*
   matmul_fn fn = matmul_scalar;
 #ifdef EDGELLM_X86
   const int isa = chosen_isa();
-  if (isa == 2) fn = matmul_vnni;
+  if (isa == 2) fn = M >= TILE_MIN_M ? matmul_vnni_tiles : matmul_vnni_row;
   else if (isa == 1) fn = matmul_avx2;
 #endif
   fn((const uint8_t*)scratch, M, K, B, scales, N, n_begin, n_end, Y);
