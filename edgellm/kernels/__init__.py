@@ -1,0 +1,177 @@
+"""edgellm's own CPU kernels for onnxruntime: the custom op library `libedgellm_ortops.so`.
+
+It registers the op domain `ai.edgellm` with `MatMulQ8`, a drop-in for MatMulNBits (bits 8, block_size 32,
+no zero points) computed by a hand-written int8 kernel (q8_kernel.c; AVX512-VNNI, AVX2 or scalar, chosen at
+run time). The library is compiled on the machine that uses it (`python -m edgellm.kernels build`, run by
+scripts/setup.sh); without it, or with EDGELLM_KERNELS=0, edgellm runs onnxruntime's own kernels.
+
+    from edgellm import kernels
+    options = onnxruntime.SessionOptions()
+    kernels.register(options)          # False (and one info log saying why) when the library is unusable
+
+Importing this module loads nothing; the library is opened on the first call that needs it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # onnxruntime is only needed by register(), which receives its SessionOptions
+    import onnxruntime as ort
+
+logger = logging.getLogger(__name__)
+
+ENV = "EDGELLM_KERNELS"
+_OFF = {"0", "off", "false", "no"}
+HERE = Path(__file__).resolve().parent
+LIBRARY_NAME = "libedgellm_ortops.so"
+SOURCES = ("ort_op.cc", "q8_kernel.c")
+HEADERS = ("ort_abi.h", "q8_kernel.h")
+_X86 = {"x86_64", "amd64", "x64"}
+
+_logged: set[str] = set()
+_loaded: dict[Path, ctypes.CDLL] = {}
+
+
+class BuildError(RuntimeError):
+    """The kernel library could not be compiled; the message names the cause and the fix."""
+
+
+def default_library() -> Path:
+    """Where `build()` writes the library and `library_path()` looks for it: beside this module."""
+    return HERE / LIBRARY_NAME
+
+
+def _unused(reason: str) -> None:
+    if reason not in _logged:
+        _logged.add(reason)
+        logger.info("edgellm kernels unused: %s", reason)
+
+
+def _turned_off() -> bool:
+    return os.environ.get(ENV, "").strip().lower() in _OFF
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    if path not in _loaded:
+        lib = ctypes.CDLL(str(path))
+        lib.edgellm_q8_isa.restype = ctypes.c_char_p
+        lib.edgellm_q8_isa.argtypes = []
+        lib.RegisterCustomOps  # noqa: B018 - raises AttributeError if this is not our op library
+        _loaded[path] = lib
+    return _loaded[path]
+
+
+def library_path() -> Path | None:
+    """The kernel library to register, or None when edgellm's kernels cannot or should not run here:
+    EDGELLM_KERNELS=0 (also off/false/no), a non-x86 CPU, the library not built, or not loadable.
+    The reason is logged once at info level."""
+    if _turned_off():
+        _unused(f"{ENV}={os.environ[ENV]!r} turns them off")
+        return None
+    machine = platform.machine().lower()
+    if machine not in _X86 or not sys.platform.startswith("linux"):
+        _unused(f"they are built for Linux x86-64 only, this is {sys.platform} {machine or 'unknown CPU'}")
+        return None
+    path = default_library()
+    if not path.is_file():
+        _unused(f"{path} is not built. Fix: python -m edgellm.kernels build (needs g++)")
+        return None
+    try:
+        _open(path)
+    except (OSError, AttributeError) as exc:
+        _unused(f"{path} does not load ({exc}). Fix: python -m edgellm.kernels build")
+        return None
+    stale = [name for name in SOURCES + HEADERS
+             if (HERE / name).is_file() and (HERE / name).stat().st_mtime > path.stat().st_mtime]
+    if stale and "stale" not in _logged:
+        _logged.add("stale")
+        logger.warning("%s is older than %s: it runs the old kernels. Fix: python -m edgellm.kernels build",
+                       path.name, ", ".join(stale))
+    return path
+
+
+def isa() -> str:
+    """The code path the kernels run on this CPU: "avx512vnni", "avx2" or "scalar" (EDGELLM_Q8_ISA may force a
+    lower one), or "unavailable" when library_path() is None."""
+    path = library_path()
+    if path is None:
+        return "unavailable"
+    return _open(path).edgellm_q8_isa().decode()
+
+
+def register(options: "ort.SessionOptions") -> bool:
+    """Register the kernel library (op domain ai.edgellm) on onnxruntime SessionOptions.
+
+    True when registered; False when library_path() is None or onnxruntime refuses the library (the reason is
+    logged once at info level). A session whose graph uses ai.edgellm ops needs this before it is created."""
+    path = library_path()
+    if path is None:
+        return False
+    try:
+        options.register_custom_ops_library(str(path))
+    except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types; the reason is in the text
+        _unused(f"onnxruntime refused {path}: {exc}")
+        return False
+    return True
+
+
+def _compiler(env: str, names: tuple[str, ...]) -> str | None:
+    for name in (os.environ.get(env, ""), *names):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def build(out: Path | None = None, *, quiet: bool = False) -> Path:
+    """Compile ort_op.cc + q8_kernel.c into the shared library (default: beside this module) and return its
+    path. Never -march=native: q8_kernel.c picks its instruction set when it runs, so the file works on any
+    x86-64 CPU. The file is replaced atomically. Raises BuildError naming the cause and the fix."""
+    out = Path(out) if out is not None else default_library()
+    machine = platform.machine().lower()
+    if machine not in _X86 or not sys.platform.startswith("linux"):
+        raise BuildError(f"edgellm's kernels are built for Linux x86-64 only, this is {sys.platform} {machine}; "
+                         "edgellm runs onnxruntime's kernels here, nothing to build")
+    cxx = _compiler("CXX", ("g++", "c++", "clang++"))
+    cc = _compiler("CC", ("gcc", "cc", "clang"))
+    if cxx is None or cc is None:
+        raise BuildError("no C/C++ compiler found (looked for $CXX/g++/c++/clang++ and $CC/gcc/cc/clang). "
+                         "Fix: apt-get install g++ (or set CXX and CC), then python -m edgellm.kernels build")
+    missing = [name for name in SOURCES + HEADERS if not (HERE / name).is_file()]
+    if missing:
+        raise BuildError(f"the kernel sources {missing} are not in {HERE} (this edgellm was installed without "
+                         "them). Fix: install edgellm from its source tree")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgellm-kernels-") as tmp:
+        tmpdir = Path(tmp)
+        steps = [
+            [cc, "-O3", "-fPIC", "-c", str(HERE / "q8_kernel.c"), "-o", str(tmpdir / "q8_kernel.o")],
+            [cxx, "-O3", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-c", str(HERE / "ort_op.cc"),
+             "-o", str(tmpdir / "ort_op.o")],
+            [cxx, "-shared", "-o", str(tmpdir / LIBRARY_NAME), str(tmpdir / "ort_op.o"),
+             str(tmpdir / "q8_kernel.o"), "-lm"],
+        ]
+        for cmd in steps:
+            if not quiet:
+                logger.info("%s", " ".join(cmd))
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise BuildError(f"{Path(cmd[0]).name} failed (exit {done.returncode}) on "
+                                 f"{' '.join(cmd)}:\n{done.stderr.strip()[-4000:]}")
+        staged = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        shutil.copyfile(tmpdir / LIBRARY_NAME, staged)
+        os.replace(staged, out)
+    _loaded.pop(out.resolve(), None)
+    return out
+
+
+__all__ = ["ENV", "BuildError", "build", "default_library", "isa", "library_path", "register"]

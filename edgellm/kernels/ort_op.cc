@@ -1,0 +1,317 @@
+// onnxruntime custom op ai.edgellm::MatMulQ8: MatMulNBits (bits 8, block_size 32, no zero points) computed by
+// edgellm's own kernel (q8_kernel.h). Same first three inputs as MatMulNBits (A float [..., K], B uint8
+// [N, K/32, 32], scales float [N * K/32]) and the attributes K, N, bits, block_size; output float [..., N].
+//
+// Python loads this library with SessionOptions.register_custom_ops_library(path), which calls
+// RegisterCustomOps below. Bad attributes or weight shapes fail when the session is created; bad activation
+// shapes fail at the call. Each call quantizes A once, then splits N across onnxruntime's intra-op threads.
+#include <sched.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ort_abi.h"
+#include "q8_kernel.h"
+
+namespace {
+
+using namespace edgellm_ort;
+
+const OrtApi* g_api = nullptr;  // set once by RegisterCustomOps (the table is the same for every session)
+
+constexpr int64_t kRowsPerUnit = 16;  // each thread gets a contiguous range of weight rows, a multiple of 16
+
+OrtStatus* error(int code, const std::string& message) {
+  return CreateStatus::get(g_api)(code, message.c_str());
+}
+
+// The number of CPUs this process may run on: the most threads onnxruntime's pool can use at once.
+int64_t usable_cpus() {
+  static const int64_t count = [] {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return (int64_t)CPU_COUNT(&set);
+    const unsigned hw = std::thread::hardware_concurrency();
+    return hw > 0 ? (int64_t)hw : (int64_t)1;
+  }();
+  return count;
+}
+
+struct TensorShape {
+  std::vector<int64_t> dims;
+  int element_type = 0;
+  int64_t elements() const {
+    int64_t n = 1;
+    for (int64_t d : dims) n *= d;
+    return n;
+  }
+};
+
+OrtStatus* shape_of(const OrtValue* value, TensorShape* out) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  if (OrtStatus* s = GetTensorTypeAndShape::get(g_api)(value, &info)) return s;
+  size_t count = 0;
+  OrtStatus* s = GetDimensionsCount::get(g_api)(info, &count);
+  if (!s) {
+    out->dims.assign(count, 0);
+    s = GetDimensions::get(g_api)(info, out->dims.data(), count);
+  }
+  if (!s) s = GetTensorElementType::get(g_api)(info, &out->element_type);
+  ReleaseTensorTypeAndShapeInfo::get(g_api)(info);
+  return s;
+}
+
+std::string dims_text(const std::vector<int64_t>& dims) {
+  std::string text = "[";
+  for (size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
+  return text + "]";
+}
+
+struct Kernel {
+  std::string where;  // "MatMulQ8 node 'name'", for messages
+  int64_t K = 0, N = 0;
+  bool weights_checked = false;  // B and scales are constant initializers whose sizes were checked at load
+
+  // B must hold N*K uint8 and scales N*K/32 float; `when` says at which step this was checked.
+  OrtStatus* check_weights(const OrtValue* b, const OrtValue* scales, const char* when) const {
+    TensorShape bs, ss;
+    if (OrtStatus* s = shape_of(b, &bs)) return s;
+    if (OrtStatus* s = shape_of(scales, &ss)) return s;
+    if (bs.element_type != EDGELLM_ORT_UINT8 || bs.elements() != N * K)
+      return error(ORT_INVALID_ARGUMENT, where + ": input B has shape " + dims_text(bs.dims) + " (" +
+                                             std::to_string(bs.elements()) + " elements, type " +
+                                             std::to_string(bs.element_type) + ") " + when + "; it must be uint8 with N*K = " +
+                                             std::to_string(N * K) + " elements ([N, K/32, 32] as MatMulNBits " +
+                                             "stores bits=8, block_size=32); re-convert the model");
+    if (ss.element_type != EDGELLM_ORT_FLOAT || ss.elements() != N * (K / 32))
+      return error(ORT_INVALID_ARGUMENT, where + ": input scales has shape " + dims_text(ss.dims) + " (" +
+                                             std::to_string(ss.elements()) + " elements) " + when +
+                                             "; it must be float with N*K/32 = " + std::to_string(N * (K / 32)) +
+                                             " elements; re-convert the model");
+    return nullptr;
+  }
+};
+
+struct Task {
+  const void* scratch;
+  int64_t M, K, N, units, tasks;
+  const uint8_t* B;
+  const float* scales;
+  float* Y;
+};
+
+void run_task(void* data, size_t index) {
+  const Task& t = *static_cast<const Task*>(data);
+  const int64_t i = (int64_t)index;
+  const int64_t n0 = (t.units * i / t.tasks) * kRowsPerUnit;
+  const int64_t n1 = std::min(t.N, (t.units * (i + 1) / t.tasks) * kRowsPerUnit);
+  if (n0 < n1) edgellm_q8_matmul(t.scratch, t.M, t.K, t.B, t.scales, t.N, n0, n1, t.Y);
+}
+
+OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
+  const OrtValue *a = nullptr, *b = nullptr, *scales = nullptr;
+  if (OrtStatus* s = KernelContext_GetInput::get(g_api)(context, 0, &a)) return s;
+  if (OrtStatus* s = KernelContext_GetInput::get(g_api)(context, 1, &b)) return s;
+  if (OrtStatus* s = KernelContext_GetInput::get(g_api)(context, 2, &scales)) return s;
+  if (!k.weights_checked)
+    if (OrtStatus* s = k.check_weights(b, scales, "at the call")) return s;
+
+  TensorShape as;
+  if (OrtStatus* s = shape_of(a, &as)) return s;
+  if (as.dims.empty() || as.dims.back() != k.K)
+    return error(ORT_INVALID_ARGUMENT, k.where + ": input A has shape " + dims_text(as.dims) +
+                                           "; its last dimension must be K = " + std::to_string(k.K) +
+                                           " (the node's K attribute); feed activations of width " +
+                                           std::to_string(k.K));
+  std::vector<int64_t> out_dims = as.dims;
+  out_dims.back() = k.N;
+  OrtValue* y = nullptr;
+  if (OrtStatus* s = KernelContext_GetOutput::get(g_api)(context, 0, out_dims.data(), out_dims.size(), &y)) return s;
+  const int64_t M = as.elements() / k.K;
+  if (M == 0) return nullptr;
+
+  void *a_data = nullptr, *b_data = nullptr, *s_data = nullptr, *y_data = nullptr;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(a), &a_data)) return s;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(b), &b_data)) return s;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(scales), &s_data)) return s;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(y, &y_data)) return s;
+
+  // One scratch buffer per calling thread, grown as needed: the activations quantized once for all workers.
+  thread_local std::vector<unsigned char> scratch;
+  const size_t bytes = edgellm_q8_scratch_bytes(M, k.K);
+  if (scratch.size() < bytes) scratch.resize(bytes);
+  edgellm_q8_quantize(static_cast<const float*>(a_data), M, k.K, scratch.data());
+
+  Task task;
+  task.scratch = scratch.data();
+  task.M = M;
+  task.K = k.K;
+  task.N = k.N;
+  task.units = (k.N + kRowsPerUnit - 1) / kRowsPerUnit;
+  task.tasks = std::min(task.units, usable_cpus());
+  task.B = static_cast<const uint8_t*>(b_data);
+  task.scales = static_cast<const float*>(s_data);
+  task.Y = static_cast<float*>(y_data);
+  if (task.tasks <= 1) {
+    edgellm_q8_matmul(task.scratch, M, k.K, task.B, task.scales, k.N, 0, k.N, task.Y);
+    return nullptr;
+  }
+  // num_batch 0: each of the `tasks` indices is one work item that a pool thread takes whole.
+  return KernelContext_ParallelFor::get(g_api)(context, run_task, (size_t)task.tasks, 0, &task);
+}
+
+OrtStatus* read_int(const OrtKernelInfo* info, const std::string& where, const char* name, int64_t* out) {
+  if (OrtStatus* s = KernelInfoGetAttribute_int64::get(g_api)(info, name, out)) {
+    ReleaseStatus::get(g_api)(s);
+    return error(ORT_INVALID_GRAPH, where + ": the int attribute '" + name +
+                                        "' is missing; MatMulQ8 needs K, N, bits=8 and block_size=32 "
+                                        "(copy them from the MatMulNBits node it replaces)");
+  }
+  return nullptr;
+}
+
+OrtStatus* create_kernel(const OrtKernelInfo* info, void** out) {
+  *out = nullptr;
+  char name[256] = {0};
+  size_t size = sizeof(name);
+  std::string where = "MatMulQ8 node";
+  if (OrtStatus* s = KernelInfo_GetNodeName::get(g_api)(info, name, &size))
+    ReleaseStatus::get(g_api)(s);  // a name longer than 255 bytes: describe the node without it
+  else
+    where += std::string(" '") + name + "'";
+
+  int64_t K = 0, N = 0, bits = 0, block_size = 0;
+  if (OrtStatus* s = read_int(info, where, "K", &K)) return s;
+  if (OrtStatus* s = read_int(info, where, "N", &N)) return s;
+  if (OrtStatus* s = read_int(info, where, "bits", &bits)) return s;
+  if (OrtStatus* s = read_int(info, where, "block_size", &block_size)) return s;
+  if (bits != 8)
+    return error(ORT_INVALID_GRAPH, where + ": bits=" + std::to_string(bits) +
+                                        " is not supported (only 8); keep MatMulNBits for other widths");
+  if (block_size != 32)
+    return error(ORT_INVALID_GRAPH, where + ": block_size=" + std::to_string(block_size) +
+                                        " is not supported (only 32); keep MatMulNBits for other block sizes");
+  if (K <= 0 || K % 32 != 0 || N <= 0)
+    return error(ORT_INVALID_GRAPH, where + ": K=" + std::to_string(K) + ", N=" + std::to_string(N) +
+                                        " is invalid; K must be a positive multiple of 32 and N positive");
+
+  Kernel* kernel = new (std::nothrow) Kernel;
+  if (!kernel) return error(ORT_FAIL, where + ": out of memory");
+  kernel->where = where;
+  kernel->K = K;
+  kernel->N = N;
+  const OrtValue *b = nullptr, *scales = nullptr;
+  int b_const = 0, s_const = 0;
+  OrtStatus* s = KernelInfoGetConstantInput_tensor::get(g_api)(info, 1, &b_const, &b);
+  if (!s) s = KernelInfoGetConstantInput_tensor::get(g_api)(info, 2, &s_const, &scales);
+  if (!s && b_const && s_const) {
+    s = kernel->check_weights(b, scales, "at load");
+    kernel->weights_checked = s == nullptr;
+  }
+  if (s) {
+    delete kernel;
+    return s;
+  }
+  *out = kernel;
+  return nullptr;
+}
+
+// OrtCustomOp callbacks. Exceptions never cross into onnxruntime: anything thrown becomes an OrtStatus.
+const char* EDGELLM_ORT_CALL op_name(const OrtCustomOp*) { return "MatMulQ8"; }
+const char* EDGELLM_ORT_CALL op_provider(const OrtCustomOp*) { return nullptr; }  // CPU
+int EDGELLM_ORT_CALL op_input_type(const OrtCustomOp*, size_t index) {
+  return index == 1 ? EDGELLM_ORT_UINT8 : EDGELLM_ORT_FLOAT;
+}
+size_t EDGELLM_ORT_CALL op_input_count(const OrtCustomOp*) { return 3; }
+int EDGELLM_ORT_CALL op_output_type(const OrtCustomOp*, size_t) { return EDGELLM_ORT_FLOAT; }
+size_t EDGELLM_ORT_CALL op_output_count(const OrtCustomOp*) { return 1; }
+int EDGELLM_ORT_CALL op_required(const OrtCustomOp*, size_t) { return EDGELLM_ORT_INPUT_OUTPUT_REQUIRED; }
+int EDGELLM_ORT_CALL op_memory_type(const OrtCustomOp*, size_t) { return EDGELLM_ORT_MEM_TYPE_DEFAULT; }
+int EDGELLM_ORT_CALL op_one(const OrtCustomOp*) { return 1; }
+int EDGELLM_ORT_CALL op_start_version(const OrtCustomOp*) { return 1; }
+int EDGELLM_ORT_CALL op_end_version(const OrtCustomOp*) { return 1 << 30; }
+void EDGELLM_ORT_CALL op_destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
+
+OrtStatus* EDGELLM_ORT_CALL op_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  try {
+    return create_kernel(info, kernel);
+  } catch (const std::exception& e) {
+    return error(ORT_FAIL, std::string("MatMulQ8: ") + e.what());
+  }
+}
+
+OrtStatus* EDGELLM_ORT_CALL op_compute(void* kernel, OrtKernelContext* context) {
+  try {
+    return compute(*static_cast<const Kernel*>(kernel), context);
+  } catch (const std::exception& e) {
+    return error(ORT_FAIL, static_cast<const Kernel*>(kernel)->where + ": " + e.what());
+  }
+}
+
+OrtCustomOp make_op() {
+  OrtCustomOp op;
+  std::memset(&op, 0, sizeof(op));
+  op.version = EDGELLM_ORT_API_VERSION;
+  op.GetName = op_name;
+  op.GetExecutionProviderType = op_provider;
+  op.GetInputType = op_input_type;
+  op.GetInputTypeCount = op_input_count;
+  op.GetOutputType = op_output_type;
+  op.GetOutputTypeCount = op_output_count;
+  op.KernelDestroy = op_destroy;
+  op.GetInputCharacteristic = op_required;
+  op.GetOutputCharacteristic = op_required;
+  op.GetInputMemoryType = op_memory_type;
+  op.GetVariadicInputMinArity = op_one;
+  op.GetVariadicInputHomogeneity = op_one;
+  op.GetVariadicOutputMinArity = op_one;
+  op.GetVariadicOutputHomogeneity = op_one;
+  op.CreateKernelV2 = op_create;
+  op.KernelComputeV2 = op_compute;
+  op.GetStartVersion = op_start_version;
+  op.GetEndVersion = op_end_version;
+  return op;
+}
+
+const OrtCustomOp g_op = make_op();
+
+// The domain outlives every session (onnxruntime keeps a pointer to it), so it is made once, never freed.
+std::once_flag g_domain_once;
+OrtCustomOpDomain* g_domain = nullptr;
+OrtStatus* make_domain() {
+  OrtStatus* s = CreateCustomOpDomain::get(g_api)("ai.edgellm", &g_domain);
+  if (!s) s = CustomOpDomain_Add::get(g_api)(g_domain, &g_op);
+  if (s) g_domain = nullptr;
+  return s;
+}
+
+}  // namespace
+
+extern "C" {
+
+// The entry point SessionOptions.register_custom_ops_library calls.
+EDGELLM_EXPORT OrtStatus* EDGELLM_ORT_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+  const OrtApi* api = base->GetApi(EDGELLM_ORT_API_VERSION);
+  if (!api) {
+    // Every version has CreateStatus at slot 0: use the oldest table to say why we cannot load.
+    const OrtApi* oldest = base->GetApi(1);
+    if (!oldest) return nullptr;  // cannot even report; onnxruntime this old does not exist in practice
+    const std::string message = std::string("libedgellm_ortops needs onnxruntime >= 1.17 (C API version 17); this is ") +
+                                "onnxruntime " + base->GetVersionString() +
+                                ": upgrade onnxruntime or set EDGELLM_KERNELS=0";
+    return CreateStatus::get(oldest)(ORT_FAIL, message.c_str());
+  }
+  g_api = api;
+  OrtStatus* created = nullptr;
+  std::call_once(g_domain_once, [&] { created = make_domain(); });
+  if (created) return created;
+  if (!g_domain) return error(ORT_FAIL, "libedgellm_ortops: the ai.edgellm domain could not be created earlier");
+  return AddCustomOpDomain::get(g_api)(options, g_domain);
+}
+
+}  // extern "C"
