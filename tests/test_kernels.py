@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(not X86_LINUX, reason=f"edgellm's kernels are bu
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx", reason="onnx (the [convert] extra) builds the test graphs")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument, RuntimeException  # noqa: E402
 
 SHAPES = [(64, 48), (576, 960), (1536, 576)]  # (K, N): a tiny one, then SmolLM2-135M's qkv and down projections
 
@@ -112,7 +113,7 @@ def test_leading_dims_and_runtime_weights(library):
     assert y.shape == (2, 5, N)
     ref = reference(A.reshape(-1, K), B, scales).reshape(2, 5, N)
     assert np.abs(y - ref).max() <= 2e-2 * np.abs(ref).max()
-    with pytest.raises(Exception, match=r"input B has shape \[80, 2, 16\].*N\*K = 7680"):
+    with pytest.raises(InvalidArgument, match=r"input B has shape \[80, 2, 16\].*N\*K = 7680"):
         sess.run(None, {"A": A, "B": B.reshape(N, 2, 48)[:, :, :16].copy(), "scales": scales})
     empty = sess.run(None, {"A": np.zeros((0, 5, K), np.float32), "B": B, "scales": scales})[0]
     assert empty.shape == (0, 5, N)
@@ -125,20 +126,20 @@ def test_leading_dims_and_runtime_weights(library):
 ])
 def test_bad_attribute_fails_at_load(library, attrs, message):
     B, scales = weights(64, 48)
-    with pytest.raises(Exception, match=r"MatMulQ8 node 'proj': " + message):
+    with pytest.raises(RuntimeException, match=r"initialization: MatMulQ8 node 'proj': " + message):
         session(model("MatMulQ8", 64, 48, B, scales, **attrs), 1, with_library=True)
 
 
 def test_wrong_weight_size_fails_at_load(library):
     B, scales = weights(64, 48)
-    with pytest.raises(Exception, match=r"input scales has shape \[47\] \(47 elements\) at load.*N\*K/32 = 96"):
+    with pytest.raises(RuntimeException, match=r"initialization: MatMulQ8 node 'proj': input scales has shape \[47\] \(47 elements\) at load.*N\*K/32 = 96"):
         session(model("MatMulQ8", 64, 48, B, scales[:47]), 1, with_library=True)
 
 
 def test_wrong_activation_width_fails_at_the_call(library):
     B, scales = weights(64, 48)
     sess = session(model("MatMulQ8", 64, 48, B, scales, width="k"), 1, with_library=True)
-    with pytest.raises(Exception, match=r"input A has shape \[2, 32\]; its last dimension must be K = 64"):
+    with pytest.raises(InvalidArgument, match=r"MatMulQ8 node 'proj': input A has shape \[2, 32\]; its last dimension must be K = 64"):
         sess.run(None, {"A": np.ones((2, 32), np.float32)})
 
 
@@ -189,3 +190,24 @@ def test_import_stays_light():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_build_command_writes_a_loadable_library(tmp_path):
+    """python -m edgellm.kernels build --out: the library compiles here and registers with onnxruntime."""
+    out = tmp_path / "libedgellm_ortops.so"
+    done = subprocess.run([sys.executable, "-m", "edgellm.kernels", "build", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"edgellm kernels: built {out} in ")
+    ort.SessionOptions().register_custom_ops_library(str(out))
+
+
+def test_build_without_compiler_says_so_in_one_line(tmp_path):
+    env = {**os.environ, "PATH": str(tmp_path), "CXX": "", "CC": ""}
+    done = subprocess.run([sys.executable, "-m", "edgellm.kernels", "build", "--out", str(tmp_path / "x.so")],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: edgellm kernels not built: no C/C++ "
+                                                                  "compiler found"), done.stderr
+    assert "Fix: apt-get install g++" in done.stderr
+    assert not (tmp_path / "x.so").exists()

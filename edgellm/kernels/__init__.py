@@ -117,9 +117,11 @@ def register(options: "ort.SessionOptions") -> bool:
     path = library_path()
     if path is None:
         return False
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
+
     try:
         options.register_custom_ops_library(str(path))
-    except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types; the reason is in the text
+    except (Fail, RuntimeException, RuntimeError) as exc:
         _unused(f"onnxruntime refused {path}: {exc}")
         return False
     return True
