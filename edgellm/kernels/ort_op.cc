@@ -23,7 +23,7 @@ namespace {
 
 using namespace edgellm_ort;
 
-const OrtApi* g_api = nullptr;  // set once by RegisterCustomOps (the table is the same for every session)
+const OrtApi* g_api = nullptr;  // set by the first RegisterCustomOps (the table is the same for every session)
 
 constexpr int64_t kRowsPerUnit = 16;  // each thread gets a contiguous range of weight rows, a multiple of 16
 
@@ -306,9 +306,11 @@ EDGELLM_EXPORT OrtStatus* EDGELLM_ORT_CALL RegisterCustomOps(OrtSessionOptions* 
                                 ": upgrade onnxruntime or set EDGELLM_KERNELS=0";
     return CreateStatus::get(oldest)(ORT_FAIL, message.c_str());
   }
-  g_api = api;
   OrtStatus* created = nullptr;
-  std::call_once(g_domain_once, [&] { created = make_domain(); });
+  std::call_once(g_domain_once, [&] {  // kernels running in other sessions read g_api: it is written once
+    g_api = api;
+    created = make_domain();
+  });
   if (created) return created;
   if (!g_domain) return error(ORT_FAIL, "libedgellm_ortops: the ai.edgellm domain could not be created earlier");
   return AddCustomOpDomain::get(g_api)(options, g_domain);
