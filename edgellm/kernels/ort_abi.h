@@ -108,6 +108,8 @@ using GetDimensions = OrtFn<62, OrtStatus*(EDGELLM_ORT_CALL*)(const OrtTensorTyp
                                                            size_t dims_length)>;
 using GetTensorTypeAndShape = OrtFn<65, OrtStatus*(EDGELLM_ORT_CALL*)(const OrtValue* value,
                                                                      OrtTensorTypeAndShapeInfo** out)>;
+using KernelInfoGetAttribute_float = OrtFn<85, OrtStatus*(EDGELLM_ORT_CALL*)(const OrtKernelInfo* info,
+                                                                         const char* name, float* out)>;
 using KernelInfoGetAttribute_int64 = OrtFn<86, OrtStatus*(EDGELLM_ORT_CALL*)(const OrtKernelInfo* info,
                                                                             const char* name, int64_t* out)>;
 using KernelContext_GetInput = OrtFn<90, OrtStatus*(EDGELLM_ORT_CALL*)(const OrtKernelContext* context, size_t index,

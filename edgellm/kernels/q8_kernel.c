@@ -302,6 +302,65 @@ void edgellm_q8_quantize(const float* A, int64_t M, int64_t K, void* scratch) {
   for (int64_t m = 0; m < M; ++m) fn(A + m * K, K, (uint8_t*)scratch + m * row_bytes(K));
 }
 
+
+static void silu_mul_scalar(const float* g, const float* u, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+#ifdef EDGELLM_X86
+#define AVX512_TARGET __attribute__((target("avx512f,avx512dq")))
+/* exp(x) = 2^k * e^r, k = round(x / ln2), r = x - k ln2 (ln2 split in two for accuracy), e^r by its Taylor
+ * polynomial to degree 6 on |r| <= ln2/2; scalef applies 2^k and saturates to 0 / inf by itself. */
+AVX512_TARGET static inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+
+AVX512_TARGET static void silu_mul_avx512(const float* g, const float* u, float* out, int64_t n) {
+  int64_t i = 0;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(g + i);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+  }
+  silu_mul_scalar(g + i, u + i, out + i, n - i);
+}
+#endif
+
+void edgellm_silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+#ifdef EDGELLM_X86
+  if (chosen_isa() == 2) {
+    silu_mul_avx512(gate, up, out, n);
+    return;
+  }
+#endif
+  silu_mul_scalar(gate, up, out, n);
+}
+
+void edgellm_rms_norm(const float* x, const float* gamma, float eps, float* out, int64_t n) {
+  float sum = 0.0f;  /* 8 partial sums let the compiler vectorize without -ffast-math reassociation */
+  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += x[i + j] * x[i + j];
+  for (; i < n; ++i) sum += x[i] * x[i];
+  for (int j = 0; j < 8; ++j) sum += part[j];
+  const float inv = 1.0f / sqrtf(sum / (float)n + eps);
+  for (i = 0; i < n; ++i) out[i] = x[i] * inv * gamma[i];
+}
+
 const char* edgellm_q8_isa(void) {
   static const char* names[] = {"scalar", "avx2", "avx512vnni"};
   return names[chosen_isa()];

@@ -20,6 +20,11 @@ size_t edgellm_q8_scratch_bytes(int64_t M, int64_t K);
 void edgellm_q8_quantize(const float* A, int64_t M, int64_t K, void* scratch);
 void edgellm_q8_matmul(const void* scratch, int64_t M, int64_t K, const uint8_t* B, const float* scales,
                        int64_t N, int64_t n_begin, int64_t n_end, float* Y);
+/* out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i]: SwiGLU, vectorized (exp by a
+ * degree-6 polynomial, ~2 ulp) because a libm expf per element would cost more than the matmul it follows. */
+void edgellm_silu_mul(const float* gate, const float* up, float* out, int64_t n);
+/* out = x / sqrt(mean(x^2) + eps) * gamma over one row of n: RMSNorm as SimplifiedLayerNormalization does it. */
+void edgellm_rms_norm(const float* x, const float* gamma, float eps, float* out, int64_t n);
 /* "avx512vnni", "avx2" or "scalar": the code path this CPU runs (EDGELLM_Q8_ISA=avx2|scalar forces a lower one). */
 const char* edgellm_q8_isa(void);
 
