@@ -156,9 +156,10 @@ def test_isa_names_a_path(library):
     assert kernels.isa() in {"avx512vnni", "avx2", "scalar"}
 
 
-@pytest.mark.parametrize("forced", ["avx2", "scalar"])
-def test_lower_isa_paths_match(library, forced):
-    """EDGELLM_Q8_ISA lowers the code path (chosen once per process): each path gives MatMulNBits' answer."""
+@pytest.mark.parametrize("forced,tasks_per_cpu", [("avx2", "1"), ("scalar", "1"), ("", "16")])
+def test_other_paths_match(library, forced, tasks_per_cpu):
+    """EDGELLM_Q8_ISA lowers the code path and EDGELLM_KERNEL_TASKS_PER_CPU splits rows finer (both read once per
+    process): each combination gives MatMulNBits' answer."""
     if forced == "avx2" and kernels.isa() == "scalar":
         pytest.skip("this CPU has no AVX2")
     script = textwrap.dedent("""
@@ -166,7 +167,7 @@ def test_lower_isa_paths_match(library, forced):
         sys.path.insert(0, sys.argv[1])
         import test_kernels as t
         from edgellm import kernels
-        assert kernels.isa() == sys.argv[2], kernels.isa()
+        assert sys.argv[2] in ("", kernels.isa()), kernels.isa()
         for K, N in t.SHAPES:
             B, scales = t.weights(K, N, seed=3)
             A = np.random.default_rng(5).standard_normal((3, K), dtype=np.float32)
@@ -176,7 +177,7 @@ def test_lower_isa_paths_match(library, forced):
             assert err <= 5e-3 * peak, (K, N, err, peak)
         print("ok")
     """)
-    env = {**os.environ, "EDGELLM_Q8_ISA": forced}
+    env = {**os.environ, "EDGELLM_Q8_ISA": forced, "EDGELLM_KERNEL_TASKS_PER_CPU": tasks_per_cpu}
     env.pop(kernels.ENV, None)
     done = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), forced], env=env,
                           capture_output=True, text=True, timeout=120)

@@ -10,6 +10,10 @@ scripts/setup.sh); without it, or with EDGELLM_KERNELS=0, edgellm runs onnxrunti
     kernels.register(options)          # False (and one info log saying why) when the library is unusable
 
 Importing this module loads nothing; the library is opened on the first call that needs it.
+
+Environment: EDGELLM_KERNELS=0 turns the kernels off; EDGELLM_Q8_ISA=avx2|scalar forces a lower code path;
+EDGELLM_KERNEL_TASKS_PER_CPU=n (default 1) splits each MatMulQ8's rows into n contiguous work items per usable
+CPU (more items let idle pool threads take over work from threads a busy machine delays).
 """
 
 from __future__ import annotations

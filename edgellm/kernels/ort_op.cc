@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <new>
@@ -38,6 +39,16 @@ int64_t usable_cpus() {
     if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return (int64_t)CPU_COUNT(&set);
     const unsigned hw = std::thread::hardware_concurrency();
     return hw > 0 ? (int64_t)hw : (int64_t)1;
+  }();
+  return count;
+}
+
+// Work items per CPU (EDGELLM_KERNEL_TASKS_PER_CPU, default 1).
+int64_t tasks_per_cpu() {
+  static const int64_t count = [] {
+    const char* v = std::getenv("EDGELLM_KERNEL_TASKS_PER_CPU");
+    const long n = v ? std::strtol(v, nullptr, 10) : 1;
+    return (int64_t)(n >= 1 && n <= 64 ? n : 1);
   }();
   return count;
 }
@@ -122,7 +133,7 @@ OrtStatus* parallel_matmul(OrtKernelContext* context, const void* scratch, int64
   task.K = K;
   task.N = N;
   task.units = (N + kRowsPerUnit - 1) / kRowsPerUnit;
-  task.tasks = std::min(task.units, usable_cpus());
+  task.tasks = std::min(task.units, usable_cpus() * tasks_per_cpu());
   task.B = B;
   task.scales = scales;
   task.Y = Y;
