@@ -7,7 +7,8 @@
  * the table *indices* of our functions and the `OrtCustomOp` field order. Indices and layout were read from
  * the header of API version 29 (onnxruntime 1.29.0); every function we use exists since API version 17
  * (KernelContext_ParallelFor is the newest), so we request version 17 and load on onnxruntime >= 1.17.
- * tests/test_kernels.py runs every one of these functions inside real onnxruntime.
+ * tests/test_kernels.py runs every one of these functions inside real onnxruntime; scripts/check_ort_abi.py
+ * re-checks every slot and field against a given onnxruntime_c_api.h (run it when adding a function).
  */
 #ifndef EDGELLM_ORT_ABI_H
 #define EDGELLM_ORT_ABI_H
