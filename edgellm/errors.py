@@ -38,6 +38,10 @@ class ProviderError(EdgeLLMError):
     """An execution provider was asked for that this onnxruntime build does not have."""
 
 
+class KernelError(EdgeLLMError):
+    """edgellm's own CPU kernels were required (load(..., kernels=True), EDGELLM_KERNELS=1) and cannot run here."""
+
+
 class MissingDependencyError(EdgeLLMError, ImportError):
     """An optional dependency is needed; the message carries the pip line that installs it."""
 

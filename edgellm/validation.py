@@ -136,6 +136,100 @@ class DraftHead:
 
 
 @dataclass(frozen=True)
+class KernelThresholds:
+    """What the kernel twin (model.kernels.onnx) is held to against model.onnx, beside the int8 limits
+    (perplexity ratio, agreement, KV consistency) it must also meet. 2.5: the int8 graph's own logit noise
+    (Thresholds.kv_tolerance_int8: one query row vs several already differ by up to that much)."""
+
+    max_abs_logit_diff: float = 2.5     # twin vs model.onnx, same tokens, teacher-forced
+    min_argmax_match: float = 0.90      # positions where both graphs pick the same token
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "validation.kernel_graph.thresholds") -> "KernelThresholds":
+        return _simple(cls, data, where)
+
+
+@dataclass(frozen=True)
+class KernelCheck:
+    """The kernel twin measured against the standard int8 graph (and fp32 inside `edgellm convert`), when
+    edgellm's kernel library was there. kept: the twin passed (or the gate was not enforced) and is in the folder."""
+
+    graph: str
+    library: str
+    isa: str | None
+    positions: int                       # teacher-forced positions compared (held-out text + chat replies)
+    max_abs_logit_diff: float            # twin vs model.onnx at those positions
+    argmax_match: float
+    kv_consistency: KVConsistency        # the twin's own one-pass vs token-by-token logits
+    reference: str                       # what perplexity_ratio / greedy_agreement compare with: fp32 or int8
+    perplexity_ratio: float
+    greedy_agreement: float
+    decode_ms_per_token: dict[str, float]  # model.onnx and the twin, measured alternately in one process
+    passed: bool
+    kept: bool
+    failures: tuple[str, ...]
+    thresholds: KernelThresholds
+
+    def to_dict(self) -> dict:
+        return {"graph": self.graph, "library": self.library, "isa": self.isa, "positions": self.positions,
+                "max_abs_logit_diff": self.max_abs_logit_diff, "argmax_match": self.argmax_match,
+                "kv_consistency": self.kv_consistency.to_dict(), "reference": self.reference,
+                "perplexity_ratio": self.perplexity_ratio, "greedy_agreement": self.greedy_agreement,
+                "decode_ms_per_token": dict(self.decode_ms_per_token), "passed": self.passed, "kept": self.kept,
+                "failures": list(self.failures), "thresholds": self.thresholds.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "validation.kernel_graph") -> "KernelCheck":
+        data = _obj(data, where)
+        failures = data.get("failures")
+        if not isinstance(failures, list) or not all(isinstance(f, str) for f in failures):
+            raise _bad(f"{where}.failures", failures, "a list of strings")
+        isa = data.get("isa")
+        if isa is not None and not isinstance(isa, str):
+            raise _bad(f"{where}.isa", isa, "a string or null")
+        speed = _obj(data.get("decode_ms_per_token"), f"{where}.decode_ms_per_token")
+        return cls(graph=_get(data, where, "graph", str), library=_get(data, where, "library", str), isa=isa,
+                   positions=_get(data, where, "positions", int),
+                   max_abs_logit_diff=_get(data, where, "max_abs_logit_diff", float),
+                   argmax_match=_get(data, where, "argmax_match", float),
+                   kv_consistency=_kv(data.get("kv_consistency"), f"{where}.kv_consistency"),
+                   reference=_get(data, where, "reference", str),
+                   perplexity_ratio=_get(data, where, "perplexity_ratio", float),
+                   greedy_agreement=_get(data, where, "greedy_agreement", float),
+                   decode_ms_per_token={k: _get(speed, f"{where}.decode_ms_per_token", k, float) for k in speed},
+                   passed=_get(data, where, "passed", bool), kept=_get(data, where, "kept", bool),
+                   failures=tuple(failures), thresholds=KernelThresholds.from_dict(data.get("thresholds")))
+
+
+def kernel_failures(check: KernelCheck, thresholds: "Thresholds", precision: str = "int8") -> list[str]:
+    """Why the kernel twin may not ship (empty: it may): its own limits against model.onnx, and the int8 graph's
+    limits (perplexity ratio and greedy agreement against the reference, KV consistency)."""
+    limits, failures = check.thresholds, []
+    if check.max_abs_logit_diff > limits.max_abs_logit_diff:
+        failures.append(f"kernel graph logits differ from model.onnx's by {check.max_abs_logit_diff:.4g} "
+                        f"(limit {limits.max_abs_logit_diff})")
+    if check.argmax_match < limits.min_argmax_match:
+        failures.append(f"kernel graph and model.onnx pick the same token at {check.argmax_match:.3f} of positions "
+                        f"(limit {limits.min_argmax_match})")
+    if check.perplexity_ratio > thresholds.max_ppl_ratio:
+        failures.append(f"kernel graph perplexity is {check.perplexity_ratio:.4f}x {check.reference}'s; the limit is "
+                        f"{thresholds.max_ppl_ratio}x")
+    if check.greedy_agreement < thresholds.min_agreement:
+        failures.append(f"greedy agreement kernel graph vs {check.reference} is {check.greedy_agreement:.3f}; the "
+                        f"limit is {thresholds.min_agreement}")
+    kv, limit = check.kv_consistency, thresholds.kv_tolerance(precision)
+    if kv.worst > limit:
+        failures.append(f"kernel graph KV cache: stepwise vs one-pass logits differ by {kv.worst:.4g} (limit {limit})")
+    if kv.argmax_match < thresholds.min_kv_argmax_match:
+        failures.append(f"kernel graph KV cache: stepwise vs one-pass argmax agree on {kv.argmax_match:.3f} of "
+                        f"positions (limit {thresholds.min_kv_argmax_match})")
+    return failures
+
+
+@dataclass(frozen=True)
 class GateResult:
     passed: bool
     enforced: bool                       # False: written anyway (--no-gate)
@@ -198,6 +292,7 @@ class ValidationReport:
     chat_agreement: ChatAgreement | None = None
     draft_head: DraftHead | None = None
     gate: GateResult | None = None
+    kernel_graph: KernelCheck | None = None      # the kernel twin's own check (edgellm/convert/kernel_graph.py)
     target: str = "cpu"                          # the graph's device (convert --target)
     provider: str = "CPUExecutionProvider"       # where the gate ran it
     extra: dict = field(default_factory=dict)  # measurements a newer converter added; kept, not interpreted
@@ -225,6 +320,8 @@ class ValidationReport:
             data["draft_head"] = self.draft_head.to_dict()
         if self.gate is not None:
             data["gate"] = self.gate.to_dict()
+        if self.kernel_graph is not None:
+            data["kernel_graph"] = self.kernel_graph.to_dict()
         return {**self.extra, **data}
 
     @classmethod
@@ -232,7 +329,7 @@ class ValidationReport:
         data = _obj(data, where)
         known = {"precision", "heldout", "tokenizer_identical_ids", "batch_invariant", "source_max_abs_diff",
                  "kv_consistency", "speed", "sizes_bytes", "perplexity_ratio", "greedy_agreement", "chat_agreement",
-                 "draft_head", "gate", "target", "candidate", "provider"}
+                 "draft_head", "gate", "target", "candidate", "provider", "kernel_graph"}
         kv = _per_precision(data.get("kv_consistency"), f"{where}.kv_consistency", _kv)
         optional = lambda name, kind: None if data.get(name) is None else _get(data, where, name, kind)  # noqa: E731
         return cls(
@@ -251,6 +348,7 @@ class ValidationReport:
             chat_agreement=None if data.get("chat_agreement") is None else ChatAgreement.from_dict(data["chat_agreement"]),
             draft_head=None if data.get("draft_head") is None else DraftHead.from_dict(data["draft_head"]),
             gate=None if data.get("gate") is None else GateResult.from_dict(data["gate"]),
+            kernel_graph=None if data.get("kernel_graph") is None else KernelCheck.from_dict(data["kernel_graph"]),
             target=data.get("target", "cpu") if isinstance(data.get("target", "cpu"), str) else
             _get(data, where, "target", str),
             provider=data.get("provider", "CPUExecutionProvider") if isinstance(data.get("provider", ""), str) else
@@ -290,4 +388,4 @@ def gate_failures(report: ValidationReport, thresholds: Thresholds) -> list[str]
 
 
 __all__ = ["Thresholds", "HeldOut", "PerplexityScore", "ChatAgreement", "DraftHead", "GateResult",
-           "ValidationReport", "gate_failures"]
+           "KernelThresholds", "KernelCheck", "kernel_failures", "ValidationReport", "gate_failures"]

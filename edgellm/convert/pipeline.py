@@ -74,6 +74,7 @@ class ConvertOptions:
     int4_edge_blocks: int = 2      # int4: first and last N blocks stay 8-bit (with the lm_head/embedding)
     int4_int8_projections: tuple[str, ...] = ("down_proj",)  # int4: these projections stay 8-bit in every block
     prefill_graph: bool = False    # int8 CPU: also write prefill.onnx, QGEMM for prompts (edgellm/convert/prefill.py)
+    kernel_graph: bool = True      # int8 CPU: also write model.kernels.onnx, edgellm's kernels (kernel_graph.py)
     progress: bool = True
     validation: validate.ValidationSettings = field(default_factory=validate.ValidationSettings)
 
@@ -247,6 +248,7 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
     try:
         steps.step(f"quantize ({options.precision})")
         quantization: dict = {"scheme": "none"}
+        kernel_info = None
         if options.precision == "int4":
             import onnx
 
@@ -290,6 +292,10 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
             if prefill_model is not None:
                 save_model(prefill_model, str(staging / PREFILL_MODEL))
             del quantized, source_model, prefill_model
+            if _wants_kernel_graph(options):
+                from . import kernel_graph
+
+                kernel_info = kernel_graph.write(staging).describe()
             quantization = {"scheme": "weight-only block-wise int8 (onnxruntime MatMulNBits)", "bits": 8,
                             "block_size": options.block_size, "symmetric": True, "accuracy_level": ACCURACY_LEVEL,
                             "activations": activation,
@@ -311,6 +317,8 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
         files = {"model": "model.onnx", "weights": "model.onnx.data", "tokenizer": "tokenizer.json"}
         if options.prefill_graph:
             files.update(prefill_model=PREFILL_MODEL, prefill_weights=PREFILL_MODEL + ".data")
+        if kernel_info is not None:
+            files["kernel_model"] = kernel_info["file"]  # its weights: model.onnx.data, listed above
         if loaded.chat_template:
             (staging / "chat_template.jinja").write_text(loaded.chat_template)
             files["chat_template"] = "chat_template.jinja"
@@ -326,6 +334,9 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
             shutil.rmtree(fp32_dir, ignore_errors=True)
 
     report = validate.judge(report, options.validation, enforced=options.gate)  # every precision, fp32 included
+    if kernel_info is not None:
+        report = _keep_kernel_graph(report, kernel_info, files, staging, options.gate)
+        quantization["kernel_graph"] = kernel_info
     config = loaded.model.config
     return Manifest(
         name=resolved.name, architecture="llama", precision=options.precision, dims=dims,
@@ -336,6 +347,33 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
         special_tokens={"template_vars": loaded.special_tokens, "add_bos_token": loaded.add_bos_token},
         quantization=quantization, source=resolved.describe(), validation=report, tools=_tool_versions(),
     )
+
+
+def _wants_kernel_graph(options: ConvertOptions) -> bool:
+    """The kernel twin is written for int8 CPU graphs (not batch-invariant ones, whose bit-exactness edgellm's
+    kernels do not promise, nor draft-head ones, whose lm_head is rewritten after validation)."""
+    return (options.kernel_graph and options.precision == "int8" and options.target == "cpu"
+            and not options.batch_invariant and not options.draft_head)
+
+
+def _keep_kernel_graph(report: ValidationReport, info: dict, files: dict, staging: Path,
+                       enforced: bool) -> ValidationReport:
+    """Keep the twin if it passed its check, was not checked (no kernel library here), or the gate is off;
+    otherwise remove it (the folder runs model.onnx) and say why. Fills info (quantization.kernel_graph)."""
+    from .kernel_graph import KERNEL_MODEL
+
+    checked = report.kernel_graph
+    info["checked"] = checked is not None
+    if checked is None:
+        return report
+    kept = checked.passed or not enforced
+    if not kept:
+        (staging / KERNEL_MODEL).unlink(missing_ok=True)
+        files.pop("kernel_model", None)
+        info["written"] = False
+        logger.warning("the kernel graph failed its check and was not written (the folder runs model.onnx): %s",
+                       "; ".join(checked.failures))
+    return replace(report, kernel_graph=replace(checked, kept=kept))
 
 
 def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_path: Path,
@@ -385,6 +423,24 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
         chat = validate.chat_agreement(sessions["fp32"], sessions[candidate], chats, set(loaded.eos_token_ids))
     prompt = tokenizer.encode(_speed_prompt(loaded), add_special_tokens=False).ids
     speed = {name: measure.decode_probe(s, prompt) for name, s in sessions.items()}
+    kernel = None
+    if candidate and _wants_kernel_graph(options):
+        from . import kernel_graph
+
+        reason = kernel_graph.library_reason()
+        if reason is None:
+            graph = GraphOptions.for_build(False, target=options.target)
+            standard = sessions[candidate] if prefill_path is None else DecoderSession(
+                model_path, io, dims, capacity, threads=options.threads, graph=graph)
+            twin = DecoderSession(model_path, io, dims, capacity, threads=options.threads, graph=graph,
+                                  kernel_path=model_path.with_name(kernel_graph.KERNEL_MODEL), kernels=True)
+            chat_ids = ([tokenizer.encode(_render(loaded, q), add_special_tokens=False).ids
+                         for q in validate.CHAT_PROMPTS] if loaded.chat_template else [])
+            kernel = kernel_graph.check(standard, twin, tokens, settings.window, chat_ids, set(loaded.eos_token_ids),
+                                        settings.consistency_tokens, prompt, "fp32", scores["fp32"],
+                                        settings.thresholds_for(options.precision), options.precision)
+        else:
+            logger.info("the kernel graph is written but not checked: %s", reason)
     sizes: dict = {"fp32": validate.folder_bytes([fp32_path, fp32_path.with_name("model.onnx.data")])}
     ratio = agreement = None
     if candidate:
@@ -401,7 +457,7 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
         source_max_abs_diff=source_max_abs_diff,
         scores={name: PerplexityScore(round(score.perplexity, 4), score.tokens) for name, score in scores.items()},
         kv_consistency=kv, speed=speed, sizes_bytes=sizes, perplexity_ratio=ratio, greedy_agreement=agreement,
-        chat_agreement=chat, target=options.target, provider="CPUExecutionProvider")
+        chat_agreement=chat, target=options.target, provider="CPUExecutionProvider", kernel_graph=kernel)
 
 
 def _restrict_head(resolved: ResolvedSource, loaded: LoadedModel, dims: DecoderDims, model_path: Path,

@@ -1,6 +1,6 @@
 """Measured latency that travels with the model: `edgellm bench --save` writes MODEL_DIR/benchmarks.json.
 
-One entry per (device, provider, threads); saving again on the same device replaces that entry. The
+One entry per (device, provider, threads, decode graph); saving again on the same device replaces that entry. The
 file is not part of the folder's checksums (edgellm.manifest.UNCHECKED_FILES), so saving never breaks
 `verify`. An app reads it before loading the model: `edgellm.read_benchmarks(folder)`.
 """
@@ -43,10 +43,12 @@ class DeviceBenchmark:
     date: str  # ISO 8601, UTC
     edgellm_version: str
     onnxruntime_version: str
+    graph: str | None = None  # the decode graph: model.onnx, or model.kernels.onnx (edgellm's kernels); None: older
+    kernel_isa: str | None = None  # the ISA edgellm's kernels ran on (model.kernels.onnx only)
 
     @property
     def key(self) -> tuple:
-        return (self.device, self.provider, self.threads)
+        return (self.device, self.provider, self.threads, self.graph or "model.onnx")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,7 +112,8 @@ def format_benchmarks(entries: list[DeviceBenchmark]) -> list[str]:
     lines = []
     for e in entries:
         memory = f", device memory {e.peak_device_memory_mb:.0f} MB" if e.peak_device_memory_mb else ""
-        lines.append(f"  {e.device} [{e.provider.replace('ExecutionProvider', '')}, threads={e.threads or 'auto'}]: "
+        graph = f", {e.graph}" + (f" ({e.kernel_isa})" if e.kernel_isa else "") if e.graph else ""
+        lines.append(f"  {e.device} [{e.provider.replace('ExecutionProvider', '')}, threads={e.threads or 'auto'}{graph}]: "
                      f"TTFT {e.ttft_ms:.0f} ms, decode {e.decode_ms_per_token:.1f} ms/token "
                      f"({e.decode_tokens_per_s:.1f} tokens/s){memory}; {e.date[:10]}, edgellm {e.edgellm_version}, "
                      f"onnxruntime {e.onnxruntime_version}")

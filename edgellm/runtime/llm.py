@@ -23,6 +23,7 @@ from ..manifest import fingerprint as manifest_fingerprint
 from .chat import ChatTemplate, check_text, validate_messages
 from .constraint import GrammarCompiler
 from .generator import Stream, _Outcome, prefill
+from .kernel_choice import GraphChoice
 from .sampling import ResolvedSampling
 from .session import GPU_PROVIDERS, DecoderSession, resolve_providers
 from .tools import ToolSet, parse_tool_calls
@@ -55,6 +56,11 @@ class LLM:
     @property
     def provider(self) -> str:
         return self.session.provider
+
+    @property
+    def graph(self) -> GraphChoice:
+        """The decode graph this model runs and why: model.onnx, or its kernel twin with edgellm's kernels."""
+        return getattr(self.session, "target", self.session).choice
 
     @property
     def speculation(self):
@@ -287,7 +293,7 @@ def _warn_if_mismatched(manifest: Manifest, target: str, provider: str) -> None:
 
 def load(path: str | Path, providers: Sequence[str] | str | None = None, threads: int | None = None,
          context_length: int | None = None, verify: bool = True, draft: str | Path | LLM | None = None,
-         fingerprint: str | None = None) -> LLM:
+         fingerprint: str | None = None, kernels: bool | None = None) -> LLM:
     """Load a model folder written by `edgellm convert`.
 
     providers: "cpu", "cuda", "tensorrt" or onnxruntime provider names, in order of preference. Default: "cpu",
@@ -301,6 +307,10 @@ def load(path: str | Path, providers: Sequence[str] | str | None = None, threads
     draft: speculative decoding, same output as without it: a smaller model folder with the same tokenizer
         (e.g. from `edgellm distill`), a loaded LLM, or "prompt-lookup" (no second model). It switches
         itself off while it does not pay; `llm.speculation` reports acceptance and timings.
+    kernels: edgellm's own int8 CPU kernels (the folder's model.kernels.onnx, edgellm.kernels' library). None:
+        where they can run (CPU provider, the folder has the twin, the library is built for this machine), else the
+        standard graph; False: never; True: required (KernelError naming why they cannot run). None defers to
+        EDGELLM_KERNELS (0: never, 1: required). `llm.graph` says which graph runs and why.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidParameterError(f"path={path!r:.60} must be a model folder path (str or Path). "
@@ -343,16 +353,19 @@ def load(path: str | Path, providers: Sequence[str] | str | None = None, threads
     if prefill_path is not None and resolve_providers(providers)[0] != "CPUExecutionProvider":
         prefill_path = None  # a CPU graph for prompts: on a GPU the decode graph does both
     session = DecoderSession(paths["model"], manifest.io, manifest.dims, capacity, providers, threads, head_tokens,
-                             graph=manifest.graph, prefill_path=prefill_path)
+                             graph=manifest.graph, prefill_path=prefill_path, kernel_path=paths.get("kernel_model"),
+                             kernels=kernels)
     _warn_if_mismatched(manifest, target, session.provider)
-    logger.info("loaded %s (%s) on %s, context %d", manifest.name, manifest.precision, session.provider, capacity)
+    logger.info("loaded %s (%s) on %s, context %d, graph %s", manifest.name, manifest.precision, session.provider,
+                capacity, session.choice.graph)
     llm = LLM(folder, manifest, session, tokenizer, template)
     if draft is not None:
         from .speculative import enable_speculation
 
         if isinstance(draft, (str, Path)) and str(draft) != "prompt-lookup":
             draft_limit = read_manifest(Path(draft)).generation.context_length
-            draft = load(draft, providers, threads, context_length=min(capacity, draft_limit), verify=verify)
+            draft = load(draft, providers, threads, context_length=min(capacity, draft_limit), verify=verify,
+                         kernels=None if kernels is True else kernels)  # the draft's own twin where it has one
         enable_speculation(llm, draft)
     return llm
 

@@ -21,7 +21,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..contract import GraphOptions, IONames, ModelDims, check_session
-from ..errors import ContextLengthError, ModelFormatError, ProviderError
+from ..errors import ContextLengthError, KernelError, ModelFormatError, ProviderError
+from . import kernel_choice
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +133,21 @@ def _open(model_path: Path, options: ort.SessionOptions, providers: list) -> ort
                                "(a truncated, damaged or foreign model file, or weights outside the folder).") from exc
 
 
+def _damaged(exc: Exception) -> bool:
+    """onnxruntime could not read the file itself (truncated, not a model, missing), as opposed to refusing a node."""
+    damage = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name in ("InvalidProtobuf", "NoSuchFile")
+                   if hasattr(ort.capi.onnxruntime_pybind11_state, name)) + (OSError,)
+    return isinstance(exc.__cause__, damage)
+
+
 class DecoderSession:
     """Runs forward passes and owns the KV cache; knows nothing about text or sampling."""
 
     def __init__(self, model_path: Path, io: IONames | dict, dims: ModelDims | dict, capacity: int,
                  providers: Sequence[str] | str | None = None, threads: int | None = None,
                  head_tokens: np.ndarray | None = None, graph: GraphOptions | dict | None = None,
-                 prefill_path: Path | None = None) -> None:
+                 prefill_path: Path | None = None, kernel_path: Path | None = None,
+                 kernels: bool | None = False) -> None:
         """io, dims, graph: the manifest's contract (edgellm.contract; dicts are read with from_dict).
         graph.attention_pad_rows: cache slots past `capacity` the graph writes (batch-invariant graphs: 1);
         None means unknown, and one spare slot is kept, which is safe for every graph edgellm builds.
@@ -148,17 +157,22 @@ class DecoderSession:
         their logits are scattered into full-vocabulary rows whose other entries are -inf.
         prefill_path: the folder's prefill graph (convert --prefill-graph): same inputs and outputs, run for calls
         of PREFILL_GRAPH_MIN_TOKENS tokens or more, on the same KV buffers (CPU only).
+        kernel_path: the folder's kernel twin of model_path (model.kernels.onnx); kernels: None (load()'s default)
+        runs it where edgellm's kernel library can (CPU), True requires it (KernelError naming why not), False
+        (the default here: convert's own sessions) never (edgellm.runtime.kernel_choice). `self.choice` says which
+        graph runs and why.
         Raises ModelFormatError when the graph's inputs/outputs disagree with io, dims or the KV dtype."""
         dims = dims if isinstance(dims, ModelDims) else ModelDims.from_dict(dims)
         io = io if isinstance(io, IONames) else IONames.from_dict(io, dims.num_layers)
         if isinstance(graph, dict):
             graph = GraphOptions.from_dict(graph)
         spare = 1 if graph is None else graph.attention_pad_rows
-        options = _session_options(threads)
         self.providers = resolve_providers(providers)
         if self.providers[0] in GPU_PROVIDERS and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]), if there
-        self.session = _open(model_path, options, _provider_options(self.providers, model_path))
+        self.choice = kernel_choice.choose(Path(model_path), kernel_path, self.providers[0], kernels)
+        self.session = self._open_decoder(Path(model_path), threads)
+        model_path = self.choice.path
         self.provider = self.session.get_providers()[0]
         if self.providers[0] in GPU_PROVIDERS and self.provider != self.providers[0]:
             raise ProviderError(
@@ -205,6 +219,27 @@ class DecoderSession:
         self._mask = np.ones((1, capacity), dtype=np.int64)
         self._keep = {}
         self.tokens: list[int] = []  # tokens whose keys/values are in the cache, in order
+
+    def _open_decoder(self, model_path: Path, threads: int | None) -> ort.InferenceSession:
+        """model_path, or its kernel twin with edgellm's kernel library registered (self.choice). A twin that
+        cannot be registered or whose nodes onnxruntime refuses falls back to model_path with a warning, unless
+        kernels were required; a twin file that cannot be read is a ModelFormatError, as for model.onnx."""
+        providers = _provider_options(self.providers, model_path)
+        if self.choice.kernels:
+            options = _session_options(threads)
+            try:
+                kernel_choice.register(options, self.choice)
+                session = _open(self.choice.path, options, providers)
+            except (KernelError, ModelFormatError) as exc:
+                if self.choice.required or _damaged(exc):
+                    raise  # a damaged twin is reported as a damaged model.onnx would be, not run around
+                logger.warning("running %s instead of its kernel graph: %s", model_path.name, exc)
+                self.choice = self.choice.fallback(model_path, f"the kernel graph failed to load ({exc})")
+            else:
+                kernel_choice.log_once(self.choice, str(model_path.parent))
+                return session
+        kernel_choice.log_once(self.choice, str(model_path.parent))
+        return _open(model_path, _session_options(threads), providers)
 
     def _cache_dtype(self, model_path: Path, expected: str | None) -> type:
         types = {i.name: i.type for i in self.session.get_inputs()}

@@ -1,0 +1,287 @@
+"""The kernel twin of an int8 CPU graph: `model.kernels.onnx`, model.onnx with edgellm's own int8 MatMul.
+
+Every MatMulNBits node that edgellm's kernel library (edgellm.kernels: op `ai.edgellm.MatMulQ8`)
+covers — bits 8, block_size 32, no zero points / g_idx / bias, K a multiple of 32 — becomes a
+MatMulQ8 node with the same inputs, outputs and name (attributes K, N, bits, block_size); any
+other node stays as it is. The twin's initializers keep pointing at model.onnx.data: the weights
+are not copied, the folder grows by one graph file (~110 KB for SmolLM2-135M).
+
+The runtime runs the twin instead of model.onnx on the CPU when the library is there
+(edgellm/runtime/kernel_choice.py). When the library is there at convert time, the twin is
+checked before it is kept (`check`): its logits against model.onnx's on the gate's held-out
+text and chat replies, and the int8 graph's own limits (perplexity ratio and greedy agreement
+against fp32, KV consistency). The result is the manifest's `validation.kernel_graph`; a twin
+that fails is not written (unless the gate is off), and the folder runs model.onnx as before.
+
+`python -m edgellm.convert.kernel_graph DIR` adds the twin to an existing int8 CPU folder (checked
+against the folder's model.onnx there: no fp32 export is at hand). It changes edgellm.json, so the
+folder's fingerprint changes, and `edgellm bench --save` figures saved before are set aside.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import InvalidParameterError, ModelFormatError, ValidationError
+from ..manifest import Manifest, read_manifest, resolve_file, sha256_file, verify_checksums
+from ..runtime import kernel_choice, measure
+from ..runtime.session import DecoderSession
+from ..validation import KernelCheck, KernelThresholds, Thresholds, kernel_failures
+
+logger = logging.getLogger(__name__)
+
+KERNEL_MODEL = "model.kernels.onnx"
+ROLE = "kernel_model"  # its role in the manifest's files
+DOMAIN, OP_TYPE = "ai.edgellm", "MatMulQ8"
+BITS, BLOCK_SIZE = 8, 32
+SPEED_ROUNDS = 3  # decode probes per graph, alternating, for the recorded side-by-side speed
+
+
+def convertible(node: onnx.NodeProto) -> bool:
+    """A MatMulNBits node the MatMulQ8 kernel computes exactly as onnxruntime's contract says."""
+    if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    extra_inputs = [name for name in node.input[3:] if name]  # zero_points, g_idx, bias
+    return (attrs.get("bits") == BITS and attrs.get("block_size") == BLOCK_SIZE and not extra_inputs
+            and isinstance(attrs.get("K"), int) and attrs["K"] % BLOCK_SIZE == 0 and isinstance(attrs.get("N"), int))
+
+
+def build_kernel_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, int]:
+    """(the twin, MatMulNBits nodes turned into MatMulQ8, MatMulNBits nodes left as they were).
+
+    `model` is read, not changed; load it with load_external_data=False so the twin keeps its references."""
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    converted = left = 0
+    for node in twin.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        if not convertible(node):
+            left += 1
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        node.op_type, node.domain = OP_TYPE, DOMAIN
+        del node.attribute[:]
+        node.attribute.extend(helper.make_attribute(name, int(attrs[name])) for name in ("K", "N", "bits",
+                                                                                          "block_size"))
+        converted += 1
+    if converted == 0:
+        raise ModelFormatError(f"the graph has no 8-bit MatMulNBits node with block_size {BLOCK_SIZE} (found "
+                               f"{left} others): there is nothing for edgellm's kernels to run. Fix: convert with "
+                               "--precision int8 --target cpu.")
+    if not any(o.domain == DOMAIN for o in twin.opset_import):
+        twin.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return twin, converted, left
+
+
+@dataclass(frozen=True)
+class KernelGraph:
+    """The twin written into a folder: its file, what it converted, and its size (the folder's growth)."""
+
+    file: str
+    nodes: int
+    left: int
+    bytes: int
+
+    def describe(self) -> dict:
+        """The manifest's quantization.kernel_graph."""
+        return {"file": self.file, "op": f"{DOMAIN}.{OP_TYPE}", "nodes": self.nodes, "matmulnbits_left": self.left,
+                "bytes": self.bytes, "weights": "model.onnx.data, shared with model.onnx (not copied)"}
+
+
+def write(folder: Path, model_file: str = "model.onnx") -> KernelGraph:
+    """Write FOLDER/model.kernels.onnx from FOLDER/model_file; atomic (temp file + rename)."""
+    folder = Path(folder)
+    source = onnx.load(str(folder / model_file), load_external_data=False)
+    for tensor in source.graph.initializer:  # the twin must read the same data file from the same folder
+        location = {e.key: e.value for e in tensor.external_data}.get("location")
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and (location is None or os.path.dirname(location)):
+            raise ModelFormatError(f"{folder / model_file}: initializer {tensor.name!r} keeps its data at "
+                                   f"{location!r}, not in a file beside the graph. Fix: re-run `edgellm convert`.")
+    twin, converted, left = build_kernel_graph(source)
+    path = folder / KERNEL_MODEL
+    partial = folder / f".{KERNEL_MODEL}.partial-{os.getpid()}"
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(twin.SerializeToString())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    logger.info("wrote %s: %d MatMulNBits as %s.%s (%d left as they were)", path, converted, DOMAIN, OP_TYPE, left)
+    return KernelGraph(KERNEL_MODEL, converted, left, path.stat().st_size)
+
+
+def check(standard: DecoderSession, twin: DecoderSession, tokens: list[int], window: int, chats: list[list[int]],
+          eos_ids: set[int], consistency_tokens: int, speed_prompt: list[int], reference: str,
+          reference_score: measure.Perplexity, thresholds: Thresholds, precision: str = "int8",
+          limits: KernelThresholds | None = None) -> KernelCheck:
+    """Measure the twin against model.onnx (`standard`, both without a prefill graph) and the reference.
+
+    Logits are compared teacher-forced on the held-out text's first window and on model.onnx's greedy replies
+    to the gate's chat prompts (32 tokens each); perplexity and greedy agreement over all held-out `tokens` against
+    `reference_score` (fp32's inside convert, else model.onnx's); KV consistency on the first
+    `consistency_tokens`; decode speed of both alternately (recorded, not judged). kept is set by the caller."""
+    limits = limits or KernelThresholds()
+    sequences = [(list(tokens[:window + 1]), 1)]  # (tokens, where the compared positions start)
+    for ids in chats:
+        reply = measure.greedy(standard, ids, 32, eos_ids).tokens
+        sequences.append((ids + reply, len(ids)))
+    diff, same, positions = 0.0, 0, 0
+    for seq, start in sequences:
+        keep = len(seq) - start
+        logits = []
+        for session in (standard, twin):
+            session.truncate(0)
+            logits.append(session.forward(seq[:-1], keep=keep).copy())
+            session.truncate(0)
+        diff = max(diff, float(np.abs(logits[0] - logits[1]).max()))
+        same += int((logits[0].argmax(-1) == logits[1].argmax(-1)).sum())
+        positions += keep
+    score = measure.perplexity(twin, tokens, window)
+    speed: dict[str, list[float]] = {"model.onnx": [], KERNEL_MODEL: []}
+    for _ in range(SPEED_ROUNDS):
+        for name, session in (("model.onnx", standard), (KERNEL_MODEL, twin)):
+            speed[name].append(measure.decode_probe(session, speed_prompt).decode_ms_per_token)
+    choice = twin.choice
+    result = KernelCheck(
+        graph=choice.graph, library=Path(choice.library or "?").name, isa=choice.isa, positions=positions,
+        max_abs_logit_diff=round(diff, 5), argmax_match=round(same / positions, 5),
+        kv_consistency=measure.kv_consistency(twin, tokens[:consistency_tokens]), reference=reference,
+        perplexity_ratio=round(score.perplexity / reference_score.perplexity, 5),
+        greedy_agreement=round(float((score.argmax == reference_score.argmax).mean()), 5),
+        decode_ms_per_token={k: round(statistics.median(v), 3) for k, v in speed.items()},
+        passed=False, kept=False, failures=(), thresholds=limits)
+    failures = kernel_failures(result, thresholds, precision)
+    return replace(result, passed=not failures, failures=tuple(failures))
+
+
+def library_reason() -> str | None:
+    """None when edgellm's kernel library can run the twin here (it can be checked), else why not."""
+    choice = kernel_choice.choose(Path("model.onnx"), Path(KERNEL_MODEL), "CPUExecutionProvider", None)
+    return None if choice.kernels else choice.reason
+
+
+def twin_session(folder: Path, manifest: Manifest, capacity: int, threads: int | None,
+                 head_tokens: np.ndarray | None = None) -> tuple[DecoderSession, DecoderSession]:
+    """(model.onnx, model.kernels.onnx) sessions of a folder, neither with a prefill graph."""
+    common = dict(io=manifest.io, dims=manifest.dims, capacity=capacity, threads=threads, head_tokens=head_tokens,
+                  graph=manifest.graph)
+    standard = DecoderSession(Path(folder) / manifest.files["model"], kernels=False, **common)
+    twin = DecoderSession(Path(folder) / manifest.files["model"], kernel_path=Path(folder) / KERNEL_MODEL,
+                          kernels=True, **common)
+    return standard, twin
+
+
+def applies(manifest: Manifest) -> str | None:
+    """None when a folder can have a kernel twin, else why it cannot."""
+    if manifest.precision != "int8" or manifest.graph.target != "cpu":
+        return (f"the folder is {manifest.precision} for target {manifest.graph.target}; the kernel graph is built "
+                "for int8 CPU folders")
+    if manifest.graph.batch_invariant:
+        return "the folder was converted --batch-invariant, which edgellm's kernels do not promise to keep"
+    if manifest.graph.head_tokens:
+        return "the folder is a --draft-head model"
+    return None
+
+
+def add_to_folder(folder: str | Path, gate: bool = True, threads: int | None = None) -> Manifest:
+    """Add (or rebuild) the kernel twin of an existing int8 CPU folder and record it in its manifest.
+
+    The folder's files are verified first (the twin is derived from model.onnx). With the kernel library here,
+    the twin is checked against model.onnx (logits, agreement, KV consistency); if it fails and `gate`, it is
+    removed and ValidationError raised, leaving the folder as it was."""
+    from tokenizers import Tokenizer
+
+    from ..runtime.chat import ChatTemplate
+    from . import validate
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    why_not = applies(manifest)
+    if why_not:
+        raise InvalidParameterError(f"{folder} cannot have a kernel graph: {why_not}. Fix: convert an int8 CPU "
+                                    "folder (`edgellm convert SOURCE -o DIR`, the default precision and target).")
+    verify_checksums(folder, manifest)
+    graph = write(folder, manifest.files["model"])
+    report, check_result = manifest.validation, None
+    reason = library_reason()
+    if reason is None:
+        settings = validate.ValidationSettings(**{k: v for k, v in (report.gate.settings if report and report.gate
+                                                                     else {}).items()
+                                                   if k in ("heldout_tokens", "window", "consistency_tokens")})
+        thresholds = report.gate.thresholds if report is not None and report.gate is not None else Thresholds()
+        tokenizer = Tokenizer.from_file(str(resolve_file(folder, manifest, "tokenizer")))
+        text = (Path(validate.__file__).resolve().parent.parent / "data" / "heldout_en.txt").read_text()
+        tokens = tokenizer.encode(text, add_special_tokens=False).ids[:settings.heldout_tokens + 1]
+        chats = []
+        if "chat_template" in manifest.files:
+            template = ChatTemplate(resolve_file(folder, manifest, "chat_template").read_text(),
+                                    manifest.special_tokens.get("template_vars", {}))
+            chats = [tokenizer.encode(template.render([{"role": "user", "content": q}]), add_special_tokens=False).ids
+                     for q in validate.CHAT_PROMPTS]
+        capacity = max(settings.window, settings.consistency_tokens, 64) + 64
+        standard, twin = twin_session(folder, manifest, capacity, threads)
+        check_result = check(standard, twin, tokens, settings.window, chats, set(manifest.generation.eos_token_ids),
+                             settings.consistency_tokens, (chats or [tokens[:16]])[0], "int8",
+                             measure.perplexity(standard, tokens, settings.window), thresholds)
+        del standard, twin
+        kept = check_result.passed or not gate
+        check_result = replace(check_result, kept=kept)
+        if not kept:
+            (folder / KERNEL_MODEL).unlink(missing_ok=True)
+            raise ValidationError(f"the kernel graph failed its check: {'; '.join(check_result.failures)}. The folder "
+                                  "is unchanged. Fix: rebuild the kernel library from this edgellm's sources, or pass "
+                                  "--no-gate to add the graph anyway.", check_result.to_dict())
+    else:
+        logger.warning("kernel graph written but not checked: %s", reason)
+    manifest.files[ROLE] = KERNEL_MODEL
+    manifest.checksums[KERNEL_MODEL] = sha256_file(folder / KERNEL_MODEL)
+    manifest.quantization["kernel_graph"] = {**graph.describe(), "checked": check_result is not None}
+    if report is not None and check_result is not None:
+        manifest.validation = replace(report, kernel_graph=check_result)
+    manifest.write(folder)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from ..errors import EdgeLLMError
+
+    parser = argparse.ArgumentParser(prog="python -m edgellm.convert.kernel_graph",
+                                     description="Add the kernel graph (model.kernels.onnx) to an int8 CPU model "
+                                                 "folder; the weights are shared, not copied.")
+    parser.add_argument("folder", help="a model folder written by `edgellm convert` (int8, target cpu)")
+    parser.add_argument("--no-gate", action="store_true", help="keep the graph even if it fails its check")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the check")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        manifest = add_to_folder(args.folder, gate=not args.no_gate, threads=args.threads)
+    except EdgeLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    info = manifest.quantization["kernel_graph"]
+    checked = manifest.validation.kernel_graph if manifest.validation is not None else None
+    print(f"wrote {Path(args.folder) / KERNEL_MODEL}: {info['nodes']} MatMulNBits as {info['op']}, "
+          f"{info['bytes'] / 1e3:.0f} KB" + (f"; logits vs model.onnx max diff {checked.max_abs_logit_diff:.3g} "
+                                              f"(limit {checked.thresholds.max_abs_logit_diff}), argmax match "
+                                              f"{checked.argmax_match:.3f}" if checked is not None else
+                                              "; not checked (no kernel library here)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
