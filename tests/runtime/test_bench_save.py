@@ -48,7 +48,8 @@ def test_bench_save_then_info_and_read_benchmarks(model_copy):
     info = cli("info", str(model_copy), "--verify")
     assert info.returncode == 0, info.stderr
     assert "measured (1 saved by `edgellm bench --save`):" in info.stdout and "threads=1" in info.stdout
-    assert f"decode {entry.decode_ms_per_token:.1f} ms/token" in info.stdout and "checksums: 4 files ok" in info.stdout
+    assert f"decode {entry.decode_ms_per_token:.1f} ms/token" in info.stdout
+    assert "checksums: 5 files ok" in info.stdout  # model.onnx, model.kernels.onnx, weights, tokenizer, template
     as_json = json.loads(cli("info", str(model_copy), "--json").stdout)
     assert as_json["benchmarks"] == [entry.to_dict()]
 

@@ -1,0 +1,50 @@
+"""The real default model on edgellm's own int8 kernels (model.kernels.onnx) against onnxruntime's (model.onnx)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgellm
+from edgellm.convert.kernel_graph import KERNEL_MODEL
+from edgellm.convert.validate import CHAT_PROMPTS, chat_agreement
+from edgellm.runtime import measure
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_default_model_runs_its_kernel_graph_within_the_recorded_limits(default_model_dir):
+    from edgellm import kernels
+
+    if kernels.library_path() is None:
+        pytest.fail("edgellm's kernel library is not built here. Fix: python -m edgellm.kernels build", pytrace=False)
+    on, off = edgellm.load(default_model_dir, threads=2), edgellm.load(default_model_dir, threads=2, kernels=False)
+    assert (on.graph.graph, on.graph.kernels, on.graph.isa) == (KERNEL_MODEL, True, kernels.isa())
+    assert off.graph.graph == "model.onnx"
+    check = on.manifest.validation.kernel_graph  # convert's check, against model.onnx and fp32
+    assert check is not None and check.passed and check.kept and check.reference == "fp32"
+    limits = check.thresholds
+    # Recomputed from the files: the held-out window, teacher-forced through both graphs.
+    v = on.manifest.validation
+    text = (Path(edgellm.__file__).parent / "data" / v.heldout.text).read_text()
+    ids = on.tokenizer.encode(text, add_special_tokens=False).ids[:v.heldout.window]
+    a = on.session.forward(ids, keep=len(ids)).copy()
+    b = off.session.forward(ids, keep=len(ids)).copy()
+    on.reset(), off.reset()
+    assert np.abs(a - b).max() <= limits.max_abs_logit_diff
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= limits.min_argmax_match
+    # model.onnx's greedy chat replies, teacher-forced through the twin.
+    prompts = [on.encode([{"role": "user", "content": q}]) for q in CHAT_PROMPTS[:4]]
+    eos = set(on.manifest.generation.eos_token_ids)
+    agreement = chat_agreement(off.session, on.session, prompts, eos, 24)
+    assert agreement.agreement >= limits.min_argmax_match and agreement.first_token_agreement == 1.0
+    # Decoded step by step (one row per call: the kernel's GEMV path): the same reply, or a split at a near-tie.
+    for prompt in prompts:
+        x, y = (measure.greedy(m.session, prompt, 24, eos).tokens for m in (on, off))
+        if x != y:
+            split = next(i for i, (s, t) in enumerate(zip(x, y)) if s != t)
+            on.reset(), off.reset()
+            rows = [m.session.forward(prompt + x[:split], keep=1)[0].copy() for m in (on, off)]
+            assert np.abs(rows[0] - rows[1]).max() <= limits.max_abs_logit_diff
+            assert np.sort(rows[1])[-1] - np.sort(rows[1])[-2] < limits.max_abs_logit_diff  # it was a near-tie
+    on.reset(), off.reset()
