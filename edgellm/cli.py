@@ -122,7 +122,9 @@ def _kernel_graph_line(manifest) -> str | None:
     if info.get("written") is False:
         head = f"kernel graph: not written, it failed its check ({'; '.join(k.failures) if k else 'see the manifest'})"
         return head
-    head = f"kernel graph: {info.get('file')} ({info.get('nodes')} MatMulNBits as {info.get('op')}, shares the weights)"
+    fused = f", {info['fused_layers']} layer tails as {info.get('fused_op')}" if info.get("fused_layers") else ""
+    head = (f"kernel graph: {info.get('file')} ({info.get('nodes')} MatMulNBits as {info.get('op')}{fused}, shares "
+            "the weights)")
     if k is None:
         return head + "; not checked (no kernel library when it was written)"
     t = k.thresholds

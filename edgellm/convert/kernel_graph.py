@@ -3,8 +3,10 @@
 Every MatMulNBits node that edgellm's kernel library (edgellm.kernels: op `ai.edgellm.MatMulQ8`)
 covers — bits 8, block_size 32, no zero points / g_idx / bias, K a multiple of 32 — becomes a
 MatMulQ8 node with the same inputs, outputs and name (attributes K, N, bits, block_size); any
-other node stays as it is. The twin's initializers keep pointing at model.onnx.data: the weights
-are not copied, the folder grows by one graph file (~110 KB for SmolLM2-135M).
+other node stays as it is. Then each decoder layer's tail from o_proj to the next norm is folded
+into one `ai.edgellm.Q8Mlp` node where it has the exact pattern (edgellm/convert/fuse_layers.py).
+The twin's initializers keep pointing at model.onnx.data: the weights are not copied, the folder
+grows by one graph file (~110 KB for SmolLM2-135M).
 
 The runtime runs the twin instead of model.onnx on the CPU when the library is there
 (edgellm/runtime/kernel_choice.py). When the library is there at convert time, the twin is
@@ -35,6 +37,7 @@ from ..manifest import Manifest, read_manifest, resolve_file, sha256_file, verif
 from ..runtime import kernel_choice, measure
 from ..runtime.session import DecoderSession
 from ..validation import KernelCheck, KernelThresholds, Thresholds, kernel_failures
+from .fuse_layers import fuse_decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +58,9 @@ def convertible(node: onnx.NodeProto) -> bool:
             and isinstance(attrs.get("K"), int) and attrs["K"] % BLOCK_SIZE == 0 and isinstance(attrs.get("N"), int))
 
 
-def build_kernel_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, int]:
-    """(the twin, MatMulNBits nodes turned into MatMulQ8, MatMulNBits nodes left as they were).
+def build_kernel_graph(model: onnx.ModelProto, fuse: bool = True) -> tuple[onnx.ModelProto, int, int, int]:
+    """(the twin, MatMulNBits nodes turned into MatMulQ8, MatMulNBits nodes left as they were, layer tails folded
+    into Q8Mlp nodes; 0 with fuse=False).
 
     `model` is read, not changed; load it with load_external_data=False so the twin keeps its references."""
     twin = onnx.ModelProto()
@@ -80,7 +84,8 @@ def build_kernel_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, in
                                "--precision int8 --target cpu.")
     if not any(o.domain == DOMAIN for o in twin.opset_import):
         twin.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    return twin, converted, left
+    fused = fuse_decoder_layers(twin.graph) if fuse else 0
+    return twin, converted, left, fused
 
 
 @dataclass(frozen=True)
@@ -90,15 +95,17 @@ class KernelGraph:
     file: str
     nodes: int
     left: int
+    fused_layers: int
     bytes: int
 
     def describe(self) -> dict:
         """The manifest's quantization.kernel_graph."""
         return {"file": self.file, "op": f"{DOMAIN}.{OP_TYPE}", "nodes": self.nodes, "matmulnbits_left": self.left,
-                "bytes": self.bytes, "weights": "model.onnx.data, shared with model.onnx (not copied)"}
+                "fused_layers": self.fused_layers, "fused_op": f"{DOMAIN}.Q8Mlp", "bytes": self.bytes,
+                "weights": "model.onnx.data, shared with model.onnx (not copied)"}
 
 
-def write(folder: Path, model_file: str = "model.onnx") -> KernelGraph:
+def write(folder: Path, model_file: str = "model.onnx", fuse: bool = True) -> KernelGraph:
     """Write FOLDER/model.kernels.onnx from FOLDER/model_file; atomic (temp file + rename)."""
     folder = Path(folder)
     source = onnx.load(str(folder / model_file), load_external_data=False)
@@ -107,7 +114,7 @@ def write(folder: Path, model_file: str = "model.onnx") -> KernelGraph:
         if tensor.data_location == onnx.TensorProto.EXTERNAL and (location is None or os.path.dirname(location)):
             raise ModelFormatError(f"{folder / model_file}: initializer {tensor.name!r} keeps its data at "
                                    f"{location!r}, not in a file beside the graph. Fix: re-run `edgellm convert`.")
-    twin, converted, left = build_kernel_graph(source)
+    twin, converted, left, fused = build_kernel_graph(source, fuse)
     path = folder / KERNEL_MODEL
     partial = folder / f".{KERNEL_MODEL}.partial-{os.getpid()}"
     try:
@@ -118,8 +125,9 @@ def write(folder: Path, model_file: str = "model.onnx") -> KernelGraph:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    logger.info("wrote %s: %d MatMulNBits as %s.%s (%d left as they were)", path, converted, DOMAIN, OP_TYPE, left)
-    return KernelGraph(KERNEL_MODEL, converted, left, path.stat().st_size)
+    logger.info("wrote %s: %d MatMulNBits as %s.%s (%d left as they were), %d layer tails as Q8Mlp", path, converted,
+                DOMAIN, OP_TYPE, left, fused)
+    return KernelGraph(KERNEL_MODEL, converted, left, fused, path.stat().st_size)
 
 
 def check(standard: DecoderSession, twin: DecoderSession, tokens: list[int], window: int, chats: list[list[int]],
@@ -195,7 +203,7 @@ def applies(manifest: Manifest) -> str | None:
     return None
 
 
-def add_to_folder(folder: str | Path, gate: bool = True, threads: int | None = None) -> Manifest:
+def add_to_folder(folder: str | Path, gate: bool = True, threads: int | None = None, fuse: bool = True) -> Manifest:
     """Add (or rebuild) the kernel twin of an existing int8 CPU folder and record it in its manifest.
 
     The folder's files are verified first (the twin is derived from model.onnx). With the kernel library here,
@@ -213,7 +221,7 @@ def add_to_folder(folder: str | Path, gate: bool = True, threads: int | None = N
         raise InvalidParameterError(f"{folder} cannot have a kernel graph: {why_not}. Fix: convert an int8 CPU "
                                     "folder (`edgellm convert SOURCE -o DIR`, the default precision and target).")
     verify_checksums(folder, manifest)
-    graph = write(folder, manifest.files["model"])
+    graph = write(folder, manifest.files["model"], fuse)
     report, check_result = manifest.validation, None
     reason = library_reason()
     if reason is None:
@@ -266,17 +274,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", help="a model folder written by `edgellm convert` (int8, target cpu)")
     parser.add_argument("--no-gate", action="store_true", help="keep the graph even if it fails its check")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the check")
+    parser.add_argument("--no-fuse", action="store_true", help="MatMulQ8 nodes only: leave the layer tails unfolded")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        manifest = add_to_folder(args.folder, gate=not args.no_gate, threads=args.threads)
+        manifest = add_to_folder(args.folder, gate=not args.no_gate, threads=args.threads, fuse=not args.no_fuse)
     except EdgeLLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     info = manifest.quantization["kernel_graph"]
     checked = manifest.validation.kernel_graph if manifest.validation is not None else None
     print(f"wrote {Path(args.folder) / KERNEL_MODEL}: {info['nodes']} MatMulNBits as {info['op']}, "
-          f"{info['bytes'] / 1e3:.0f} KB" + (f"; logits vs model.onnx max diff {checked.max_abs_logit_diff:.3g} "
+          f"{info['fused_layers']} layer tails as {info['fused_op']}, {info['bytes'] / 1e3:.0f} KB" + (f"; logits vs model.onnx max diff {checked.max_abs_logit_diff:.3g} "
                                               f"(limit {checked.thresholds.max_abs_logit_diff}), argmax match "
                                               f"{checked.argmax_match:.3f}" if checked is not None else
                                               "; not checked (no kernel library here)"))

@@ -67,9 +67,9 @@ def test_only_the_nodes_the_kernel_covers_are_rewritten():
                                                                                         extra=("", ""))]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 64])], [])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    twin, converted, left = build_kernel_graph(model)
+    twin, converted, left, fused = build_kernel_graph(model)
     kinds = {n.name: (n.domain, n.op_type) for n in twin.graph.node}
-    assert (converted, left) == (2, 4)
+    assert (converted, left, fused) == (2, 4, 0)  # no decoder layer tail to fold here
     assert kinds["ok"] == kinds["ok_empty_extra"] == (DOMAIN, OP_TYPE)
     assert all(kinds[n] == ("com.microsoft", "MatMulNBits") for n in ("four_bit", "block64", "zero_points", "k_not_32"))
     ok = next(n for n in twin.graph.node if n.name == "ok")
@@ -91,11 +91,15 @@ def test_convert_writes_the_twin_sharing_the_weights(tiny_int8_dir):
     matmuls = [n for n in standard.graph.node if n.op_type == "MatMulNBits"]
     info = m.quantization["kernel_graph"]
     assert info["nodes"] == len(matmuls) == 2 * 4 + 1 and info["matmulnbits_left"] == 0  # 4 per block + lm_head
-    # Node for node the same graph: names, inputs and outputs; only the MatMuls' op changes.
-    assert [(n.name, list(n.input), list(n.output)) for n in twin.graph.node] == \
+    # Before folding, node for node the same graph: names, inputs and outputs; only the MatMuls' op changes.
+    unfused = build_kernel_graph(standard, fuse=False)[0]
+    assert [(n.name, list(n.input), list(n.output)) for n in unfused.graph.node] == \
         [(n.name, list(n.input), list(n.output)) for n in standard.graph.node]
-    assert [n.op_type for n in twin.graph.node if n.domain == DOMAIN] == [OP_TYPE] * len(matmuls)
-    assert "MatMulNBits" not in {n.op_type for n in twin.graph.node}
+    assert [n.op_type for n in unfused.graph.node if n.domain == DOMAIN] == [OP_TYPE] * len(matmuls)
+    # Written: every layer's o_proj..next-norm tail is one Q8Mlp; qkv and the lm_head stay MatMulQ8.
+    ops = [n.op_type for n in twin.graph.node]
+    assert info["fused_layers"] == ops.count("Q8Mlp") == 2 and ops.count(OP_TYPE) == 2 + 1
+    assert "MatMulNBits" not in ops and {o.name for o in twin.graph.output} == {o.name for o in standard.graph.output}
     # The same external data file, not a copy: the folder grows by the graph file only.
     locations = {e.value for t in twin.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"model.onnx.data"}
@@ -264,7 +268,8 @@ def test_info_and_bench_say_which_graph_runs(tiny_int8_dir):
     isa = kernel_library()
     out = CliRunner().invoke(main, ["info", str(tiny_int8_dir)])
     assert out.exit_code == 0, out.output
-    assert f"kernel graph: {KERNEL_MODEL} (9 MatMulNBits as ai.edgellm.MatMulQ8, shares the weights)" in out.output
+    assert (f"kernel graph: {KERNEL_MODEL} (9 MatMulNBits as ai.edgellm.MatMulQ8, 2 layer tails as ai.edgellm.Q8Mlp, "
+            "shares the weights)") in out.output
     assert f"decode graph here: {KERNEL_MODEL} with edgellm kernels ({isa};" in out.output
     data = json.loads(CliRunner().invoke(main, ["info", str(tiny_int8_dir), "--json"]).output)
     assert data["decode_graph"]["graph"] == KERNEL_MODEL and data["decode_graph"]["isa"] == isa
