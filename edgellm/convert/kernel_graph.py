@@ -105,8 +105,8 @@ class KernelGraph:
                 "weights": "model.onnx.data, shared with model.onnx (not copied)"}
 
 
-def write(folder: Path, model_file: str = "model.onnx", fuse: bool = True) -> KernelGraph:
-    """Write FOLDER/model.kernels.onnx from FOLDER/model_file; atomic (temp file + rename)."""
+def write(folder: Path, model_file: str = "model.onnx", fuse: bool = True, name: str = KERNEL_MODEL) -> KernelGraph:
+    """Write FOLDER/name (model.kernels.onnx) from FOLDER/model_file; atomic (temp file + rename)."""
     folder = Path(folder)
     source = onnx.load(str(folder / model_file), load_external_data=False)
     for tensor in source.graph.initializer:  # the twin must read the same data file from the same folder
@@ -115,8 +115,8 @@ def write(folder: Path, model_file: str = "model.onnx", fuse: bool = True) -> Ke
             raise ModelFormatError(f"{folder / model_file}: initializer {tensor.name!r} keeps its data at "
                                    f"{location!r}, not in a file beside the graph. Fix: re-run `edgellm convert`.")
     twin, converted, left, fused = build_kernel_graph(source, fuse)
-    path = folder / KERNEL_MODEL
-    partial = folder / f".{KERNEL_MODEL}.partial-{os.getpid()}"
+    path = folder / name
+    partial = folder / f".{name}.partial-{os.getpid()}"
     try:
         with open(partial, "wb") as handle:
             handle.write(twin.SerializeToString())
@@ -163,7 +163,7 @@ def check(standard: DecoderSession, twin: DecoderSession, tokens: list[int], win
             speed[name].append(measure.decode_probe(session, speed_prompt).decode_ms_per_token)
     choice = twin.choice
     result = KernelCheck(
-        graph=choice.graph, library=Path(choice.library or "?").name, isa=choice.isa, positions=positions,
+        graph=KERNEL_MODEL, library=Path(choice.library or "?").name, isa=choice.isa, positions=positions,
         max_abs_logit_diff=round(diff, 5), argmax_match=round(same / positions, 5),
         kv_consistency=measure.kv_consistency(twin, tokens[:consistency_tokens]), reference=reference,
         perplexity_ratio=round(score.perplexity / reference_score.perplexity, 5),
@@ -181,13 +181,14 @@ def library_reason() -> str | None:
 
 
 def twin_session(folder: Path, manifest: Manifest, capacity: int, threads: int | None,
-                 head_tokens: np.ndarray | None = None) -> tuple[DecoderSession, DecoderSession]:
-    """(model.onnx, model.kernels.onnx) sessions of a folder, neither with a prefill graph."""
+                 head_tokens: np.ndarray | None = None, name: str = KERNEL_MODEL) -> tuple[DecoderSession, DecoderSession]:
+    """(model.onnx, model.kernels.onnx — or the twin called `name`) sessions of a folder, neither with a prefill
+    graph."""
     common = dict(io=manifest.io, dims=manifest.dims, capacity=capacity, threads=threads, head_tokens=head_tokens,
                   graph=manifest.graph)
     standard = DecoderSession(Path(folder) / manifest.files["model"], kernels=False, **common)
-    twin = DecoderSession(Path(folder) / manifest.files["model"], kernel_path=Path(folder) / KERNEL_MODEL,
-                          kernels=True, **common)
+    twin = DecoderSession(Path(folder) / manifest.files["model"], kernel_path=Path(folder) / name, kernels=True,
+                          **common)
     return standard, twin
 
 
@@ -203,17 +204,43 @@ def applies(manifest: Manifest) -> str | None:
     return None
 
 
+def _check_folder(folder: Path, manifest: Manifest, name: str, threads: int | None) -> KernelCheck | None:
+    """The twin `name` of a folder checked against its model.onnx with the gate's recorded sizes and limits;
+    None when the kernel library cannot run here."""
+    from tokenizers import Tokenizer
+
+    from ..runtime.chat import ChatTemplate
+    from . import validate
+
+    if library_reason() is not None:
+        return None
+    report = manifest.validation
+    sizes = report.gate.settings if report is not None and report.gate is not None else {}
+    settings = validate.ValidationSettings(**{k: sizes[k] for k in ("heldout_tokens", "window", "consistency_tokens")
+                                              if k in sizes})
+    thresholds = report.gate.thresholds if report is not None and report.gate is not None else Thresholds()
+    tokenizer = Tokenizer.from_file(str(resolve_file(folder, manifest, "tokenizer")))
+    text = (Path(validate.__file__).resolve().parent.parent / "data" / "heldout_en.txt").read_text()
+    tokens = tokenizer.encode(text, add_special_tokens=False).ids[:settings.heldout_tokens + 1]
+    chats = []
+    if "chat_template" in manifest.files:
+        template = ChatTemplate(resolve_file(folder, manifest, "chat_template").read_text(),
+                                manifest.special_tokens.get("template_vars", {}))
+        chats = [tokenizer.encode(template.render([{"role": "user", "content": q}]), add_special_tokens=False).ids
+                 for q in validate.CHAT_PROMPTS]
+    capacity = max(settings.window, settings.consistency_tokens, 64) + 64
+    standard, twin = twin_session(folder, manifest, capacity, threads, name=name)
+    return check(standard, twin, tokens, settings.window, chats, set(manifest.generation.eos_token_ids),
+                 settings.consistency_tokens, (chats or [tokens[:16]])[0], "int8",
+                 measure.perplexity(standard, tokens, settings.window), thresholds)
+
+
 def add_to_folder(folder: str | Path, gate: bool = True, threads: int | None = None, fuse: bool = True) -> Manifest:
     """Add (or rebuild) the kernel twin of an existing int8 CPU folder and record it in its manifest.
 
     The folder's files are verified first (the twin is derived from model.onnx). With the kernel library here,
     the twin is checked against model.onnx (logits, agreement, KV consistency); if it fails and `gate`, it is
     removed and ValidationError raised, leaving the folder as it was."""
-    from tokenizers import Tokenizer
-
-    from ..runtime.chat import ChatTemplate
-    from . import validate
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     why_not = applies(manifest)
@@ -221,42 +248,29 @@ def add_to_folder(folder: str | Path, gate: bool = True, threads: int | None = N
         raise InvalidParameterError(f"{folder} cannot have a kernel graph: {why_not}. Fix: convert an int8 CPU "
                                     "folder (`edgellm convert SOURCE -o DIR`, the default precision and target).")
     verify_checksums(folder, manifest)
-    graph = write(folder, manifest.files["model"], fuse)
-    report, check_result = manifest.validation, None
-    reason = library_reason()
-    if reason is None:
-        settings = validate.ValidationSettings(**{k: v for k, v in (report.gate.settings if report and report.gate
-                                                                     else {}).items()
-                                                   if k in ("heldout_tokens", "window", "consistency_tokens")})
-        thresholds = report.gate.thresholds if report is not None and report.gate is not None else Thresholds()
-        tokenizer = Tokenizer.from_file(str(resolve_file(folder, manifest, "tokenizer")))
-        text = (Path(validate.__file__).resolve().parent.parent / "data" / "heldout_en.txt").read_text()
-        tokens = tokenizer.encode(text, add_special_tokens=False).ids[:settings.heldout_tokens + 1]
-        chats = []
-        if "chat_template" in manifest.files:
-            template = ChatTemplate(resolve_file(folder, manifest, "chat_template").read_text(),
-                                    manifest.special_tokens.get("template_vars", {}))
-            chats = [tokenizer.encode(template.render([{"role": "user", "content": q}]), add_special_tokens=False).ids
-                     for q in validate.CHAT_PROMPTS]
-        capacity = max(settings.window, settings.consistency_tokens, 64) + 64
-        standard, twin = twin_session(folder, manifest, capacity, threads)
-        check_result = check(standard, twin, tokens, settings.window, chats, set(manifest.generation.eos_token_ids),
-                             settings.consistency_tokens, (chats or [tokens[:16]])[0], "int8",
-                             measure.perplexity(standard, tokens, settings.window), thresholds)
-        del standard, twin
-        kept = check_result.passed or not gate
-        check_result = replace(check_result, kept=kept)
-        if not kept:
-            (folder / KERNEL_MODEL).unlink(missing_ok=True)
+    # Built and checked under a temporary name, renamed over any earlier twin only once it passed.
+    candidate = f".{KERNEL_MODEL}.candidate-{os.getpid()}"
+    try:
+        graph = write(folder, manifest.files["model"], fuse, name=candidate)
+        check_result = _check_folder(folder, manifest, candidate, threads)
+        if check_result is not None and not check_result.passed and gate:
             raise ValidationError(f"the kernel graph failed its check: {'; '.join(check_result.failures)}. The folder "
-                                  "is unchanged. Fix: rebuild the kernel library from this edgellm's sources, or pass "
-                                  "--no-gate to add the graph anyway.", check_result.to_dict())
+                                  "is unchanged. Fix: rebuild the kernel library from this edgellm's sources "
+                                  "(python -m edgellm.kernels build), or pass --no-gate to add the graph anyway.",
+                                  check_result.to_dict())
+        os.replace(folder / candidate, folder / KERNEL_MODEL)
+    finally:
+        (folder / candidate).unlink(missing_ok=True)
+    graph = replace(graph, file=KERNEL_MODEL)
+    report = manifest.validation
+    if check_result is not None:
+        check_result = replace(check_result, kept=True)
     else:
-        logger.warning("kernel graph written but not checked: %s", reason)
+        logger.warning("kernel graph written but not checked: %s", library_reason())
     manifest.files[ROLE] = KERNEL_MODEL
     manifest.checksums[KERNEL_MODEL] = sha256_file(folder / KERNEL_MODEL)
     manifest.quantization["kernel_graph"] = {**graph.describe(), "checked": check_result is not None}
-    if report is not None and check_result is not None:
+    if report is not None:  # an earlier twin's check no longer describes this one
         manifest.validation = replace(report, kernel_graph=check_result)
     manifest.write(folder)
     return manifest

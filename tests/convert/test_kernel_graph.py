@@ -140,6 +140,16 @@ def test_no_kernel_graph_writes_none_and_the_tool_adds_it(plain_dir, tmp_path):
     assert check.passed == (check.failures == ())
     llm = edgellm.load(folder, kernels=True)
     assert llm.graph.kernels and llm.graph.graph == KERNEL_MODEL
+    # Run again, unfused this time: the twin is rebuilt in place, nothing else is left behind.
+    run = subprocess.run([sys.executable, "-m", "edgellm.convert.kernel_graph", str(folder), "--no-fuse"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert {p.name for p in folder.iterdir()} == set(after)
+    m = read_manifest(folder)
+    verify_checksums(folder, m)
+    assert m.quantization["kernel_graph"]["fused_layers"] == 0 and m.validation.kernel_graph.passed
+    ops = [n.op_type for n in onnx.load(str(folder / KERNEL_MODEL), load_external_data=False).graph.node]
+    assert ops.count(OP_TYPE) == 9 and "Q8Mlp" not in ops
 
 
 def test_the_tool_refuses_a_folder_it_cannot_serve(tiny_fp32_dir, tmp_path):
