@@ -23,7 +23,8 @@ def test_manifest_describes_the_folder(tiny_int8_dir, tiny_hf_dir):
     assert m.precision == "int8" and m.architecture == "llama"
     assert m.dims.num_layers == 2 and m.dims.num_kv_heads == 2 and m.dims.head_dim == 16
     assert m.io.past_key[1] == "past_key_values.1.key" and m.io.present_value[0] == "present.0.value"
-    assert set(m.checksums) == {"model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja"}
+    assert set(m.checksums) == {"model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja",
+                                "model.kernels.onnx"}  # the kernel twin (tests/convert/test_kernel_graph.py)
     for name, digest in m.checksums.items():
         assert sha256_file(tiny_int8_dir / name) == digest
     assert m.source["kind"] == "hf" and m.source["path"] == str(tiny_hf_dir)
