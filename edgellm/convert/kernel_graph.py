@@ -181,7 +181,8 @@ def library_reason() -> str | None:
 
 
 def twin_session(folder: Path, manifest: Manifest, capacity: int, threads: int | None,
-                 head_tokens: np.ndarray | None = None, name: str = KERNEL_MODEL) -> tuple[DecoderSession, DecoderSession]:
+                 head_tokens: np.ndarray | None = None,
+                 name: str = KERNEL_MODEL) -> tuple[DecoderSession, DecoderSession]:
     """(model.onnx, model.kernels.onnx — or the twin called `name`) sessions of a folder, neither with a prefill
     graph."""
     common = dict(io=manifest.io, dims=manifest.dims, capacity=capacity, threads=threads, head_tokens=head_tokens,
@@ -298,11 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     info = manifest.quantization["kernel_graph"]
     checked = manifest.validation.kernel_graph if manifest.validation is not None else None
-    print(f"wrote {Path(args.folder) / KERNEL_MODEL}: {info['nodes']} MatMulNBits as {info['op']}, "
-          f"{info['fused_layers']} layer tails as {info['fused_op']}, {info['bytes'] / 1e3:.0f} KB" + (f"; logits vs model.onnx max diff {checked.max_abs_logit_diff:.3g} "
-                                              f"(limit {checked.thresholds.max_abs_logit_diff}), argmax match "
-                                              f"{checked.argmax_match:.3f}" if checked is not None else
-                                              "; not checked (no kernel library here)"))
+    line = (f"wrote {Path(args.folder) / KERNEL_MODEL}: {info['nodes']} MatMulNBits as {info['op']}, "
+            f"{info['fused_layers']} layer tails as {info['fused_op']}, {info['bytes'] / 1e3:.0f} KB")
+    if checked is None:
+        line += "; not checked (no kernel library here)"
+    else:
+        line += (f"; logits vs model.onnx max diff {checked.max_abs_logit_diff:.3g} (limit "
+                 f"{checked.thresholds.max_abs_logit_diff}), argmax match {checked.argmax_match:.3f}")
+    print(line)
     return 0
 
 

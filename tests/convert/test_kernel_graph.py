@@ -66,7 +66,8 @@ def test_only_the_nodes_the_kernel_covers_are_rewritten():
              _node("zero_points", 64, 8, extra=("zp",)), _node("k_not_32", 48, 8), _node("ok_empty_extra", 96, 8,
                                                                                         extra=("", ""))]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 64])], [])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     twin, converted, left, fused = build_kernel_graph(model)
     kinds = {n.name: (n.domain, n.op_type) for n in twin.graph.node}
     assert (converted, left, fused) == (2, 4, 0)  # no decoder layer tail to fold here
