@@ -131,6 +131,18 @@ def git_revision(where: Path | None = None) -> dict[str, Any]:
     return {"revision": head, "dirty": bool(dirty)}
 
 
+def kernels() -> dict[str, Any]:
+    """Whether edgellm's own int8 CPU kernels could run here (load() then runs a folder's model.kernels.onnx unless
+    told not to): the library file, the ISA it dispatches to, and EDGELLM_KERNELS as set."""
+    try:
+        from . import kernels as library
+    except ImportError:
+        return {"library": None, "isa": None, "EDGELLM_KERNELS": os.environ.get("EDGELLM_KERNELS")}
+    path = library.library_path()
+    return {"library": path.name if path is not None else None, "isa": library.isa() if path is not None else None,
+            "EDGELLM_KERNELS": os.environ.get("EDGELLM_KERNELS")}
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -158,7 +170,8 @@ class Recorder:
         return {
             "format_version": FORMAT_VERSION, "name": self.name, "command": self.command,
             "git": git_revision(), "started_utc": self.started_utc, "finished_utc": _now(),
-            "machine": asdict(machine()), "loadavg_before": self.loadavg_before, "loadavg_after": _loadavg(),
+            "machine": asdict(machine()), "kernels": kernels(),
+            "loadavg_before": self.loadavg_before, "loadavg_after": _loadavg(),
             "versions": versions(extra_versions), "parameters": _jsonable(self.parameters),
             "summary": _jsonable(summary), "table": asdict(table) if table else None,
             "tables": {k: asdict(t) for k, t in (tables or {}).items()}, "notes": notes,

@@ -30,6 +30,11 @@ def test_results_file_holds_provenance_and_raw_samples(tmp_path: Path) -> None:
     assert len(doc["loadavg_before"]) == 3 and len(doc["loadavg_after"]) == 3
     assert doc["versions"]["onnxruntime"] and doc["versions"]["numpy"] == np.__version__
     assert doc["started_utc"].endswith("+00:00")
+    from edgellm import kernels  # whether a folder's model.kernels.onnx could run: every figure says
+
+    built = kernels.library_path()
+    assert doc["kernels"]["library"] == (built.name if built else None)
+    assert doc["kernels"]["isa"] == (kernels.isa() if built else None)
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temp file left behind
 
 
