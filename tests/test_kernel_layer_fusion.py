@@ -34,7 +34,8 @@ def layer_tail(eps_next: float | None = 1e-5) -> onnx.ModelProto:
 
     def q8(name: str, K: int, N: int) -> list[str]:
         inits.append(numpy_helper.from_array(rng.integers(0, 256, (N, K // 32, 32), dtype=np.uint8), f"{name}.B"))
-        inits.append(numpy_helper.from_array((rng.random(N * K // 32, dtype=np.float32) * 0.01 + 0.002), f"{name}.S"))
+        scales = (rng.random(N * K // 32, dtype=np.float32) * 0.01 + 0.002).astype(np.float16)
+        inits.append(numpy_helper.from_array(scales, f"{name}.S"))
         return [f"{name}.B", f"{name}.S"]
 
     for name in ("gamma_post", "gamma_next"):

@@ -43,7 +43,8 @@ def library(request):
 def weights(K: int, N: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     B = rng.integers(0, 256, size=(N, K // 32, 32), dtype=np.uint8)
-    scales = (rng.random(N * K // 32, dtype=np.float32) * 0.02 + 0.001).astype(np.float32)
+    # fp16-exact values: MatMulQ8 takes the scales as float16, MatMulNBits as float; both then see the same numbers
+    scales = (rng.random(N * K // 32, dtype=np.float32) * 0.02 + 0.001).astype(np.float16).astype(np.float32)
     return B, scales
 
 
@@ -59,10 +60,12 @@ def model(op: str, K: int, N: int, B: np.ndarray, scales: np.ndarray, *, rank: i
     node = helper.make_node(op, ["A", "B", "scales"], ["Y"], name="proj", domain=domain, **values)
     lead = [f"d{i}" for i in range(rank - 1)]
     inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, lead + [K if width is None else width])]
+    scale_type = TensorProto.FLOAT16 if op == "MatMulQ8" else TensorProto.FLOAT
+    scales = scales.astype(np.float16) if op == "MatMulQ8" else scales
     initializers = [numpy_helper.from_array(B, "B"), numpy_helper.from_array(scales, "scales")]
     if not constant:
         inputs += [helper.make_tensor_value_info("B", TensorProto.UINT8, ["n", "blocks", "block"]),
-                   helper.make_tensor_value_info("scales", TensorProto.FLOAT, ["n_blocks"])]
+                   helper.make_tensor_value_info("scales", scale_type, ["n_blocks"])]
         initializers = []
     graph = helper.make_graph([node], op, inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
                               initializer=initializers)
@@ -109,13 +112,13 @@ def test_leading_dims_and_runtime_weights(library):
     B, scales = weights(K, N, seed=7)
     sess = session(model("MatMulQ8", K, N, B, scales, rank=3, constant=False), 2, with_library=True)
     A = np.random.default_rng(1).standard_normal((2, 5, K), dtype=np.float32)
-    y = sess.run(None, {"A": A, "B": B, "scales": scales})[0]
+    y = sess.run(None, {"A": A, "B": B, "scales": scales.astype(np.float16)})[0]
     assert y.shape == (2, 5, N)
     ref = reference(A.reshape(-1, K), B, scales).reshape(2, 5, N)
     assert np.abs(y - ref).max() <= 2e-2 * np.abs(ref).max()
     with pytest.raises(InvalidArgument, match=r"input B has shape \[80, 2, 16\].*N\*K = 7680"):
-        sess.run(None, {"A": A, "B": B.reshape(N, 2, 48)[:, :, :16].copy(), "scales": scales})
-    empty = sess.run(None, {"A": np.zeros((0, 5, K), np.float32), "B": B, "scales": scales})[0]
+        sess.run(None, {"A": A, "B": B.reshape(N, 2, 48)[:, :, :16].copy(), "scales": scales.astype(np.float16)})
+    empty = sess.run(None, {"A": np.zeros((0, 5, K), np.float32), "B": B, "scales": scales.astype(np.float16)})[0]
     assert empty.shape == (0, 5, N)
 
 
@@ -132,7 +135,7 @@ def test_bad_attribute_fails_at_load(library, attrs, message):
 
 def test_wrong_weight_size_fails_at_load(library):
     B, scales = weights(64, 48)
-    with pytest.raises(RuntimeException, match=r"initialization: MatMulQ8 node 'proj': input scales has shape \[47\] \(47 elements\) at load.*N\*K/32 = 96"):
+    with pytest.raises(RuntimeException, match=r"initialization: MatMulQ8 node 'proj': input scales has shape \[47\] \(47 elements, type 10\) at load.*float16 with N\*K/32 = 96"):
         session(model("MatMulQ8", 64, 48, B, scales[:47]), 1, with_library=True)
 
 

@@ -1,6 +1,7 @@
 // onnxruntime custom op ai.edgellm::MatMulQ8: MatMulNBits (bits 8, block_size 32, no zero points) computed by
 // edgellm's own kernel (q8_kernel.h). Same first three inputs as MatMulNBits (A float [..., K], B uint8
-// [N, K/32, 32], scales float [N * K/32]) and the attributes K, N, bits, block_size; output float [..., N].
+// [N, K/32, 32], scales float16 [N * K/32]: the twin graph stores MatMulNBits' fp32 scales as fp16, 8 MB fewer to
+// read per token) and the attributes K, N, bits, block_size; output float [..., N].
 //
 // Python loads this library with SessionOptions.register_custom_ops_library(path), which calls
 // RegisterCustomOps below. Bad attributes or weight shapes fail when the session is created; bad activation
@@ -99,10 +100,10 @@ struct Kernel {
                                              std::to_string(bs.element_type) + ") " + when + "; it must be uint8 with N*K = " +
                                              std::to_string(N * K) + " elements ([N, K/32, 32] as MatMulNBits " +
                                              "stores bits=8, block_size=32); re-convert the model");
-    if (ss.element_type != EDGELLM_ORT_FLOAT || ss.elements() != N * (K / 32))
+    if (ss.element_type != EDGELLM_ORT_FLOAT16 || ss.elements() != N * (K / 32))
       return error(ORT_INVALID_ARGUMENT, where + ": input scales has shape " + dims_text(ss.dims) + " (" +
-                                             std::to_string(ss.elements()) + " elements) " + when +
-                                             "; it must be float with N*K/32 = " + std::to_string(N * (K / 32)) +
+                                             std::to_string(ss.elements()) + " elements, type " + std::to_string(ss.element_type) + ") " + when +
+                                             "; it must be float16 with N*K/32 = " + std::to_string(N * (K / 32)) +
                                              " elements; re-convert the model");
     return nullptr;
   }
@@ -112,7 +113,7 @@ struct Task {
   const void* scratch;
   int64_t M, K, N, units, tasks;
   const uint8_t* B;
-  const float* scales;
+  const uint16_t* scales;
   float* Y;
 };
 
@@ -126,7 +127,7 @@ void run_task(void* data, size_t index) {
 
 // Y = quantized A (already in `scratch`) times B, rows of N split in contiguous ranges over the intra-op pool.
 OrtStatus* parallel_matmul(OrtKernelContext* context, const void* scratch, int64_t M, int64_t K, int64_t N,
-                           const uint8_t* B, const float* scales, float* Y) {
+                           const uint8_t* B, const uint16_t* scales, float* Y) {
   Task task;
   task.scratch = scratch;
   task.M = M;
@@ -180,7 +181,7 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
   edgellm_q8_quantize(static_cast<const float*>(a_data), M, k.K, scratch.data());
 
   return parallel_matmul(context, scratch.data(), M, k.K, k.N, static_cast<const uint8_t*>(b_data),
-                         static_cast<const float*>(s_data), static_cast<float*>(y_data));
+                         static_cast<const uint16_t*>(s_data), static_cast<float*>(y_data));
 }
 
 OrtStatus* read_int(const OrtKernelInfo* info, const std::string& where, const char* name, int64_t* out,
@@ -243,7 +244,7 @@ OrtStatus* create_kernel(const OrtKernelInfo* info, void** out) {
 const char* EDGELLM_ORT_CALL op_name(const OrtCustomOp*) { return "MatMulQ8"; }
 const char* EDGELLM_ORT_CALL op_provider(const OrtCustomOp*) { return nullptr; }  // CPU
 int EDGELLM_ORT_CALL op_input_type(const OrtCustomOp*, size_t index) {
-  return index == 1 ? EDGELLM_ORT_UINT8 : EDGELLM_ORT_FLOAT;
+  return index == 1 ? EDGELLM_ORT_UINT8 : index == 2 ? EDGELLM_ORT_FLOAT16 : EDGELLM_ORT_FLOAT;
 }
 size_t EDGELLM_ORT_CALL op_input_count(const OrtCustomOp*) { return 3; }
 int EDGELLM_ORT_CALL op_output_type(const OrtCustomOp*, size_t) { return EDGELLM_ORT_FLOAT; }
@@ -397,20 +398,20 @@ OrtStatus* compute_mlp(const MlpKernel& k, OrtKernelContext* context) {
   // o_proj, + residual
   edgellm_q8_quantize(static_cast<const float*>(p[0]), M, k.A, scratch.data());
   if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.A, k.H, static_cast<const uint8_t*>(p[2]),
-                                     static_cast<const float*>(p[3]), r)) return s;
+                                     static_cast<const uint16_t*>(p[3]), r)) return s;
   for (int64_t i = 0; i < M * k.H; ++i) r[i] += residual[i];
   // post-attention norm, gate_up, SwiGLU
   for (int64_t m = 0; m < M; ++m)
     edgellm_rms_norm(r + m * k.H, static_cast<const float*>(p[4]), k.eps_post, act + m * k.H, k.H);
   edgellm_q8_quantize(act, M, k.H, scratch.data());
   if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.H, 2 * k.I, static_cast<const uint8_t*>(p[5]),
-                                     static_cast<const float*>(p[6]), gu)) return s;
+                                     static_cast<const uint16_t*>(p[6]), gu)) return s;
   for (int64_t m = 0; m < M; ++m)
     edgellm_silu_mul(gu + m * 2 * k.I, gu + m * 2 * k.I + k.I, act + m * k.I, k.I);
   // down_proj, + residual, next norm
   edgellm_q8_quantize(act, M, k.I, scratch.data());
   if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.I, k.H, static_cast<const uint8_t*>(p[7]),
-                                     static_cast<const float*>(p[8]), gu)) return s;
+                                     static_cast<const uint16_t*>(p[8]), gu)) return s;
   for (int64_t i = 0; i < M * k.H; ++i) r[i] += gu[i];
   for (int64_t m = 0; m < M; ++m)
     edgellm_rms_norm(r + m * k.H, static_cast<const float*>(p[9]), k.eps_next, out_norm + m * k.H, k.H);
@@ -419,7 +420,9 @@ OrtStatus* compute_mlp(const MlpKernel& k, OrtKernelContext* context) {
 
 const char* EDGELLM_ORT_CALL mlp_name(const OrtCustomOp*) { return "Q8Mlp"; }
 int EDGELLM_ORT_CALL mlp_input_type(const OrtCustomOp*, size_t index) {
-  return (index == 2 || index == 5 || index == 7) ? EDGELLM_ORT_UINT8 : EDGELLM_ORT_FLOAT;
+  if (index == 2 || index == 5 || index == 7) return EDGELLM_ORT_UINT8;
+  if (index == 3 || index == 6 || index == 8) return EDGELLM_ORT_FLOAT16;
+  return EDGELLM_ORT_FLOAT;
 }
 size_t EDGELLM_ORT_CALL mlp_input_count(const OrtCustomOp*) { return 10; }
 size_t EDGELLM_ORT_CALL mlp_output_count(const OrtCustomOp*) { return 2; }

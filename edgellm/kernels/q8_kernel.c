@@ -45,9 +45,26 @@ static void quantize_row(const float* a, int64_t K, uint8_t* out) {
 }
 
 
+/* IEEE half (bits) to float, exactly, without F16C: the scalar path runs on any CPU. */
+static float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0x1Fu) bits = sign | 0x7F800000u | (mant << 13);        /* inf / nan */
+  else if (exp != 0) bits = sign | ((exp + 112u) << 23) | (mant << 13); /* normal */
+  else if (mant == 0) bits = sign;                                      /* zero */
+  else {                                                                /* subnormal: normalize */
+    uint32_t e = 113u, m = mant;
+    while (!(m & 0x400u)) { m <<= 1; --e; }
+    bits = sign | (e << 23) | ((m & 0x3FFu) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 static float block_scale(const float* sa, int64_t b) { return sa[(b / 2) * 16 + (b % 2) * 8]; }
 
-static void matmul_scalar(const uint8_t* scratch, int64_t M, int64_t K, const uint8_t* B, const float* scales,
+static void matmul_scalar(const uint8_t* scratch, int64_t M, int64_t K, const uint8_t* B, const uint16_t* scales,
                           int64_t N, int64_t n0, int64_t n1, float* Y) {
   const int64_t nb = K / 32, np = pairs_of(K);
   for (int64_t m = 0; m < M; ++m) {
@@ -59,7 +76,7 @@ static void matmul_scalar(const uint8_t* scratch, int64_t M, int64_t K, const ui
       for (int64_t b = 0; b < nb; ++b) {
         int32_t d = 0;
         for (int k = 0; k < 32; ++k) d += ((int32_t)B[n * K + b * 32 + k] - 128) * q[b * 32 + k];
-        y += (float)d * scales[n * nb + b] * block_scale(sa, b);
+        y += (float)d * half_to_float(scales[n * nb + b]) * block_scale(sa, b);
       }
       Y[m * N + n] = y;
     }
@@ -68,11 +85,13 @@ static void matmul_scalar(const uint8_t* scratch, int64_t M, int64_t K, const ui
 
 #ifdef EDGELLM_X86
 #define TILE_MIN_M 4 /* from this many activation rows on, the tile kernel is faster (measured: M=4 2x) */
-#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c")))
 
-VNNI_TARGET static inline __m512 pair_scales(const float* s, int64_t p, const __m512i halves) {
+VNNI_TARGET static inline __m512 pair_scales(const uint16_t* s, int64_t p, const __m512i halves) {
   /* lanes 0-7: s[2p], lanes 8-15: s[2p+1] */
-  const __m128 two = _mm_castpd_ps(_mm_load_sd((const double*)(s + 2 * p)));
+  int32_t bits;
+  memcpy(&bits, s + 2 * p, sizeof bits);
+  const __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
   return _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two));
 }
 
@@ -107,13 +126,13 @@ VNNI_TARGET static void quantize_row_vnni(const float* a, int64_t K, uint8_t* ou
 /* Decoding (M small): one weight row at a time, so the weights are read as one sequential stream that the
  * hardware prefetcher follows (interleaving 4 rows halved the bandwidth); two pairs per step for ILP. */
 VNNI_TARGET static void matmul_vnni_row(const uint8_t* scratch, int64_t M, int64_t K, const uint8_t* B,
-                                        const float* scales, int64_t N, int64_t n0, int64_t n1, float* Y) {
+                                        const uint16_t* scales, int64_t N, int64_t n0, int64_t n1, float* Y) {
   const int64_t nb = K / 32, np = pairs_of(K), full = nb / 2;
   const size_t rb = row_bytes(K);
   const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = B + n * K;
-    const float* s = scales + n * nb;
+    const uint16_t* s = scales + n * nb;
     for (int64_t m = 0; m < M; ++m) {
       const uint8_t* row = scratch + m * rb;
       const uint8_t* q = row;
@@ -133,7 +152,7 @@ VNNI_TARGET static void matmul_vnni_row(const uint8_t* scratch, int64_t M, int64
       }
       if (nb & 1) {
         const __m512i d0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(corr + 64 * p), _mm512_maskz_loadu_epi8(0xFFFFFFFFull, w + 64 * p), _mm512_loadu_si512(q + 64 * p));
-        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mul_ps(_mm512_set1_ps(s[2 * p]), _mm512_loadu_ps(sa + 16 * p)), f0);
+        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(s[2 * p])), _mm512_loadu_ps(sa + 16 * p)), f0);
       }
       Y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(f0, f1));
     }
@@ -171,7 +190,7 @@ VNNI_TARGET static inline void transpose_tile(const uint8_t* w, int64_t K, __m51
 
 #define TILE_M 4 /* activation rows per register block: 4 beat 6 and 8 on the prompt shapes */
 VNNI_TARGET static void matmul_vnni_tiles(const uint8_t* scratch, int64_t M, int64_t K, const uint8_t* B,
-                                          const float* scales, int64_t N, int64_t n0, int64_t n1, float* Y) {
+                                          const uint16_t* scales, int64_t N, int64_t n0, int64_t n1, float* Y) {
   const int64_t nb = K / 32, np = pairs_of(K);
   const size_t rb = row_bytes(K);
   int32_t* cb = (int32_t*)malloc(sizeof(int32_t) * M * nb);
@@ -195,7 +214,7 @@ VNNI_TARGET static void matmul_vnni_tiles(const uint8_t* scratch, int64_t M, int
     const uint8_t* w = B + n * K;
     memset(acc, 0, sizeof(float) * 16 * M);
     for (int64_t b = 0; b < nb; ++b)
-      for (int j = 0; j < 16; ++j) swt[16 * b + j] = scales[(n + j) * nb + b];
+      for (int j = 0; j < 16; ++j) swt[16 * b + j] = _cvtsh_ss(scales[(n + j) * nb + b]);
     for (int64_t b = 0; b < nb; ++b) {
       if (!(b & 1) && n + 32 <= n1) /* the next tile's rows, a line per row every other block */
         for (int j = 0; j < 16; ++j) _mm_prefetch((const char*)(w + (16 + j) * K + b * 32), _MM_HINT_T0);
@@ -243,16 +262,16 @@ VNNI_TARGET static void matmul_vnni_tiles(const uint8_t* scratch, int64_t M, int
   if (n < n1) matmul_vnni_row(scratch, M, K, B, scales, N, n, n1, Y);
 }
 
-#define AVX2_TARGET __attribute__((target("avx2,fma")))
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 
 AVX2_TARGET static void matmul_avx2(const uint8_t* scratch, int64_t M, int64_t K, const uint8_t* B,
-                                    const float* scales, int64_t N, int64_t n0, int64_t n1, float* Y) {
+                                    const uint16_t* scales, int64_t N, int64_t n0, int64_t n1, float* Y) {
   const int64_t nb = K / 32, np = pairs_of(K);
   const size_t rb = row_bytes(K);
   const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = B + n * K;
-    const float* s = scales + n * nb;
+    const uint16_t* s = scales + n * nb;
     for (int64_t m = 0; m < M; ++m) {
       const uint8_t* row = scratch + m * rb;
       const float* sa = (const float*)(row + np * 128);
@@ -262,7 +281,7 @@ AVX2_TARGET static void matmul_avx2(const uint8_t* scratch, int64_t M, int64_t K
         const __m256i a = _mm256_loadu_si256((const __m256i*)(row + 32 * b));
         const __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(wq), _mm256_sign_epi8(a, wq));
         const __m256i d = _mm256_madd_epi16(prod, ones);
-        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s[b] * block_scale(sa, b)), f);
+        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(_cvtsh_ss(s[b]) * block_scale(sa, b)), f);
       }
       const __m128 h = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
       const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -272,7 +291,7 @@ AVX2_TARGET static void matmul_avx2(const uint8_t* scratch, int64_t M, int64_t K
 }
 #endif
 
-typedef void (*matmul_fn)(const uint8_t*, int64_t, int64_t, const uint8_t*, const float*, int64_t, int64_t,
+typedef void (*matmul_fn)(const uint8_t*, int64_t, int64_t, const uint8_t*, const uint16_t*, int64_t, int64_t,
                           int64_t, float*);
 
 static int chosen_isa(void) { /* 2 avx512vnni, 1 avx2, 0 scalar; EDGELLM_Q8_ISA may only lower it */
@@ -281,7 +300,7 @@ static int chosen_isa(void) { /* 2 avx512vnni, 1 avx2, 0 scalar; EDGELLM_Q8_ISA 
   int best = 0;
 #ifdef EDGELLM_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = 1;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) best = 1;
   if (best == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512vnni"))
@@ -366,7 +385,7 @@ const char* edgellm_q8_isa(void) {
   return names[chosen_isa()];
 }
 
-void edgellm_q8_matmul(const void* scratch, int64_t M, int64_t K, const uint8_t* B, const float* scales,
+void edgellm_q8_matmul(const void* scratch, int64_t M, int64_t K, const uint8_t* B, const uint16_t* scales,
                        int64_t N, int64_t n_begin, int64_t n_end, float* Y) {
   matmul_fn fn = matmul_scalar;
 #ifdef EDGELLM_X86

@@ -2,7 +2,8 @@
  *
  * Y[m,n] = sum_k A[m,k] * (B[n,k] - 128) * scales[n*(K/32) + k/32]
  * B is uint8 [N, K/32, 32], exactly MatMulNBits' layout for bits=8, block_size=32 and no zero_points input,
- * so a graph can switch op without touching its weights. A is first quantized per 32-block to int8
+ * so a graph can switch op without copying its weights. The scales are IEEE half floats (the bits, uint16):
+ * MatMulNBits' fp32 scales are 1 of every 9 bytes a decode step reads, fp16 makes that 1 in 17. A is first quantized per 32-block to int8
  * (symmetric, as MatMulNBits does with accuracy_level=4) into a scratch buffer; then any number of threads
  * call edgellm_q8_matmul on disjoint [n_begin, n_end) ranges.
  */
@@ -18,7 +19,7 @@ extern "C" {
 
 size_t edgellm_q8_scratch_bytes(int64_t M, int64_t K);
 void edgellm_q8_quantize(const float* A, int64_t M, int64_t K, void* scratch);
-void edgellm_q8_matmul(const void* scratch, int64_t M, int64_t K, const uint8_t* B, const float* scales,
+void edgellm_q8_matmul(const void* scratch, int64_t M, int64_t K, const uint8_t* B, const uint16_t* scales,
                        int64_t N, int64_t n_begin, int64_t n_end, float* Y);
 /* out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i]: SwiGLU, vectorized (exp by a
  * degree-6 polynomial, ~2 ulp) because a libm expf per element would cost more than the matmul it follows. */
