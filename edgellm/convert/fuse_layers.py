@@ -1,4 +1,4 @@
-"""Fold a decoder layer's post-attention half into one `ai.edgellm.Q8Mlp` node (kernel twin graphs only).
+"""Kernel twin rewrites: a layer tail into one `ai.edgellm.Q8Mlp` node, attention into `ai.edgellm.CachedAttention`.
 
 After the MatMulNBits -> MatMulQ8 swap, a layer still runs 11 nodes: qkv, attention, o_proj,
 SkipSimplifiedLayerNormalization, gate_up, Split, Sigmoid, Mul, Mul, down_proj and the next
@@ -123,3 +123,43 @@ def fuse_decoder_layers(graph: onnx.GraphProto) -> int:
     del graph.initializer[:]
     graph.initializer.extend(initializers)
     return len(replaced)
+
+
+ATTENTION = "CachedAttention"
+
+
+def _cached_attention(node: onnx.NodeProto, graph: onnx.GraphProto) -> onnx.NodeProto | None:
+    """The CachedAttention node computing `node` (a GroupQueryAttention) exactly, or None if it cannot."""
+    if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or len(node.input) != 9:
+        return None
+    qkv, key, value, past_key, past_value, seqlens_k, _total, cos, sin = node.input
+    if key or value or not (past_key and past_value and seqlens_k and cos and sin) or len(node.output) != 3:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if (attrs.get("do_rotary", 0) != 1 or attrs.get("rotary_interleaved", 0) != 0
+            or attrs.get("local_window_size", -1) != -1 or attrs.get("softcap", 0.0) != 0.0
+            or attrs.get("smooth_softmax", 0) != 0 or set(attrs) - {"do_rotary", "rotary_interleaved",
+                                                                  "local_window_size", "softcap", "smooth_softmax",
+                                                                  "num_heads", "kv_num_heads", "scale"}):
+        return None
+    tables = {t.name: t for t in graph.initializer if t.name in (cos, sin)}
+    if cos not in tables or sin not in tables or len(tables[cos].dims) != 2:
+        return None
+    head = 2 * tables[cos].dims[1]
+    scale = attrs.get("scale", 0.0) or head ** -0.5
+    return helper.make_node(ATTENTION, [qkv, past_key, past_value, seqlens_k, cos, sin], list(node.output),
+                            name=node.name, domain=DOMAIN, num_heads=attrs["num_heads"],
+                            kv_num_heads=attrs["kv_num_heads"], scale=float(scale))
+
+
+def replace_attention(graph: onnx.GraphProto) -> int:
+    """Swap every GroupQueryAttention that CachedAttention computes exactly (packed qkv, rotary not interleaved,
+    no window, no softcap) for it, in place; return how many. Its decode step skips onnxruntime's two MLAS calls
+    per head (~40 us a layer at 1 thread for SmolLM2-135M)."""
+    swapped = 0
+    for index, node in enumerate(graph.node):
+        replacement = _cached_attention(node, graph)
+        if replacement is not None:
+            graph.node[index].CopyFrom(replacement)
+            swapped += 1
+    return swapped

@@ -38,8 +38,8 @@ ENV = "EDGELLM_KERNELS"
 _OFF = {"0", "off", "false", "no"}
 HERE = Path(__file__).resolve().parent
 LIBRARY_NAME = "libedgellm_ortops.so"
-SOURCES = ("ort_op.cc", "q8_kernel.c")
-HEADERS = ("ort_abi.h", "q8_kernel.h")
+SOURCES = ("ort_op.cc", "q8_kernel.c", "attention.c")
+HEADERS = ("ort_abi.h", "q8_kernel.h", "attention.h", "simd_avx512.h")
 _X86 = {"x86_64", "amd64", "x64"}
 
 _logged: set[str] = set()
@@ -161,10 +161,11 @@ def build(out: Path | None = None, *, quiet: bool = False) -> Path:
         tmpdir = Path(tmp)
         steps = [
             [cc, "-O3", "-fPIC", "-c", str(HERE / "q8_kernel.c"), "-o", str(tmpdir / "q8_kernel.o")],
+            [cc, "-O3", "-fPIC", "-c", str(HERE / "attention.c"), "-o", str(tmpdir / "attention.o")],
             [cxx, "-O3", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-c", str(HERE / "ort_op.cc"),
              "-o", str(tmpdir / "ort_op.o")],
             [cxx, "-shared", "-o", str(tmpdir / LIBRARY_NAME), str(tmpdir / "ort_op.o"),
-             str(tmpdir / "q8_kernel.o"), "-lm"],
+             str(tmpdir / "q8_kernel.o"), str(tmpdir / "attention.o"), "-lm"],
         ]
         for cmd in steps:
             if not quiet:

@@ -43,7 +43,7 @@ struct OrtApi; /* really an array of function pointers; see OrtFn below */
 enum OrtErrorCode { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, ORT_RUNTIME_EXCEPTION = 6, ORT_INVALID_GRAPH = 10 };
 
 /* ONNXTensorElementDataType: the two we use. */
-enum { EDGELLM_ORT_FLOAT = 1, EDGELLM_ORT_UINT8 = 2, EDGELLM_ORT_FLOAT16 = 10 };
+enum { EDGELLM_ORT_FLOAT = 1, EDGELLM_ORT_UINT8 = 2, EDGELLM_ORT_INT32 = 6, EDGELLM_ORT_FLOAT16 = 10 };
 /* OrtCustomOpInputOutputCharacteristic and OrtMemType: the default of each. */
 enum { EDGELLM_ORT_INPUT_OUTPUT_REQUIRED = 0 };
 enum { EDGELLM_ORT_MEM_TYPE_DEFAULT = 0 };

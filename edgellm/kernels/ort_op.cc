@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "ort_abi.h"
+#include "attention.h"
 #include "q8_kernel.h"
 
 namespace {
@@ -442,6 +443,156 @@ OrtStatus* EDGELLM_ORT_CALL mlp_compute(void* kernel, OrtKernelContext* context)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// ai.edgellm::CachedAttention: GroupQueryAttention as edgellm's graphs use it (packed qkv, rotary not interleaved,
+// no local window, KV cache buffers of fixed capacity bound in place as past and present), computed directly.
+// Inputs: qkv [B, S, (H + 2 Hkv) D], past_key / past_value [B, Hkv, capacity, D], seqlens_k int32 [B] (the
+// total length - 1 per sequence, as GroupQueryAttention takes it), cos_cache / sin_cache [positions, D/2].
+// Outputs: [B, S, H D], present_key / present_value (the same buffers as past when bound so; copied if not).
+// Attributes: num_heads H, kv_num_heads Hkv, scale. New keys/values go to positions total-S .. total-1.
+struct AttentionKernel {
+  std::string where;
+  int64_t H = 0, Hkv = 0;
+  float scale = 0.0f;
+};
+
+OrtStatus* create_attention(const OrtKernelInfo* info, void** out) {
+  *out = nullptr;
+  char name[256] = {0};
+  size_t size = sizeof(name);
+  std::string where = "CachedAttention node";
+  if (OrtStatus* s = KernelInfo_GetNodeName::get(g_api)(info, name, &size))
+    ReleaseStatus::get(g_api)(s);
+  else
+    where += std::string(" '") + name + "'";
+  const char* needs = "CachedAttention needs num_heads, kv_num_heads and scale (re-convert the model)";
+  int64_t H = 0, Hkv = 0;
+  float scale = 0.0f;
+  if (OrtStatus* s = read_int(info, where, "num_heads", &H, needs)) return s;
+  if (OrtStatus* s = read_int(info, where, "kv_num_heads", &Hkv, needs)) return s;
+  if (OrtStatus* s = read_float(info, where, "scale", &scale)) return s;
+  if (H <= 0 || Hkv <= 0 || H % Hkv != 0 || !(scale > 0.0f))
+    return error(ORT_INVALID_GRAPH, where + ": num_heads=" + std::to_string(H) + ", kv_num_heads=" + std::to_string(Hkv) +
+                                        ", scale=" + std::to_string(scale) + " are invalid; num_heads must be a positive "
+                                        "multiple of kv_num_heads and scale positive");
+  AttentionKernel* kernel = new (std::nothrow) AttentionKernel;
+  if (!kernel) return error(ORT_FAIL, where + ": out of memory");
+  kernel->where = where;
+  kernel->H = H;
+  kernel->Hkv = Hkv;
+  kernel->scale = scale;
+  *out = kernel;
+  return nullptr;
+}
+
+struct AttentionTask {
+  const AttentionKernel* k;
+  const float *qkv, *cos, *sin;
+  float *keys, *values, *out;
+  int64_t S, D, capacity, past, rows;  // one batch row at a time
+};
+
+void attend_task(void* data, size_t index) {
+  const AttentionTask& t = *static_cast<const AttentionTask*>(data);
+  const int64_t i = (int64_t)index / t.k->H, h = (int64_t)index % t.k->H;  // query row, head
+  const int64_t pos = t.past + i, g = h / (t.k->H / t.k->Hkv), width = (t.k->H + 2 * t.k->Hkv) * t.D;
+  thread_local std::vector<float> scratch;
+  if ((int64_t)scratch.size() < pos + 1 + t.D) scratch.resize((size_t)(pos + 1 + t.D));
+  float* q = scratch.data() + pos + 1;
+  std::memcpy(q, t.qkv + i * width + h * t.D, sizeof(float) * (size_t)t.D);
+  edgellm_rotary(q, t.D, t.cos + pos * (t.D / 2), t.sin + pos * (t.D / 2));
+  edgellm_attend(q, t.keys + g * t.capacity * t.D, t.values + g * t.capacity * t.D, pos + 1, t.D, t.k->scale,
+                 scratch.data(), t.out + i * t.k->H * t.D + h * t.D);
+}
+
+OrtStatus* compute_attention(const AttentionKernel& k, OrtKernelContext* context) {
+  const OrtValue* v[6] = {nullptr};
+  TensorShape shape[6];
+  for (size_t i = 0; i < 6; ++i) {
+    if (OrtStatus* s = KernelContext_GetInput::get(g_api)(context, i, &v[i])) return s;
+    if (OrtStatus* s = shape_of(v[i], &shape[i])) return s;
+  }
+  const std::vector<int64_t>& qd = shape[0].dims;
+  const std::vector<int64_t>& kd = shape[1].dims;
+  if (qd.size() != 3 || kd.size() != 4 || kd[1] != k.Hkv || shape[2].dims != kd || qd[0] != kd[0] ||
+      qd[2] != (k.H + 2 * k.Hkv) * kd[3] || shape[3].elements() != kd[0] || shape[4].dims.size() != 2 ||
+      shape[4].dims[1] * 2 != kd[3] || shape[5].dims != shape[4].dims)
+    return error(ORT_INVALID_ARGUMENT, k.where + ": shapes qkv " + dims_text(qd) + ", past " + dims_text(kd) +
+                                           ", seqlens_k " + dims_text(shape[3].dims) + ", cos " +
+                                           dims_text(shape[4].dims) + " do not fit num_heads=" + std::to_string(k.H) +
+                                           ", kv_num_heads=" + std::to_string(k.Hkv) + "; re-convert the model");
+  const int64_t B = qd[0], S = qd[1], D = kd[3], capacity = kd[2], positions = shape[4].dims[0];
+  std::vector<int64_t> out_dims = {B, S, k.H * D};
+  OrtValue *y = nullptr, *pk = nullptr, *pv = nullptr;
+  if (OrtStatus* s = KernelContext_GetOutput::get(g_api)(context, 0, out_dims.data(), 3, &y)) return s;
+  if (OrtStatus* s = KernelContext_GetOutput::get(g_api)(context, 1, kd.data(), 4, &pk)) return s;
+  if (OrtStatus* s = KernelContext_GetOutput::get(g_api)(context, 2, kd.data(), 4, &pv)) return s;
+  void* p[6] = {nullptr};
+  for (size_t i = 0; i < 6; ++i)
+    if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(v[i]), &p[i])) return s;
+  void *yd = nullptr, *kd_out = nullptr, *vd_out = nullptr;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(y, &yd)) return s;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(pk, &kd_out)) return s;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(pv, &vd_out)) return s;
+  const size_t cache_bytes = sizeof(float) * (size_t)shape[1].elements();
+  if (kd_out != p[1]) std::memcpy(kd_out, p[1], cache_bytes);  // not bound in place: present starts as past
+  if (vd_out != p[2]) std::memcpy(vd_out, p[2], cache_bytes);
+  const int32_t* seqlens = static_cast<const int32_t*>(p[3]);
+  const float *cos = static_cast<const float*>(p[4]), *sin = static_cast<const float*>(p[5]);
+  const int64_t width = (k.H + 2 * k.Hkv) * D;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t total = (int64_t)seqlens[b] + 1, past = total - S;
+    if (past < 0 || total > capacity || total > positions)
+      return error(ORT_INVALID_ARGUMENT, k.where + ": sequence " + std::to_string(b) + " has total length " +
+                                             std::to_string(total) + " for " + std::to_string(S) +
+                                             " new tokens; it must be at least that and at most the cache (" +
+                                             std::to_string(capacity) + ") and rotary table (" +
+                                             std::to_string(positions) + ") sizes");
+    const float* qkv = static_cast<const float*>(p[0]) + b * S * width;
+    float* keys = static_cast<float*>(kd_out) + b * k.Hkv * capacity * D;
+    float* values = static_cast<float*>(vd_out) + b * k.Hkv * capacity * D;
+    for (int64_t i = 0; i < S; ++i)  // the new keys (rotated) and values into the cache
+      for (int64_t g = 0; g < k.Hkv; ++g) {
+        float* key = keys + (g * capacity + past + i) * D;
+        std::memcpy(key, qkv + i * width + (k.H + g) * D, sizeof(float) * (size_t)D);
+        edgellm_rotary(key, D, cos + (past + i) * (D / 2), sin + (past + i) * (D / 2));
+        std::memcpy(values + (g * capacity + past + i) * D, qkv + i * width + (k.H + k.Hkv + g) * D,
+                    sizeof(float) * (size_t)D);
+      }
+    AttentionTask task{&k, qkv, cos, sin, keys, values, static_cast<float*>(yd) + b * S * k.H * D, S, D, capacity, past, S};
+    const size_t items = (size_t)(S * k.H);
+    if (S == 1) {  // a decode step: 9 tiny heads, cheaper on this thread than handing them out
+      for (size_t i = 0; i < items; ++i) attend_task(&task, i);
+    } else if (OrtStatus* s = KernelContext_ParallelFor::get(g_api)(context, attend_task, items, 0, &task)) {
+      return s;
+    }
+  }
+  return nullptr;
+}
+
+const char* EDGELLM_ORT_CALL attention_name(const OrtCustomOp*) { return "CachedAttention"; }
+int EDGELLM_ORT_CALL attention_input_type(const OrtCustomOp*, size_t index) {
+  return index == 3 ? EDGELLM_ORT_INT32 : EDGELLM_ORT_FLOAT;
+}
+size_t EDGELLM_ORT_CALL attention_input_count(const OrtCustomOp*) { return 6; }
+size_t EDGELLM_ORT_CALL attention_output_count(const OrtCustomOp*) { return 3; }
+void EDGELLM_ORT_CALL attention_destroy(void* kernel) { delete static_cast<AttentionKernel*>(kernel); }
+OrtStatus* EDGELLM_ORT_CALL attention_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
+                                             void** kernel) {
+  try {
+    return create_attention(info, kernel);
+  } catch (const std::exception& e) {
+    return error(ORT_FAIL, std::string("CachedAttention: ") + e.what());
+  }
+}
+OrtStatus* EDGELLM_ORT_CALL attention_compute(void* kernel, OrtKernelContext* context) {
+  try {
+    return compute_attention(*static_cast<const AttentionKernel*>(kernel), context);
+  } catch (const std::exception& e) {
+    return error(ORT_FAIL, static_cast<const AttentionKernel*>(kernel)->where + ": " + e.what());
+  }
+}
+
 OrtCustomOp make_op() {
   OrtCustomOp op;
   std::memset(&op, 0, sizeof(op));
@@ -483,6 +634,20 @@ OrtCustomOp make_mlp_op() {
 
 const OrtCustomOp g_mlp_op = make_mlp_op();
 
+OrtCustomOp make_attention_op() {
+  OrtCustomOp op = make_op();
+  op.GetName = attention_name;
+  op.GetInputType = attention_input_type;
+  op.GetInputTypeCount = attention_input_count;
+  op.GetOutputTypeCount = attention_output_count;
+  op.KernelDestroy = attention_destroy;
+  op.CreateKernelV2 = attention_create;
+  op.KernelComputeV2 = attention_compute;
+  return op;
+}
+
+const OrtCustomOp g_attention_op = make_attention_op();
+
 // The domain outlives every session (onnxruntime keeps a pointer to it), so it is made once, never freed.
 std::once_flag g_domain_once;
 OrtCustomOpDomain* g_domain = nullptr;
@@ -490,6 +655,7 @@ OrtStatus* make_domain() {
   OrtStatus* s = CreateCustomOpDomain::get(g_api)("ai.edgellm", &g_domain);
   if (!s) s = CustomOpDomain_Add::get(g_api)(g_domain, &g_op);
   if (!s) s = CustomOpDomain_Add::get(g_api)(g_domain, &g_mlp_op);
+  if (!s) s = CustomOpDomain_Add::get(g_api)(g_domain, &g_attention_op);
   if (s) g_domain = nullptr;
   return s;
 }

@@ -17,6 +17,8 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #define EDGELLM_X86 1
 #include <immintrin.h>
+
+#include "simd_avx512.h"
 #endif
 
 /* Scratch, per activation row: int8 q[np*64] | int32 corr[np*16] | float sa[np*16], np = pairs of blocks.
@@ -158,21 +160,6 @@ VNNI_TARGET static inline __m512 row_dot(const uint8_t* row, int64_t np, int64_t
   return _mm512_add_ps(f0, f1);
 }
 
-/* out[j] = the sum of v[j]'s 16 lanes, for j < 16. */
-VNNI_TARGET static inline __m512 sum16(const __m512 v[16]) {
-  __m512 a[8], b[4], c[2];
-  for (int j = 0; j < 8; ++j) /* 128-bit lanes: [v_j 0+2, v_j 1+3, v_j+8 0+2, v_j+8 1+3] */
-    a[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[j], v[j + 8], 0x44), _mm512_shuffle_f32x4(v[j], v[j + 8], 0xEE));
-  for (int j = 0; j < 4; ++j) /* lanes: rows j, j+8, j+4, j+12, 4 partial sums each */
-    b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[j], a[j + 4], 0x88), _mm512_shuffle_f32x4(a[j], a[j + 4], 0xDD));
-  for (int j = 0; j < 2; ++j) /* per lane: b[j]'s row in elements 0, 2; b[j+2]'s in 1, 3 */
-    c[j] = _mm512_add_ps(_mm512_unpacklo_ps(b[j], b[j + 2]), _mm512_unpackhi_ps(b[j], b[j + 2]));
-  const __m512 d = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))),
-                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))));
-  /* d holds rows 0,2,1,3, 8,10,9,11, 4,6,5,7, 12,14,13,15 */
-  return _mm512_permutexvar_ps(_mm512_set_epi32(15, 13, 14, 12, 7, 5, 6, 4, 11, 9, 10, 8, 3, 1, 2, 0), d);
-}
-
 VNNI_TARGET static void matmul_vnni_row(const uint8_t* scratch, int64_t M, int64_t K, const uint8_t* B,
                                         const uint16_t* scales, int64_t N, int64_t n0, int64_t n1, float* Y) {
   const int64_t nb = K / 32, np = pairs_of(K);
@@ -183,7 +170,7 @@ VNNI_TARGET static void matmul_vnni_row(const uint8_t* scratch, int64_t M, int64
     __m512 v[16];
     for (; n + 16 <= n1; n += 16) {
       for (int j = 0; j < 16; ++j) v[j] = row_dot(scratch, np, nb, B + (n + j) * K, scales + (n + j) * nb, halves);
-      _mm512_storeu_ps(Y + n, sum16(v));
+      _mm512_storeu_ps(Y + n, edgellm_sum16(v));
     }
   }
   for (; n < n1; ++n)
@@ -359,31 +346,12 @@ static void silu_mul_scalar(const float* g, const float* u, float* out, int64_t 
 }
 
 #ifdef EDGELLM_X86
-#define AVX512_TARGET __attribute__((target("avx512f,avx512dq")))
-/* exp(x) = 2^k * e^r, k = round(x / ln2), r = x - k ln2 (ln2 split in two for accuracy), e^r by its Taylor
- * polynomial to degree 6 on |r| <= ln2/2; scalef applies 2^k and saturates to 0 / inf by itself. */
-AVX512_TARGET static inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, k);
-}
-
-AVX512_TARGET static void silu_mul_avx512(const float* g, const float* u, float* out, int64_t n) {
+EDGELLM_AVX512 static void silu_mul_avx512(const float* g, const float* u, float* out, int64_t n) {
   int64_t i = 0;
   const __m512 one = _mm512_set1_ps(1.0f);
   for (; i + 16 <= n; i += 16) {
     const __m512 x = _mm512_loadu_ps(g + i);
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    const __m512 e = edgellm_exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
     _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
   }
   silu_mul_scalar(g + i, u + i, out + i, n - i);

@@ -1,0 +1,43 @@
+/* AVX-512 helpers shared by edgellm's kernels (q8_kernel.c, attention.c): header-only, static inline, each
+ * compiled with the including function's target attribute. Include only on x86-64. */
+#ifndef EDGELLM_SIMD_AVX512_H
+#define EDGELLM_SIMD_AVX512_H
+
+#include <immintrin.h>
+
+#define EDGELLM_AVX512 __attribute__((target("avx512f,avx512dq")))
+
+/* exp(x) = 2^k * e^r, k = round(x / ln2), r = x - k ln2 (ln2 split in two for accuracy), e^r by its Taylor
+ * polynomial to degree 6 on |r| <= ln2/2; scalef applies 2^k and saturates to 0 / inf by itself. */
+EDGELLM_AVX512 static inline __m512 edgellm_exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+
+/* out[j] = the sum of v[j]'s 16 lanes, for j < 16. */
+EDGELLM_AVX512 static inline __m512 edgellm_sum16(const __m512 v[16]) {
+  __m512 a[8], b[4], c[2];
+  for (int j = 0; j < 8; ++j) /* 128-bit lanes: [v_j 0+2, v_j 1+3, v_j+8 0+2, v_j+8 1+3] */
+    a[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[j], v[j + 8], 0x44), _mm512_shuffle_f32x4(v[j], v[j + 8], 0xEE));
+  for (int j = 0; j < 4; ++j) /* lanes: rows j, j+8, j+4, j+12, 4 partial sums each */
+    b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[j], a[j + 4], 0x88), _mm512_shuffle_f32x4(a[j], a[j + 4], 0xDD));
+  for (int j = 0; j < 2; ++j) /* per lane: b[j]'s row in elements 0, 2; b[j+2]'s in 1, 3 */
+    c[j] = _mm512_add_ps(_mm512_unpacklo_ps(b[j], b[j + 2]), _mm512_unpackhi_ps(b[j], b[j + 2]));
+  const __m512 d = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))));
+  /* d holds rows 0,2,1,3, 8,10,9,11, 4,6,5,7, 12,14,13,15 */
+  return _mm512_permutexvar_ps(_mm512_set_epi32(15, 13, 14, 12, 7, 5, 6, 4, 11, 9, 10, 8, 3, 1, 2, 0), d);
+}
+
+#endif
