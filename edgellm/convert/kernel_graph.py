@@ -4,9 +4,11 @@ Every MatMulNBits node that edgellm's kernel library (edgellm.kernels: op `ai.ed
 covers — bits 8, block_size 32, no zero points / g_idx / bias, K a multiple of 32 — becomes a
 MatMulQ8 node with the same inputs, outputs and name (attributes K, N, bits, block_size); any
 other node stays as it is. Then each decoder layer's tail from o_proj to the next norm is folded
-into one `ai.edgellm.Q8Mlp` node where it has the exact pattern (edgellm/convert/fuse_layers.py).
-The twin's initializers keep pointing at model.onnx.data: the weights are not copied, the folder
-grows by one graph file (~110 KB for SmolLM2-135M).
+into one `ai.edgellm.Q8Mlp` node where it has the exact pattern, and each GroupQueryAttention
+becomes `ai.edgellm.CachedAttention` (edgellm/convert/fuse_layers.py). The twin's weights keep
+pointing at model.onnx.data (not copied); only the block scales are stored again, as fp16, inside
+the twin (edgellm/convert/half_scales.py): the folder grows by one graph file (~8.5 MB for
+SmolLM2-135M), and a decode step reads 143 MB instead of 151.
 
 The runtime runs the twin instead of model.onnx on the CPU when the library is there
 (edgellm/runtime/kernel_choice.py). When the library is there at convert time, the twin is
@@ -37,7 +39,8 @@ from ..manifest import Manifest, read_manifest, resolve_file, sha256_file, verif
 from ..runtime import kernel_choice, measure
 from ..runtime.session import DecoderSession
 from ..validation import KernelCheck, KernelThresholds, Thresholds, kernel_failures
-from .fuse_layers import fuse_decoder_layers
+from .fuse_layers import ATTENTION, fuse_decoder_layers, replace_attention
+from .half_scales import halve_scales
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +61,13 @@ def convertible(node: onnx.NodeProto) -> bool:
             and isinstance(attrs.get("K"), int) and attrs["K"] % BLOCK_SIZE == 0 and isinstance(attrs.get("N"), int))
 
 
-def build_kernel_graph(model: onnx.ModelProto, fuse: bool = True) -> tuple[onnx.ModelProto, int, int, int]:
+def build_kernel_graph(model: onnx.ModelProto, fuse: bool = True, folder: Path | None = None,
+                       rewrite: bool = True) -> tuple[onnx.ModelProto, int, int, int]:
     """(the twin, MatMulNBits nodes turned into MatMulQ8, MatMulNBits nodes left as they were, layer tails folded
     into Q8Mlp nodes; 0 with fuse=False).
 
+    rewrite (the default; False only to compare node for node): attention becomes ai.edgellm.CachedAttention and
+    every edgellm op reads fp16 copies of its block scales, embedded in the twin (read from `folder`'s data file).
     `model` is read, not changed; load it with load_external_data=False so the twin keeps its references."""
     twin = onnx.ModelProto()
     twin.CopyFrom(model)
@@ -85,6 +91,9 @@ def build_kernel_graph(model: onnx.ModelProto, fuse: bool = True) -> tuple[onnx.
     if not any(o.domain == DOMAIN for o in twin.opset_import):
         twin.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     fused = fuse_decoder_layers(twin.graph) if fuse else 0
+    if rewrite:
+        replace_attention(twin.graph)
+        halve_scales(twin, Path(folder) if folder is not None else Path("."))
     return twin, converted, left, fused
 
 
@@ -97,12 +106,15 @@ class KernelGraph:
     left: int
     fused_layers: int
     bytes: int
+    attention: int = 0
 
     def describe(self) -> dict:
         """The manifest's quantization.kernel_graph."""
         return {"file": self.file, "op": f"{DOMAIN}.{OP_TYPE}", "nodes": self.nodes, "matmulnbits_left": self.left,
                 "fused_layers": self.fused_layers, "fused_op": f"{DOMAIN}.Q8Mlp", "bytes": self.bytes,
-                "weights": "model.onnx.data, shared with model.onnx (not copied)"}
+                "attention_nodes": self.attention, "attention_op": f"{DOMAIN}.{ATTENTION}",
+                "weights": "model.onnx.data, shared with model.onnx (not copied); the block scales as fp16 "
+                           "copies inside this graph"}
 
 
 def write(folder: Path, model_file: str = "model.onnx", fuse: bool = True, name: str = KERNEL_MODEL) -> KernelGraph:
@@ -114,7 +126,8 @@ def write(folder: Path, model_file: str = "model.onnx", fuse: bool = True, name:
         if tensor.data_location == onnx.TensorProto.EXTERNAL and (location is None or os.path.dirname(location)):
             raise ModelFormatError(f"{folder / model_file}: initializer {tensor.name!r} keeps its data at "
                                    f"{location!r}, not in a file beside the graph. Fix: re-run `edgellm convert`.")
-    twin, converted, left, fused = build_kernel_graph(source, fuse)
+    twin, converted, left, fused = build_kernel_graph(source, fuse, folder)
+    attention = sum(n.op_type == ATTENTION for n in twin.graph.node)
     path = folder / name
     partial = folder / f".{name}.partial-{os.getpid()}"
     try:
@@ -125,9 +138,9 @@ def write(folder: Path, model_file: str = "model.onnx", fuse: bool = True, name:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    logger.info("wrote %s: %d MatMulNBits as %s.%s (%d left as they were), %d layer tails as Q8Mlp", path, converted,
-                DOMAIN, OP_TYPE, left, fused)
-    return KernelGraph(KERNEL_MODEL, converted, left, fused, path.stat().st_size)
+    logger.info("wrote %s: %d MatMulNBits as %s.%s (%d left as they were), %d layer tails as Q8Mlp, %d attention "
+                "nodes as %s", path, converted, DOMAIN, OP_TYPE, left, fused, attention, ATTENTION)
+    return KernelGraph(KERNEL_MODEL, converted, left, fused, path.stat().st_size, attention)
 
 
 def check(standard: DecoderSession, twin: DecoderSession, tokens: list[int], window: int, chats: list[list[int]],

@@ -5,7 +5,8 @@
 `ai.edgellm.MatMulQ8`, which only edgellm's kernel library (edgellm.kernels) implements. The
 twin runs when all of these hold, else the standard graph does (and the reason is logged once):
 the session runs on the CPU provider, the folder has the twin, the library is there for this
-machine, and the user did not turn it off (`load(..., kernels=False)` or `EDGELLM_KERNELS=0`).
+machine and runs its AVX-512 VNNI path (the measured one), and the user did not turn it off
+(`load(..., kernels=False)` or `EDGELLM_KERNELS=0`).
 `kernels=True` (or `EDGELLM_KERNELS=1`) makes the twin required: a reason it cannot run is an
 error naming the fix. The argument wins over the variable.
 """
@@ -26,6 +27,9 @@ _ENV_VALUES = {"0": False, "off": False, "false": False, "no": False,
                "1": True, "on": True, "true": True, "yes": True, "": None, "auto": None}
 _logged: set[str] = set()
 LIBRARY_FIX = "python -m edgellm.kernels build (needs g++; scripts/setup.sh runs it)"
+# Auto mode runs the twin only where its kernels were measured faster than onnxruntime's (benchmarks/peers.json):
+# AVX-512 VNNI. The avx2 and scalar paths are correct (tested) but not faster for prompts (no tile kernel).
+MEASURED_ISA = "avx512vnni"
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,13 @@ def choose(model_path: Path, kernel_path: Path | None, provider: str, kernels: b
             raise KernelError(f"{how} asks for edgellm's CPU kernels, but they cannot run here: {reason}. Fix: "
                               f"{fix}; or load with kernels=None to run the standard graph where they cannot.")
         return GraphChoice(model_path, False, reason)
+    isa = _isa(module)
+    if not want and isa != MEASURED_ISA:
+        return GraphChoice(model_path, False, f"edgellm's kernels run their {isa or 'unknown'} path on this CPU, and "
+                           f"only the {MEASURED_ISA} one is measured faster than onnxruntime's (kernels=True runs it "
+                           "anyway)", library=library, isa=isa)
     return GraphChoice(kernel_path, True, "the folder's kernel graph and this machine's kernel library",
-                       library=library, isa=_isa(module), required=bool(want))
+                       library=library, isa=isa, required=bool(want))
 
 
 def register(options, choice: GraphChoice) -> None:

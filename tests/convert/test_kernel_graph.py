@@ -68,7 +68,7 @@ def test_only_the_nodes_the_kernel_covers_are_rewritten():
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 64])], [])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid("com.microsoft", 1)])
-    twin, converted, left, fused = build_kernel_graph(model)
+    twin, converted, left, fused = build_kernel_graph(model, rewrite=False)  # no weights here to halve
     kinds = {n.name: (n.domain, n.op_type) for n in twin.graph.node}
     assert (converted, left, fused) == (2, 4, 0)  # no decoder layer tail to fold here
     assert kinds["ok"] == kinds["ok_empty_extra"] == (DOMAIN, OP_TYPE)
@@ -93,19 +93,25 @@ def test_convert_writes_the_twin_sharing_the_weights(tiny_int8_dir):
     info = m.quantization["kernel_graph"]
     assert info["nodes"] == len(matmuls) == 2 * 4 + 1 and info["matmulnbits_left"] == 0  # 4 per block + lm_head
     # Before folding, node for node the same graph: names, inputs and outputs; only the MatMuls' op changes.
-    unfused = build_kernel_graph(standard, fuse=False)[0]
+    unfused = build_kernel_graph(standard, fuse=False, rewrite=False)[0]
     assert [(n.name, list(n.input), list(n.output)) for n in unfused.graph.node] == \
         [(n.name, list(n.input), list(n.output)) for n in standard.graph.node]
     assert [n.op_type for n in unfused.graph.node if n.domain == DOMAIN] == [OP_TYPE] * len(matmuls)
-    # Written: every layer's o_proj..next-norm tail is one Q8Mlp; qkv and the lm_head stay MatMulQ8.
+    # Written: every layer's o_proj..next-norm tail is one Q8Mlp; qkv and the lm_head stay MatMulQ8; attention is
+    # CachedAttention; every edgellm op reads fp16 scales embedded in the twin.
     ops = [n.op_type for n in twin.graph.node]
     assert info["fused_layers"] == ops.count("Q8Mlp") == 2 and ops.count(OP_TYPE) == 2 + 1
+    assert info["attention_nodes"] == ops.count("CachedAttention") == 2 and "GroupQueryAttention" not in ops
+    embedded = {t.name: t for t in twin.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
+    scale_inputs = [n.input[i] for n in twin.graph.node for i in {"MatMulQ8": (2,), "Q8Mlp": (3, 6, 8)}.get(n.op_type, ())]
+    assert scale_inputs and all(embedded[name].data_type == onnx.TensorProto.FLOAT16 for name in scale_inputs)
     assert "MatMulNBits" not in ops and {o.name for o in twin.graph.output} == {o.name for o in standard.graph.output}
     # The same external data file, not a copy: the folder grows by the graph file only.
     locations = {e.value for t in twin.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"model.onnx.data"}
     assert info["bytes"] == (tiny_int8_dir / KERNEL_MODEL).stat().st_size
-    assert info["bytes"] <= (tiny_int8_dir / "model.onnx").stat().st_size + 256
+    scale_bytes = sum(len(embedded[name].raw_data) for name in set(scale_inputs))
+    assert info["bytes"] <= (tiny_int8_dir / "model.onnx").stat().st_size + scale_bytes + 1024
     assert sorted(p.name for p in tiny_int8_dir.iterdir() if p.name.startswith("model")) == \
         ["model.kernels.onnx", "model.onnx", "model.onnx.data"]
 
@@ -173,7 +179,8 @@ def test_kernels_on_and_off_give_the_same_tokens(tiny_int8_dir):
     on, off = edgellm.load(tiny_int8_dir, kernels=True), edgellm.load(tiny_int8_dir, kernels=False)
     assert (on.graph.graph, on.graph.kernels, on.graph.isa) == (KERNEL_MODEL, True, isa)
     assert (off.graph.graph, off.graph.kernels) == ("model.onnx", False)
-    assert edgellm.load(tiny_int8_dir).graph.kernels  # auto: the library is here, so the twin runs
+    # auto: the twin runs where the library runs its measured (AVX-512 VNNI) path
+    assert edgellm.load(tiny_int8_dir).graph.kernels == (isa == "avx512vnni")
     limits = KernelThresholds()
     params = edgellm.SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
     for ids in PROMPTS:
@@ -232,6 +239,24 @@ def test_kernels_true_without_the_library_is_a_clear_error(tiny_int8_dir, tmp_pa
     assert message.startswith("kernels=True asks for edgellm's CPU kernels, but they cannot run here")
     assert "python -m edgellm.kernels build" in message and "\n" not in message
 
+
+
+def test_auto_runs_the_twin_only_on_the_measured_isa(tiny_int8_dir, tmp_path):
+    # EDGELLM_Q8_ISA=avx2 makes the library run (and report) its AVX2 path, as on an AVX2-only CPU.
+    kernel_library()
+    code = ("import sys, edgellm\n"
+            "auto = edgellm.load(sys.argv[1]).graph\n"
+            "forced = edgellm.load(sys.argv[1], kernels=True).graph\n"
+            "print(auto.graph, auto.isa, forced.graph, forced.isa)\n"
+            "print(auto.reason)\n")
+    env = {**os.environ, "EDGELLM_Q8_ISA": "avx2"}
+    env.pop(KERNEL_ENV, None)
+    run = subprocess.run([sys.executable, "-c", code, str(tiny_int8_dir)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    choice, reason = run.stdout.strip().splitlines()
+    assert choice == "model.onnx avx2 model.kernels.onnx avx2"
+    assert "only the avx512vnni one is measured faster" in reason
 
 
 def test_edgellm_kernels_0_runs_the_standard_graph(tiny_int8_dir, monkeypatch):

@@ -18,7 +18,8 @@ def test_the_default_model_runs_its_kernel_graph_within_the_recorded_limits(defa
 
     if kernels.library_path() is None:
         pytest.fail("edgellm's kernel library is not built here. Fix: python -m edgellm.kernels build", pytrace=False)
-    on, off = edgellm.load(default_model_dir, threads=2), edgellm.load(default_model_dir, threads=2, kernels=False)
+    on = edgellm.load(default_model_dir, threads=2, kernels=True)  # also on a CPU where auto would not pick it
+    off = edgellm.load(default_model_dir, threads=2, kernels=False)
     assert (on.graph.graph, on.graph.kernels, on.graph.isa) == (KERNEL_MODEL, True, kernels.isa())
     assert off.graph.graph == "model.onnx"
     check = on.manifest.validation.kernel_graph  # convert's check, against model.onnx and fp32
