@@ -2,7 +2,9 @@
 """Benchmark edgellm against peers on the same model, interleaved in one run. Manual only (never CI).
 
 Engines (each in a subprocess of its own, so none shares a process and each has its own peak RSS):
-  edgellm       the converted int8 ONNX folder (`edgellm convert smollm2-135m-instruct -o DIR`)
+  edgellm       the converted int8 ONNX folder (`edgellm convert smollm2-135m-instruct -o DIR`), as load() runs it:
+                its kernel graph on edgellm's own kernels where they run (model.kernels.onnx, AVX-512 VNNI)
+  edgellm-ort   the same folder with kernels=False: model.onnx on onnxruntime's own kernels (the "before" row)
   edgellm-int4  the same converted --precision int4 (--model-int4 DIR; mixed 4/8-bit, HQQ)
   edgellm-prefill  the int8 folder converted with --prefill-graph (--model-prefill DIR): prompts on QGEMM
   edgellm-warm  NOT a cold prompt: the int8 folder with the system prompt's KV put in the cache before each
@@ -59,7 +61,7 @@ Q4KM_NAME = "SmolLM2-135M-Instruct.Q4_K_M-from-Q4_1.gguf"
 HELDOUT = ROOT / "edgellm" / "data" / "heldout_en.txt"
 HF_DIR = CACHE / "hf-from-q4_1"
 OPTIMUM_DIR = CACHE / "optimum-fp32"
-ENGINES = ("edgellm", "edgellm-int4", "edgellm-prefill", "edgellm-warm", "llama-q8_0", "llama-q4_1", "llama-q4_k_m", "optimum-fp32")
+ENGINES = ("edgellm", "edgellm-ort", "edgellm-int4", "edgellm-prefill", "edgellm-warm", "llama-q8_0", "llama-q4_1", "llama-q4_k_m", "optimum-fp32")
 DEFAULT_INT4_DIR = ROOT / ".cache" / "models" / "smollm2-135m-instruct-int4"
 DEFAULT_PREFILL_DIR = ROOT / ".cache" / "models" / "smollm2-135m-instruct-prefill"
 DEFAULT_PROMPT = "Tell me a story about a robot."  # 38 tokens with SmolLM2's default system prompt
@@ -185,9 +187,10 @@ class EdgeLLMEngine(Engine):
         import edgellm
 
         self.edgellm = edgellm
-        self.llm = edgellm.load(self.cfg["model_dir"], threads=self.cfg["threads"])
+        self.llm = edgellm.load(self.cfg["model_dir"], threads=self.cfg["threads"], kernels=self.cfg.get("kernels"))
         own_ids = self.llm.encode([{"role": "user", "content": self.cfg["prompt"]}])  # its own chat template
-        self.info = {"provider": self.llm.provider, "version": edgellm.__version__, "own_prompt_ids": own_ids}
+        self.info = {"provider": self.llm.provider, "version": edgellm.__version__, "own_prompt_ids": own_ids,
+                     "graph": self.llm.graph.to_dict()}
 
     def run(self, ids: list[int], n: int) -> tuple[float, float, list[int]]:
         self.llm.reset()
@@ -325,6 +328,8 @@ class OptimumEngine(Engine):
 def make_engine(name: str, cfg: dict) -> Engine:
     if name == "edgellm":
         return EdgeLLMEngine(cfg)
+    if name == "edgellm-ort":
+        return EdgeLLMEngine({**cfg, "kernels": False})
     if name == "edgellm-int4":
         return EdgeLLMEngine({**cfg, "model_dir": cfg["model_int4_dir"]})
     if name == "edgellm-prefill":
