@@ -138,10 +138,13 @@ class DraftHead:
 @dataclass(frozen=True)
 class KernelThresholds:
     """What the kernel twin (model.kernels.onnx) is held to against model.onnx, beside the int8 limits
-    (perplexity ratio, agreement, KV consistency) it must also meet. 2.5: the int8 graph's own logit noise
-    (Thresholds.kv_tolerance_int8: one query row vs several already differ by up to that much)."""
+    (perplexity ratio, agreement, KV consistency against fp32) it must also meet. 4.0: two graphs that each
+    round activations to int8 in their own order; a flipped rounding in an early layer moves a few of ~1,000
+    compared logits by 2-3 (SmolLM2-135M's twin: 2.31 max, 1.83 without CachedAttention and fp16 scales), the
+    int8 graph's own noise against itself is up to 2.5 (Thresholds.kv_tolerance_int8); its quality is judged
+    by the argmax match here and by perplexity and agreement against fp32."""
 
-    max_abs_logit_diff: float = 2.5     # twin vs model.onnx, same tokens, teacher-forced
+    max_abs_logit_diff: float = 4.0     # twin vs model.onnx, same tokens, teacher-forced
     min_argmax_match: float = 0.90      # positions where both graphs pick the same token
 
     def to_dict(self) -> dict:
