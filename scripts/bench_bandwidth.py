@@ -95,8 +95,21 @@ def ort_read_gbs(session, nbytes: int, K: int, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
+# Weight inputs (besides the activations) of the ops a decode step runs, and each op's matmul parameters:
+# MatMulNBits / MatMulQ8 read B, scales (and zero points); Q8Mlp reads o_proj, gate_up and down_proj.
+WEIGHT_INPUTS = {"MatMulNBits": (1, 2, 3), "MatMulQ8": (1, 2), "Q8Mlp": (2, 3, 5, 6, 7, 8)}
+
+
+def _params(op: str, attrs: dict) -> int:
+    if op == "Q8Mlp":
+        return attrs["attn"] * attrs["hidden"] + attrs["hidden"] * 2 * attrs["intermediate"] \
+            + attrs["intermediate"] * attrs["hidden"]
+    return attrs["K"] * attrs["N"]
+
+
 def onnx_bytes_per_token(model: Path) -> dict:
-    """Bytes of the weights a one-token step reads: every MatMulNBits' B, scales and zero points."""
+    """Bytes of the weights a one-token step of this graph reads: every matmul op's weights, scales and zero
+    points (model.onnx: MatMulNBits; the kernel twin: MatMulQ8 and Q8Mlp, with fp16 scales)."""
     import onnx
     from onnx import numpy_helper
 
@@ -109,17 +122,17 @@ def onnx_bytes_per_token(model: Path) -> dict:
     weights = lm_head = 0
     params = 0
     for node in m.graph.node:
-        if node.op_type != "MatMulNBits":
+        if node.op_type not in WEIGHT_INPUTS:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        nbytes = sum(size(name) for name in node.input[1:4] if name)
-        params += attrs["K"] * attrs["N"]
+        nbytes = sum(size(node.input[i]) for i in WEIGHT_INPUTS[node.op_type] if i < len(node.input) and node.input[i])
+        params += _params(node.op_type, attrs)
         if node.name.startswith("lm_head"):
             lm_head += nbytes
         else:
             weights += nbytes
     return {"weights_bytes": weights + lm_head, "lm_head_bytes": lm_head, "matmul_params": params,
-            "bits_per_weight": round(8 * (weights + lm_head) / params, 3)}
+            "bits_per_weight": round(8 * (weights + lm_head) / params, 3), "graph": model.name}
 
 
 def gguf_bytes_per_token(path: Path) -> dict:
@@ -185,8 +198,10 @@ def main() -> None:
         settings = doc["samples"].get("settings", {})
         positions = settings.get("prompt_tokens", 38) + params.get("new_tokens", 64) // 2
         for engine, row in summary.items():
-            if engine not in engines:
-                if engine == "edgellm":
+            ran = doc["samples"].get("runs", {}).get(engine, {}).get("info", {}).get("graph") or {}
+            key = f"{engine}|{ran.get('graph', '')}"
+            if key not in engines:
+                if engine in ("edgellm", "edgellm-ort", "edgellm-warm"):
                     folder = args.model or Path(params["model"])
                 elif engine == "edgellm-int4":
                     folder = args.model_int4 or Path(params["model_int4"])
@@ -197,7 +212,9 @@ def main() -> None:
                 if folder is not None:
                     manifest = json.loads((folder / "edgellm.json").read_text())
                     d = manifest["dims"]
-                    info = onnx_bytes_per_token(folder / manifest["files"]["model"])
+                    # the graph the row ran (its results say: model.kernels.onnx on edgellm's kernels, else model.onnx)
+                    graph = ran.get("graph") if ran.get("kernels") else manifest["files"]["model"]
+                    info = onnx_bytes_per_token(folder / graph)
                     info["kv_bytes_per_position"] = kv_bytes(d["num_layers"], d["num_kv_heads"], d["head_dim"], 1, 4)
                     info["source"] = str(folder)
                 elif engine.startswith("llama-"):
@@ -207,8 +224,8 @@ def main() -> None:
                     info["source"] = str(gguf)
                 else:
                     continue
-                engines[engine] = info
-            info = engines[engine]
+                engines[key] = info
+            info = engines[key]
             if t not in best:
                 continue
             nbytes = info["weights_bytes"] + info["kv_bytes_per_position"] * positions
