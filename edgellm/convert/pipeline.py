@@ -75,6 +75,7 @@ class ConvertOptions:
     int4_int8_projections: tuple[str, ...] = ("down_proj",)  # int4: these projections stay 8-bit in every block
     prefill_graph: bool = False    # int8 CPU: also write prefill.onnx, QGEMM for prompts (edgellm/convert/prefill.py)
     kernel_graph: bool = True      # int8 CPU: also write model.kernels.onnx, edgellm's kernels (kernel_graph.py)
+    head_bits: int = 8             # int8 CPU, tied embedding: 4 = a 4-bit lm_head whose top logits are rescored in int8
     progress: bool = True
     validation: validate.ValidationSettings = field(default_factory=validate.ValidationSettings)
 
@@ -100,6 +101,14 @@ class ConvertOptions:
             raise InvalidParameterError("--prefill-graph is built for int8 CPU models (not int4, fp32, --target cuda, "
                                         "--batch-invariant or --draft-head). Fix: drop --prefill-graph, or use "
                                         "--precision int8 --target cpu without the others.")
+        if self.head_bits not in (4, 8):
+            raise InvalidParameterError(f"head_bits={self.head_bits} is not 8 or 4. Fix: use --head-bits 8 (the "
+                                        "default) or 4.")
+        if self.head_bits == 4 and (self.precision != "int8" or self.target != "cpu" or self.batch_invariant
+                                    or self.draft_head):
+            raise InvalidParameterError("--head-bits 4 is built and measured for int8 CPU models only (not int4, fp32, "
+                                        "--target cuda, --batch-invariant or --draft-head). Fix: drop --head-bits, or "
+                                        "use --precision int8 --target cpu without the others.")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise InvalidParameterError(f"block_size={self.block_size} must be a power of two >= 16.")
         if self.draft_head is not None and self.draft_head < 256:
@@ -273,15 +282,25 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
         elif options.precision == "int8":
             import onnx
 
-            from .quantize import ACCURACY_LEVEL, quantize_int8
+            from .quantize import (ACCURACY_LEVEL, HEAD_BLOCK_SIZE, HEAD_METHOD, HEAD_RESCORE_TOP_K, lm_head_weight,
+                                   quantize_int8, quantize_lm_head, rescore_lm_head_top_k)
 
             # accuracy_level 4 on the GPU graph too: CUDA's MatMulNBits ignores it (fp16 x int8 weights there);
             # on the CPU provider (this gate, CPU-only installs) it is the int8 path, 24x faster per token than
             # fp32 math over fp16 inputs, and rounds more than CUDA does, so the gate errs on the safe side.
             source_model = gpu_model if gpu else onnx.load(str(fp32_path))
             tied = bool(getattr(loaded.model.config, "tie_word_embeddings", False))
+            head_weight = lm_head_weight(source_model) if options.head_bits == 4 else None
             quantized = quantize_int8(source_model, options.block_size, tied=tied)
             retied = any(n.op_type == "GatherBlockQuantized" for n in quantized.graph.node)
+            if head_weight is not None:
+                if not retied:
+                    raise InvalidParameterError(
+                        "--head-bits 4 rescores the top logits from the int8 embedding table the lm_head is tied "
+                        f"to, and {resolved.name} does not tie its embedding to its lm_head. Fix: drop --head-bits.")
+                quantize_lm_head(quantized, head_weight, 4, HEAD_BLOCK_SIZE, HEAD_METHOD)
+                rescore_lm_head_top_k(quantized, HEAD_RESCORE_TOP_K)
+                del head_weight
             prefill_model = None
             if options.prefill_graph:  # before saving: save_model moves the weights out of `quantized`
                 from .prefill import build_prefill_graph
@@ -302,6 +321,13 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
                             "embedding": "GatherBlockQuantized over the int8 lm_head (tied, stored once)" if retied
                             else "separate Gather table (the source does not tie it to the lm_head)",
                             "smoothing": smoothing}
+            if options.head_bits == 4:
+                quantization["lm_head"] = {
+                    "bits": 4, "block_size": HEAD_BLOCK_SIZE, "method": HEAD_METHOD, "symmetric": False,
+                    "accuracy_level": ACCURACY_LEVEL, "rescore_top_k": HEAD_RESCORE_TOP_K,
+                    "scheme": f"4-bit MatMulNBits over the whole vocabulary; the {HEAD_RESCORE_TOP_K} largest logits "
+                              "of each position recomputed from the int8 embedding rows (TopK, GatherBlockQuantized, "
+                              "MatMul, ScatterElements); see benchmarks/head_bits.json"}
             if options.prefill_graph:
                 quantization["prefill_graph"] = {
                     "file": PREFILL_MODEL, "min_tokens": PREFILL_GRAPH_MIN_TOKENS,

@@ -173,3 +173,115 @@ def bits_by_layer(model: onnx.ModelProto) -> dict[str, int]:
             bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
             out[node.name.removesuffix(f"_Q{bits}")] = bits  # the quantizer appends _Q4 / _Q8
     return out
+
+
+# --- a cheaper lm_head: 4-bit head over an int8 model ---------------------------------------------------------------
+# The tied 49k x 576 lm_head is the only weight read in full for every token that is not a layer (21% of the bytes
+# of a SmolLM2-135M int8 step); the embedding reads one row per token. So the head can drop to 4 bits while the
+# embedding keeps its int8 table (the head's former bytes, now read only by GatherBlockQuantized): more on disk,
+# fewer bytes per token. Measured in benchmarks/head_bits.json (scripts/bench_head_bits.py).
+HEAD_METHODS = ("k_quant", "rtn")
+HEAD_BLOCK_SIZE = 32     # blocks of 64 / 128: perplexity x1.04+ even with rescoring (benchmarks/head_bits.json)
+HEAD_METHOD = "rtn"      # k_quant fits each block closer but its tail logits score worse here
+HEAD_RESCORE_TOP_K = 512  # top-128: x1.0067 (at llama.cpp Q8_0's level), top-512: x1.0031 vs fp32
+
+
+def lm_head_weight(model: onnx.ModelProto) -> np.ndarray:
+    """The fp32 lm_head weight (K, V) of a graph built by edgellm.convert.graph, before quantization."""
+    _, lm_head = _embed_and_lm_head(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    if lm_head.op_type != "MatMul" or lm_head.input[1] not in inits:
+        raise ModelFormatError(f"the lm_head is a {lm_head.op_type} without an fp32 weight initializer. Fix: read the "
+                               "head weight from the fp32 graph, before quantize_int8.")
+    return numpy_helper.to_array(inits[lm_head.input[1]])
+
+
+def quantize_lm_head(model: onnx.ModelProto, weight: np.ndarray, bits: int = 4, block_size: int = INT4_BLOCK_SIZE,
+                     method: str = "k_quant", accuracy_level: int = ACCURACY_LEVEL) -> onnx.ModelProto:
+    """Refit the lm_head of a quantize_int8 graph at 4 bits from its fp32 `weight` (K, V), in place; returns `model`.
+
+    Blocks of block_size along K, asymmetric with uint4 zero points, fitted by onnxruntime's (vendored neural-compressor)
+    routines: "k_quant" searches each block's scale and minimum for the least weighted squared error (llama.cpp's
+    k-quant fit), "rtn" rounds min/max to nearest. The new MatMulNBits gets its own initializers; the int8 bytes stay
+    for the embedding's GatherBlockQuantized, which reads one row of them per token."""
+    if method not in HEAD_METHODS:
+        raise ValueError(f"head method {method!r} is not one of {', '.join(HEAD_METHODS)}")
+    if bits != 4 or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"head bits={bits} / block_size={block_size}: bits must be 4, the block a power of 2 >= 16")
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor, quant_tensor_k_quant_cpu
+
+    old = next((n for n in model.graph.node if n.output and n.output[0] == "lm_head/out0"), None)
+    if old is None or old.op_type != "MatMulNBits":
+        raise ModelFormatError("the graph has no MatMulNBits lm_head (output lm_head/out0). Fix: refit the head of "
+                               "a graph that quantize_int8 quantized.")
+    k, v = weight.shape
+    n_blocks = -(-k // block_size)
+    rows = np.zeros((v, n_blocks * block_size), dtype=np.float32)  # (V, K padded): one output row per vocabulary entry
+    rows[:, :k] = weight.T
+    if method == "k_quant":
+        q, scale, zero = quant_tensor_k_quant_cpu(rows, 4, block_size)
+    else:
+        q, scale, zero = quant_tensor(rows, 4, block_size, "asym", "uint")
+    q = q.astype(np.uint8).reshape(v, n_blocks, block_size)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)  # MatMulNBits: element 2i in the low nibble of byte i
+    zero = np.pad(zero.astype(np.uint8).reshape(v, n_blocks), ((0, 0), (0, n_blocks % 2)))
+    packed_zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+    prefix = f"lm_head/q4b{block_size}/"
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.ascontiguousarray(packed), prefix + "weight"),
+        numpy_helper.from_array(scale.astype(np.float32).reshape(v, n_blocks), prefix + "scales"),
+        numpy_helper.from_array(np.ascontiguousarray(packed_zero), prefix + "zero_points")])
+    new = helper.make_node("MatMulNBits", [old.input[0], prefix + "weight", prefix + "scales", prefix + "zero_points"],
+                           list(old.output), name="lm_head_Q4", domain="com.microsoft", K=k, N=v, bits=4,
+                           block_size=block_size, accuracy_level=accuracy_level)
+    index = list(model.graph.node).index(old)
+    model.graph.node.remove(old)
+    model.graph.node.insert(index, new)
+    used = {i for n in model.graph.node for i in n.input}
+    for init in [t for t in model.graph.initializer if t.name in old.input[1:] and t.name not in used]:
+        model.graph.initializer.remove(init)
+    return model
+
+
+def rescore_lm_head_top_k(model: onnx.ModelProto, top_k: int) -> onnx.ModelProto:
+    """After quantize_lm_head on a tied graph: recompute the `top_k` largest 4-bit logits of each position exactly
+    from the int8 rows the embedding reads (dequantized, fp32 dot products), in place; returns `model`.
+
+    The argmax and the softmax mass live in the top logits, so these come out as the int8 head's, while the full
+    read of the vocabulary is 4-bit. Nodes: TopK -> GatherBlockQuantized (top_k int8 rows) -> MatMul -> ScatterElements.
+    """
+    graph = model.graph
+    head = next((n for n in graph.node if n.output and n.output[0] == "lm_head/out0"), None)
+    embed = next((n for n in graph.node if n.op_type == "GatherBlockQuantized" and n.name == "embed/gather_quantized"),
+                 None)
+    if head is None or embed is None or next((a.i for a in head.attribute if a.name == "bits"), 0) != 4:
+        raise ModelFormatError("rescoring needs a 4-bit lm_head and the int8 embedding table it was tied to. Fix: "
+                               "call quantize_lm_head on a tied quantize_int8 graph first.")
+    top_k = min(top_k, next(a.i for a in head.attribute if a.name == "N"))  # a small vocabulary: every logit
+    hidden = head.input[0]
+    approx = "lm_head/q4/out0"
+    head.output[0] = approx
+    graph.initializer.extend([numpy_helper.from_array(np.array([top_k], dtype=np.int64), "lm_head/top_k"),
+                              numpy_helper.from_array(np.array([-1], dtype=np.int64), "lm_head/last_axis"),
+                              numpy_helper.from_array(np.array([0, 0, top_k, -1], dtype=np.int64), "lm_head/rows_shape")])
+    attrs = {a.name: helper.get_attribute_value(a) for a in embed.attribute}
+    nodes = [
+        helper.make_node("TopK", [approx, "lm_head/top_k"], ["lm_head/top/values", "lm_head/top/ids"],
+                         name="lm_head/top", axis=-1, largest=1, sorted=0),
+        helper.make_node("GatherBlockQuantized", [embed.input[0], "lm_head/top/ids", *embed.input[2:]],
+                         ["lm_head/top/rows_q"], name="lm_head/top/gather", domain="com.microsoft", **attrs),
+        helper.make_node("Reshape", ["lm_head/top/rows_q", "lm_head/rows_shape"], ["lm_head/top/rows"],
+                         name="lm_head/top/reshape"),                                  # (B, S, top_k, K)
+        helper.make_node("Unsqueeze", [hidden, "lm_head/last_axis"], ["lm_head/top/hidden"],
+                         name="lm_head/top/unsqueeze"),                                # (B, S, K, 1)
+        helper.make_node("MatMul", ["lm_head/top/rows", "lm_head/top/hidden"], ["lm_head/top/exact1"],
+                         name="lm_head/top/matmul"),                                   # (B, S, top_k, 1)
+        helper.make_node("Squeeze", ["lm_head/top/exact1", "lm_head/last_axis"], ["lm_head/top/exact"],
+                         name="lm_head/top/squeeze"),
+        helper.make_node("ScatterElements", [approx, "lm_head/top/ids", "lm_head/top/exact"], ["lm_head/out0"],
+                         name="lm_head/top/scatter", axis=-1),
+    ]
+    index = list(graph.node).index(head) + 1
+    for offset, node in enumerate(nodes):
+        graph.node.insert(index + offset, node)
+    return model
