@@ -326,8 +326,9 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
                     "bits": 4, "block_size": HEAD_BLOCK_SIZE, "method": HEAD_METHOD, "symmetric": False,
                     "accuracy_level": ACCURACY_LEVEL, "rescore_top_k": HEAD_RESCORE_TOP_K,
                     "scheme": f"4-bit MatMulNBits over the whole vocabulary; the {HEAD_RESCORE_TOP_K} largest logits "
-                              "of each position recomputed from the int8 embedding rows (TopK, GatherBlockQuantized, "
-                              "MatMul, ScatterElements); see benchmarks/head_bits.json"}
+                              "of each position recomputed from the int8 embedding rows, the next "
+                              f"{HEAD_RESCORE_TOP_K} blended from int8 to 4-bit (edgellm.convert.quantize."
+                              "rescore_lm_head_top_k); see benchmarks/head_bits.json"}
             if options.prefill_graph:
                 quantization["prefill_graph"] = {
                     "file": PREFILL_MODEL, "min_tokens": PREFILL_GRAPH_MIN_TOKENS,

@@ -57,11 +57,16 @@ def test_rescoring_recomputes_exactly_the_top_logits_from_the_int8_rows():
                                for i in range(0, V, S)])[:V]
     exact = feeds["x"][0] @ all_rows.T                               # (S, V) int8 weights, fp32 math
     for p in range(S):
-        top = np.argsort(-approx[0, p])[:TOP_K]
-        rest = np.setdiff1d(np.arange(V), top)
+        order = np.argsort(-approx[0, p])
+        top, blend, rest = order[:TOP_K], order[TOP_K:2 * TOP_K], order[2 * TOP_K:]
         np.testing.assert_allclose(rescored[0, p, top], exact[p, top], rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(rescored[0, p, rest], approx[0, p, rest])
         assert np.abs(approx[0, p, top] - exact[p, top]).max() > 1e-3  # the 4-bit values did differ
+        # the next TOP_K: int8 weight falling linearly from 1 at the TOP_K-th 4-bit logit to 0 at the 2*TOP_K-th
+        hi, lo = approx[0, p, order[TOP_K - 1]], approx[0, p, order[2 * TOP_K - 1]]
+        w = (approx[0, p, blend] - lo) / (hi - lo)
+        np.testing.assert_allclose(rescored[0, p, blend], approx[0, p, blend] + w * (exact[p, blend] - approx[0, p, blend]),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +83,13 @@ def test_head_bits_4_converts_passes_the_int8_gate_and_records_it(tiny_head4_dir
     assert v["gate"]["passed"] and v["gate"]["enforced"]
     assert v["gate"]["thresholds"]["max_ppl_ratio"] == 1.03 and v["gate"]["thresholds"]["min_agreement"] == 0.90
     head = manifest["quantization"]["lm_head"]
-    assert head["bits"] == 4 and head["block_size"] == 32 and head["rescore_top_k"] == 512
+    assert head["bits"] == 4 and head["block_size"] == 32 and head["rescore_top_k"] == 128
     graph = onnx.load(str(tiny_head4_dir / "model.onnx"), load_external_data=False).graph
     lm_head = next(n for n in graph.node if n.name == "lm_head_Q4")
     assert {a.name: a.i for a in lm_head.attribute}["bits"] == 4
     top = next(n for n in graph.node if n.op_type == "TopK")
     k = next(numpy_helper.to_array(t) for t in graph.initializer if t.name == top.input[1])
-    assert k.tolist() == [min(512, manifest["dims"]["vocab_size"])]
+    assert k.tolist() == [2 * min(128, manifest["dims"]["vocab_size"] // 2)]
     assert sum(n.op_type == "GatherBlockQuantized" for n in graph.node) == 2  # the embedding and the rescoring
 
 
