@@ -180,7 +180,7 @@ def bits_by_layer(model: onnx.ModelProto) -> dict[str, int]:
 # of a SmolLM2-135M int8 step); the embedding reads one row per token. So the head can drop to 4 bits while the
 # embedding keeps its int8 table (the head's former bytes, now read only by GatherBlockQuantized): more on disk,
 # fewer bytes per token. Measured in benchmarks/head_bits.json (scripts/bench_head_bits.py).
-HEAD_METHODS = ("k_quant", "rtn")
+HEAD_METHODS = ("k_quant", "rtn", "rtn_sym")
 HEAD_BLOCK_SIZE = 32     # blocks of 64 / 128: perplexity x1.04+ even with rescoring (benchmarks/head_bits.json)
 HEAD_METHOD = "rtn"      # k_quant fits each block closer but its tail logits score worse here
 HEAD_RESCORE_TOP_K = 128  # int8 values for the top 128, blended over the next 128 (benchmarks/head_bits.json)
@@ -200,9 +200,9 @@ def quantize_lm_head(model: onnx.ModelProto, weight: np.ndarray, bits: int = 4, 
                      method: str = "k_quant", accuracy_level: int = ACCURACY_LEVEL) -> onnx.ModelProto:
     """Refit the lm_head of a quantize_int8 graph at 4 bits from its fp32 `weight` (K, V), in place; returns `model`.
 
-    Blocks of block_size along K, asymmetric with uint4 zero points, fitted by onnxruntime's (vendored neural-compressor)
-    routines: "k_quant" searches each block's scale and minimum for the least weighted squared error (llama.cpp's
-    k-quant fit), "rtn" rounds min/max to nearest. The new MatMulNBits gets its own initializers; the int8 bytes stay
+    Blocks of block_size along K, asymmetric with uint4 zero points ("rtn_sym": symmetric, none), fitted by
+    onnxruntime's (vendored neural-compressor) routines: "k_quant" searches each block's scale and minimum for the
+    least weighted squared error (llama.cpp's k-quant fit), "rtn" rounds min/max to nearest. The new MatMulNBits gets its own initializers; the int8 bytes stay
     for the embedding's GatherBlockQuantized, which reads one row of them per token."""
     if method not in HEAD_METHODS:
         raise ValueError(f"head method {method!r} is not one of {', '.join(HEAD_METHODS)}")
@@ -221,17 +221,22 @@ def quantize_lm_head(model: onnx.ModelProto, weight: np.ndarray, bits: int = 4, 
     if method == "k_quant":
         q, scale, zero = quant_tensor_k_quant_cpu(rows, 4, block_size)
     else:
-        q, scale, zero = quant_tensor(rows, 4, block_size, "asym", "uint")
+        q, scale, zero = quant_tensor(rows, 4, block_size, "asym" if method == "rtn" else "sym", "uint")
     q = q.astype(np.uint8).reshape(v, n_blocks, block_size)
     packed = q[..., 0::2] | (q[..., 1::2] << 4)  # MatMulNBits: element 2i in the low nibble of byte i
     zero = np.pad(zero.astype(np.uint8).reshape(v, n_blocks), ((0, 0), (0, n_blocks % 2)))
     packed_zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
     prefix = f"lm_head/q4b{block_size}/"
+    inputs = [old.input[0], prefix + "weight", prefix + "scales"]
+    if method != "rtn_sym":  # symmetric: MatMulNBits' implicit zero point 8
+        inputs.append(prefix + "zero_points")
     model.graph.initializer.extend([
         numpy_helper.from_array(np.ascontiguousarray(packed), prefix + "weight"),
-        numpy_helper.from_array(scale.astype(np.float32).reshape(v, n_blocks), prefix + "scales"),
-        numpy_helper.from_array(np.ascontiguousarray(packed_zero), prefix + "zero_points")])
-    new = helper.make_node("MatMulNBits", [old.input[0], prefix + "weight", prefix + "scales", prefix + "zero_points"],
+        numpy_helper.from_array(scale.astype(np.float32).reshape(v, n_blocks), prefix + "scales")])
+    if method != "rtn_sym":
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(packed_zero),
+                                                               prefix + "zero_points"))
+    new = helper.make_node("MatMulNBits", inputs,
                            list(old.output), name="lm_head_Q4", domain="com.microsoft", K=k, N=v, bits=4,
                            block_size=block_size, accuracy_level=accuracy_level)
     index = list(model.graph.node).index(old)
