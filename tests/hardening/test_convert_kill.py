@@ -73,9 +73,10 @@ def _partials(parent: Path, name: str) -> list[Path]:
 
 
 def _default_sigint() -> None:
-    """A child started from a background job inherits SIGINT ignored (and convert keeps ignoring it, rightly):
-    give it the default disposition, as in a terminal."""
+    """A child started from a background job inherits SIGINT ignored (and convert keeps ignoring it, rightly),
+    one started under nohup SIGHUP: give both the default disposition, as in a terminal."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def _stop_at(phase: str, sig: signal.Signals, source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
