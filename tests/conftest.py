@@ -246,3 +246,15 @@ def default_int4_dir() -> Path:
 def default_fp32_dir() -> Path:
     """The real default model at fp32 (no quantization): the reference the int8 model is judged against."""
     return _default_model(DEFAULT_MODEL_DIR.with_name(DEFAULT_MODEL_DIR.name + "-fp32"), "fp32")
+
+
+@pytest.fixture(scope="module")
+def kernel_library() -> Path:
+    """edgellm's built kernel library; on x86-64 Linux a missing one fails (CI builds it in scripts/setup.sh)."""
+    from edgellm import kernels
+
+    path = kernels.library_path()
+    if path is None:
+        pytest.fail(f"{kernels.default_library()} is not built or does not load; CI builds it in scripts/setup.sh. "
+                    "Fix: python -m edgellm.kernels build")
+    return path

@@ -14,8 +14,6 @@ import sys
 import numpy as np
 import pytest
 
-from edgellm import kernels
-
 X86_LINUX = platform.machine().lower() in {"x86_64", "amd64"} and sys.platform.startswith("linux")
 pytestmark = pytest.mark.skipif(not X86_LINUX, reason=f"edgellm's kernels are built for x86-64 Linux only, "
                                                       f"this is {sys.platform} {platform.machine()}")
@@ -24,15 +22,6 @@ onnx = pytest.importorskip("onnx", reason="onnx (the [convert] extra) builds the
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 H, HKV, CAPACITY, POSITIONS = 6, 2, 40, 48
-
-
-@pytest.fixture(scope="module")
-def library():
-    path = kernels.library_path()
-    if path is None:
-        pytest.fail(f"{kernels.default_library()} is not built or does not load; CI builds it in scripts/setup.sh. "
-                    "Fix: python -m edgellm.kernels build")
-    return path
 
 
 def rotary_tables(D: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,9 +91,9 @@ class Runner:
 
 @pytest.mark.parametrize("D", [64, 32])
 @pytest.mark.parametrize("in_place", [True, False])
-def test_cached_attention_matches_group_query_attention(library, D, in_place):
+def test_cached_attention_matches_group_query_attention(kernel_library, D, in_place):
     rng = np.random.default_rng(D)
-    ours, theirs = Runner(True, D, library, in_place), Runner(False, D, library, in_place)
+    ours, theirs = Runner(True, D, kernel_library, in_place), Runner(False, D, kernel_library, in_place)
     for tokens in (19, 1, 1, 3, 1):  # past 16 keys: the 16-at-a-time path and its tail
         qkv = rng.standard_normal((1, tokens, (H + 2 * HKV) * D)).astype(np.float32)
         got, want = ours.step(qkv), theirs.step(qkv)
@@ -117,8 +106,8 @@ def test_cached_attention_matches_group_query_attention(library, D, in_place):
             assert np.abs(ours.keys[:, :, filled - tokens:filled]).max() > 0
 
 
-def test_a_full_cache_is_a_clear_error(library):
-    runner = Runner(True, 64, library, in_place=False)
+def test_a_full_cache_is_a_clear_error(kernel_library):
+    runner = Runner(True, 64, kernel_library, in_place=False)
     runner.total = CAPACITY  # the next token would be past the cache
     with pytest.raises(Exception, match=r"CachedAttention node 'attn': sequence 0 has total length 41.*cache \(40\)"):
         runner.step(np.zeros((1, 1, (H + 2 * HKV) * 64), np.float32))

@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 
-from edgellm import kernels
 
 X86_LINUX = platform.machine().lower() in {"x86_64", "amd64"} and sys.platform.startswith("linux")
 pytestmark = pytest.mark.skipif(not X86_LINUX, reason=f"edgellm's kernels are built for x86-64 Linux only, "
@@ -64,15 +63,6 @@ def layer_tail(eps_next: float | None = 1e-5) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=opsets, ir_version=8)
 
 
-@pytest.fixture(scope="module")
-def library():
-    path = kernels.library_path()
-    if path is None:
-        pytest.fail(f"{kernels.default_library()} is not built or does not load; CI builds it in scripts/setup.sh. "
-                    "Fix: python -m edgellm.kernels build")
-    return path
-
-
 def run(model: onnx.ModelProto, library, feed: dict, threads: int) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -82,7 +72,7 @@ def run(model: onnx.ModelProto, library, feed: dict, threads: int) -> list[np.nd
 
 @pytest.mark.parametrize("rows", [1, 3, 21])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_q8mlp_matches_the_nodes_it_replaces(library, rows, threads):
+def test_q8mlp_matches_the_nodes_it_replaces(kernel_library, rows, threads):
     unfused = layer_tail()
     fused = layer_tail()
     assert fuse_decoder_layers(fused.graph) == 1
@@ -91,8 +81,8 @@ def test_q8mlp_matches_the_nodes_it_replaces(library, rows, threads):
     rng = np.random.default_rng(rows)
     feed = {"attn": rng.standard_normal((1, rows, H)).astype(np.float32),
             "residual": rng.standard_normal((1, rows, H)).astype(np.float32)}
-    want_next, want_sum = run(unfused, library, feed, threads)
-    got_next, got_sum = run(fused, library, feed, threads)
+    want_next, want_sum = run(unfused, kernel_library, feed, threads)
+    got_next, got_sum = run(fused, kernel_library, feed, threads)
     assert got_next.shape == want_next.shape == (1, rows, H)
     np.testing.assert_allclose(got_sum, want_sum, rtol=0, atol=1e-3 * np.abs(want_sum).max())
     np.testing.assert_allclose(got_next, want_next, rtol=0, atol=1e-3 * np.abs(want_next).max())

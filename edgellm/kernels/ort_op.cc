@@ -195,15 +195,21 @@ OrtStatus* read_int(const OrtKernelInfo* info, const std::string& where, const c
   return nullptr;
 }
 
-OrtStatus* create_kernel(const OrtKernelInfo* info, void** out) {
-  *out = nullptr;
+// "OP node 'NAME'" for messages; a name longer than 255 bytes: the node is described without it.
+std::string node_where(const OrtKernelInfo* info, const char* op) {
   char name[256] = {0};
   size_t size = sizeof(name);
-  std::string where = "MatMulQ8 node";
+  std::string where = std::string(op) + " node";
   if (OrtStatus* s = KernelInfo_GetNodeName::get(g_api)(info, name, &size))
-    ReleaseStatus::get(g_api)(s);  // a name longer than 255 bytes: describe the node without it
+    ReleaseStatus::get(g_api)(s);
   else
     where += std::string(" '") + name + "'";
+  return where;
+}
+
+OrtStatus* create_kernel(const OrtKernelInfo* info, void** out) {
+  *out = nullptr;
+  const std::string where = node_where(info, "MatMulQ8");
 
   int64_t K = 0, N = 0, bits = 0, block_size = 0;
   if (OrtStatus* s = read_int(info, where, "K", &K)) return s;
@@ -314,13 +320,7 @@ OrtStatus* check_matrix(const OrtKernelInfo* info, const std::string& where, siz
 
 OrtStatus* create_mlp(const OrtKernelInfo* info, void** out) {
   *out = nullptr;
-  char name[256] = {0};
-  size_t size = sizeof(name);
-  std::string where = "Q8Mlp node";
-  if (OrtStatus* s = KernelInfo_GetNodeName::get(g_api)(info, name, &size))
-    ReleaseStatus::get(g_api)(s);
-  else
-    where += std::string(" '") + name + "'";
+  const std::string where = node_where(info, "Q8Mlp");
   int64_t H = 0, I = 0, A = 0;
   float eps_post = 0.0f, eps_next = 0.0f;
   const char* needs = "Q8Mlp needs hidden, intermediate and attn (re-convert the model)";
@@ -458,13 +458,7 @@ struct AttentionKernel {
 
 OrtStatus* create_attention(const OrtKernelInfo* info, void** out) {
   *out = nullptr;
-  char name[256] = {0};
-  size_t size = sizeof(name);
-  std::string where = "CachedAttention node";
-  if (OrtStatus* s = KernelInfo_GetNodeName::get(g_api)(info, name, &size))
-    ReleaseStatus::get(g_api)(s);
-  else
-    where += std::string(" '") + name + "'";
+  const std::string where = node_where(info, "CachedAttention");
   const char* needs = "CachedAttention needs num_heads, kv_num_heads and scale (re-convert the model)";
   int64_t H = 0, Hkv = 0;
   float scale = 0.0f;
