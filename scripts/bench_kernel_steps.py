@@ -12,6 +12,8 @@ Variants of the same int8 folder, each built from its model.onnx with the functi
                    scales as fp16, so this step includes them: 143 MB read per token instead of 151)
   + Q8Mlp          each layer's o_proj .. next-norm tail folded into one node (11 nodes a layer become 3)
   + CachedAttention  GroupQueryAttention as edgellm's attention op: the shipped model.kernels.onnx
+  + huge pages     the same graph with its weights copied into 2 MB pages at load (edgellm/kernels/weight_arena.h);
+                   every variant before this one runs with EDGELLM_KERNEL_HUGEPAGES=0
 
 Each (variant, thread count) runs in a fresh process of its own (no two sessions share a process or
 its caches), in a rotating order every round: edgellm.runtime.measure.decode_probe on the bare
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -34,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from edgellm.record import Recorder, Table  # noqa: E402
 
-VARIANTS = ("onnxruntime", "MatMulQ8", "+ Q8Mlp", "+ CachedAttention")
+VARIANTS = ("onnxruntime", "MatMulQ8", "+ Q8Mlp", "+ CachedAttention", "+ huge pages")
+HUGEPAGES_FROM = "+ huge pages"  # the first variant that places its weights in huge pages
 
 
 def build_variants(folder: Path) -> dict[str, str | None]:
@@ -56,6 +60,7 @@ def build_variants(folder: Path) -> dict[str, str | None]:
         file = f"variant{index}.onnx"
         (folder / file).write_bytes(twin.SerializeToString())
         files[name] = file
+    files[HUGEPAGES_FROM] = files["+ CachedAttention"]
     return files
 
 
@@ -70,8 +75,19 @@ def worker(folder: str, graph: str | None, threads: int, prompt: list[int], step
                              kernel_path=Path(folder) / graph if graph else None, kernels=graph is not None)
     measure.decode_probe(session, prompt, 4)  # warm-up: first-run allocations, page faults
     runs = [measure.decode_probe(session, prompt, steps) for _ in range(probes)]
-    print(json.dumps({"prefill_ms": [r.prefill_ms for r in runs], "decode_ms_per_token": [r.decode_ms_per_token
-                                                                                          for r in runs]}))
+    memory = memory_kb()
+    print(json.dumps({"prefill_ms": [r.prefill_ms for r in runs],
+                      "decode_ms_per_token": [r.decode_ms_per_token for r in runs],
+                      "rss_kb": [memory.get("Rss", 0)], "anon_huge_kb": [memory.get("AnonHugePages", 0)]}))
+
+
+def memory_kb() -> dict[str, int]:
+    """This process's resident memory and the part of it in transparent huge pages (Linux), in kB."""
+    try:
+        lines = Path("/proc/self/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return {}
+    return {f.split(":")[0]: int(f.split()[1]) for f in lines if f.endswith(" kB")}
 
 
 def main() -> None:
@@ -99,7 +115,8 @@ def main() -> None:
     recorder = Recorder("bench_kernel_steps", vars(args))
     prompt = edgellm.load(args.model, kernels=False).encode(BENCH_MESSAGES)
     samples: dict[str, dict[str, dict[str, list[float]]]] = {
-        str(t): {v: {"prefill_ms": [], "decode_ms_per_token": []} for v in VARIANTS} for t in threads}
+        str(t): {v: {"prefill_ms": [], "decode_ms_per_token": [], "rss_kb": [], "anon_huge_kb": []}
+                   for v in VARIANTS} for t in threads}
     with tempfile.TemporaryDirectory(prefix="edgellm-kernel-steps-") as tmp:
         folder = Path(tmp) / "model"
         shutil.copytree(args.model, folder)
@@ -110,8 +127,10 @@ def main() -> None:
                 for variant in order:
                     cfg = {"folder": str(folder), "graph": files[variant], "threads": t, "prompt": prompt,
                            "steps": args.steps, "probes": args.probes}
+                    huge = VARIANTS.index(variant) >= VARIANTS.index(HUGEPAGES_FROM)
+                    env = {**os.environ, "EDGELLM_KERNEL_HUGEPAGES": "1" if huge else "0"}
                     run = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
-                                         text=True, timeout=600)
+                                         text=True, timeout=600, env=env)
                     if run.returncode != 0:
                         sys.exit(f"{variant} at {t} threads failed:\n{run.stderr[-3000:]}")
                     result = json.loads(run.stdout.strip().splitlines()[-1])
@@ -132,7 +151,9 @@ def main() -> None:
             prefill = statistics.median(samples[str(t)][variant]["prefill_ms"])
             summary[str(t)][variant] = {"decode_ms_per_token": round(decode, 3), "prefill_ms": round(prefill, 2),
                                         "decode_vs_onnxruntime": round(decode / base_decode, 3),
-                                        "prefill_vs_onnxruntime": round(prefill / base_prefill, 3)}
+                                        "prefill_vs_onnxruntime": round(prefill / base_prefill, 3),
+                                        "rss_mb": round(max(samples[str(t)][variant]["rss_kb"]) / 1024, 1),
+                                        "huge_pages_mb": round(max(samples[str(t)][variant]["anon_huge_kb"]) / 1024, 1)}
             rows.append([t, variant, round(decode, 2), round(decode / base_decode, 2), round(prefill, 1),
                          round(prefill / base_prefill, 2)])
     table = Table(["threads", "graph", "decode ms/token", "× onnxruntime", f"prompt ({len(prompt)} tokens) ms",

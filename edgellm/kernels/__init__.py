@@ -13,7 +13,9 @@ Importing this module loads nothing; the library is opened on the first call tha
 
 Environment: EDGELLM_KERNELS=0 turns the kernels off; EDGELLM_Q8_ISA=avx2|scalar forces a lower code path;
 EDGELLM_KERNEL_TASKS_PER_CPU=n (default 1) splits each MatMulQ8's rows into n contiguous work items per usable
-CPU (more items let idle pool threads take over work from threads a busy machine delays).
+CPU (more items let idle pool threads take over work from threads a busy machine delays);
+EDGELLM_KERNEL_HUGEPAGES=0 keeps the weights in onnxruntime's file mapping instead of copying them into 2 MB
+pages at load (weight_arena.h says why the copy is the default).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ ENV = "EDGELLM_KERNELS"
 _OFF = {"0", "off", "false", "no"}
 HERE = Path(__file__).resolve().parent
 LIBRARY_NAME = "libedgellm_ortops.so"
-SOURCES = ("ort_op.cc", "q8_kernel.c", "attention.c")
-HEADERS = ("ort_abi.h", "q8_kernel.h", "attention.h", "simd_avx512.h")
+SOURCES = ("ort_op.cc", "weight_arena.cc", "q8_kernel.c", "attention.c")
+HEADERS = ("ort_abi.h", "q8_kernel.h", "attention.h", "simd_avx512.h", "weight_arena.h")
 _X86 = {"x86_64", "amd64", "x64"}
 
 _logged: set[str] = set()
@@ -164,7 +166,9 @@ def build(out: Path | None = None, *, quiet: bool = False) -> Path:
             [cc, "-O3", "-fPIC", "-c", str(HERE / "attention.c"), "-o", str(tmpdir / "attention.o")],
             [cxx, "-O3", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-c", str(HERE / "ort_op.cc"),
              "-o", str(tmpdir / "ort_op.o")],
-            [cxx, "-shared", "-o", str(tmpdir / LIBRARY_NAME), str(tmpdir / "ort_op.o"),
+            [cxx, "-O3", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-c", str(HERE / "weight_arena.cc"),
+             "-o", str(tmpdir / "weight_arena.o")],
+            [cxx, "-shared", "-o", str(tmpdir / LIBRARY_NAME), str(tmpdir / "ort_op.o"), str(tmpdir / "weight_arena.o"),
              str(tmpdir / "q8_kernel.o"), str(tmpdir / "attention.o"), "-lm"],
         ]
         for cmd in steps:

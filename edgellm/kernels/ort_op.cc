@@ -21,6 +21,7 @@
 #include "ort_abi.h"
 #include "attention.h"
 #include "q8_kernel.h"
+#include "weight_arena.h"
 
 namespace {
 
@@ -32,6 +33,15 @@ constexpr int64_t kRowsPerUnit = 16;  // each thread gets a contiguous range of 
 
 OrtStatus* error(int code, const std::string& message) {
   return CreateStatus::get(g_api)(code, message.c_str());
+}
+
+// The data of a constant input, copied into huge pages by `placed` (weight_arena.h).
+OrtStatus* place_constant(const OrtValue* value, size_t bytes, edgellm_arena::PlacedWeights& placed,
+                          const void** out) {
+  void* data = nullptr;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(value), &data)) return s;
+  *out = placed.place(data, bytes);
+  return nullptr;
 }
 
 // The number of CPUs this process may run on: the most threads onnxruntime's pool can use at once.
@@ -89,6 +99,9 @@ struct Kernel {
   std::string where;  // "MatMulQ8 node 'name'", for messages
   int64_t K = 0, N = 0;
   bool weights_checked = false;  // B and scales are constant initializers whose sizes were checked at load
+  edgellm_arena::PlacedWeights placed;
+  const uint8_t* B = nullptr;       // when checked at load: B and scales as placed in huge pages (weight_arena.h)
+  const uint16_t* scales = nullptr;
 
   // B must hold N*K uint8 and scales N*K/32 float; `when` says at which step this was checked.
   OrtStatus* check_weights(const OrtValue* b, const OrtValue* scales, const char* when) const {
@@ -181,8 +194,9 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
   if (scratch.size() < bytes) scratch.resize(bytes);
   edgellm_q8_quantize(static_cast<const float*>(a_data), M, k.K, scratch.data());
 
-  return parallel_matmul(context, scratch.data(), M, k.K, k.N, static_cast<const uint8_t*>(b_data),
-                         static_cast<const uint16_t*>(s_data), static_cast<float*>(y_data));
+  const uint8_t* weights = k.B ? k.B : static_cast<const uint8_t*>(b_data);
+  const uint16_t* weight_scales = k.scales ? k.scales : static_cast<const uint16_t*>(s_data);
+  return parallel_matmul(context, scratch.data(), M, k.K, k.N, weights, weight_scales, static_cast<float*>(y_data));
 }
 
 OrtStatus* read_int(const OrtKernelInfo* info, const std::string& where, const char* name, int64_t* out,
@@ -238,6 +252,11 @@ OrtStatus* create_kernel(const OrtKernelInfo* info, void** out) {
   if (!s && b_const && s_const) {
     s = kernel->check_weights(b, scales, "at load");
     kernel->weights_checked = s == nullptr;
+    const void *b_placed = nullptr, *s_placed = nullptr;
+    if (!s) s = place_constant(b, (size_t)(N * K), kernel->placed, &b_placed);
+    if (!s) s = place_constant(scales, (size_t)(N * (K / 32)) * 2, kernel->placed, &s_placed);
+    kernel->B = static_cast<const uint8_t*>(b_placed);
+    kernel->scales = static_cast<const uint16_t*>(s_placed);
   }
   if (s) {
     delete kernel;
@@ -294,6 +313,8 @@ struct MlpKernel {
   std::string where;
   int64_t H = 0, I = 0, A = 0;
   float eps_post = 0.0f, eps_next = 0.0f;
+  edgellm_arena::PlacedWeights placed;
+  const void* constant[10] = {nullptr};  // inputs 2, 3, 5-8 as placed in huge pages, when constant
 };
 
 OrtStatus* read_float(const OrtKernelInfo* info, const std::string& where, const char* name, float* out) {
@@ -305,7 +326,9 @@ OrtStatus* read_float(const OrtKernelInfo* info, const std::string& where, const
   return nullptr;
 }
 
-OrtStatus* check_matrix(const OrtKernelInfo* info, const std::string& where, size_t input, int64_t N, int64_t K) {
+// Checks the weight matrix at `input` (and its scales at input + 1) when they are constant, and places them.
+OrtStatus* check_matrix(const OrtKernelInfo* info, const std::string& where, size_t input, int64_t N, int64_t K,
+                        MlpKernel* kernel) {
   const OrtValue *b = nullptr, *scales = nullptr;
   int b_const = 0, s_const = 0;
   OrtStatus* s = KernelInfoGetConstantInput_tensor::get(g_api)(info, input, &b_const, &b);
@@ -315,7 +338,9 @@ OrtStatus* check_matrix(const OrtKernelInfo* info, const std::string& where, siz
   k.where = where + " (input " + std::to_string(input) + ")";
   k.K = K;
   k.N = N;
-  return k.check_weights(b, scales, "at load");
+  if (OrtStatus* s = k.check_weights(b, scales, "at load")) return s;
+  if (OrtStatus* s = place_constant(b, (size_t)(N * K), kernel->placed, &kernel->constant[input])) return s;
+  return place_constant(scales, (size_t)(N * (K / 32)) * 2, kernel->placed, &kernel->constant[input + 1]);
 }
 
 OrtStatus* create_mlp(const OrtKernelInfo* info, void** out) {
@@ -333,11 +358,15 @@ OrtStatus* create_mlp(const OrtKernelInfo* info, void** out) {
     return error(ORT_INVALID_GRAPH, where + ": hidden=" + std::to_string(H) + ", intermediate=" + std::to_string(I) +
                                         ", attn=" + std::to_string(A) + " are invalid; each must be a positive "
                                         "multiple of 32");
-  if (OrtStatus* s = check_matrix(info, where, 2, H, A)) return s;
-  if (OrtStatus* s = check_matrix(info, where, 5, 2 * I, H)) return s;
-  if (OrtStatus* s = check_matrix(info, where, 7, H, I)) return s;
   MlpKernel* kernel = new (std::nothrow) MlpKernel;
   if (!kernel) return error(ORT_FAIL, where + ": out of memory");
+  OrtStatus* s = check_matrix(info, where, 2, H, A, kernel);
+  if (!s) s = check_matrix(info, where, 5, 2 * I, H, kernel);
+  if (!s) s = check_matrix(info, where, 7, H, I, kernel);
+  if (s) {
+    delete kernel;
+    return s;
+  }
   kernel->where = where;
   kernel->H = H;
   kernel->I = I;
@@ -377,8 +406,13 @@ OrtStatus* compute_mlp(const MlpKernel& k, OrtKernelContext* context) {
   if (M == 0) return nullptr;
   void* p[10] = {nullptr};
   const int64_t expected[10] = {-1, M * k.H, -1, -1, k.H, -1, -1, -1, -1, k.H};
-  for (size_t i = 0; i < 10; ++i)
+  for (size_t i = 0; i < 10; ++i) {
+    if (k.constant[i]) {
+      p[i] = const_cast<void*>(k.constant[i]);
+      continue;
+    }
     if (OrtStatus* s = input_data(context, i, k, expected[i], &p[i])) return s;
+  }
   void *norm_data = nullptr, *res_data = nullptr;
   if (OrtStatus* s = GetTensorMutableData::get(g_api)(y_norm, &norm_data)) return s;
   if (OrtStatus* s = GetTensorMutableData::get(g_api)(y_res, &res_data)) return s;

@@ -17,7 +17,11 @@ forces (JSON keys, closing brackets), which are then verified like any draft.
 On a CPU a (k+1)-token pass costs more than a 1-token one, so speculation pays only while enough drafts
 are accepted. The session measures its acceptance rate and the pass times as it goes, picks the k with
 the best expected tokens per second, and decodes plainly when no k beats plain decoding (probing now
-and then, in case the text becomes easier to predict).
+and then, in case the text becomes easier to predict). The extra cost of a verify pass is measured for
+each k apart, because it is far from linear in k: with edgellm's int8 kernels one extra token costs
+~3% of a step (the decode kernel absorbs a second row while it waits for memory) and three cost ~50%.
+A k not yet tried is estimated from the nearest one measured, scaled linearly (optimistic above it,
+pessimistic below), and is then judged on its own measurement once tried.
 
 The model of the cost cannot see everything (a multi-token pass that takes a slower kernel, drafts that
 are found but rejected, the generator's own work per token), so the session also clocks what each mode
@@ -93,11 +97,16 @@ class PromptLookupDrafter:
         n_ctx = len(ids)
         for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):
             pattern = ids[n_ctx - n:]
-            # Start positions i < n_ctx - n whose n tokens equal the pattern; latest first.
+            # Start positions i < n_ctx - n whose n tokens equal the pattern, narrowed one token at a time in
+            # numpy (a Python loop over the candidates cost ~200 us a step on a 900-token context: 3% of a step).
             starts = np.flatnonzero(ids[:n_ctx - n] == pattern[0])
-            for i in starts[::-1]:
-                if np.array_equal(ids[i:i + n], pattern):
-                    return ids[i + n:i + n + k].tolist()
+            for j in range(1, n):
+                if not starts.size:
+                    break
+                starts = starts[ids[starts + j] == pattern[j]]
+            if starts.size:
+                i = int(starts[-1])  # the latest occurrence
+                return ids[i + n:i + n + k].tolist()
         return []
 
 
@@ -135,7 +144,7 @@ class SpeculationStats:
     tokens_per_pass: float  # decode tokens per model forward pass (1.0 = no gain)
     current_k: int          # 0 while speculation is off
     plain_ms: float         # measured mean of one plain step
-    verify_ms_per_extra_token: float
+    verify_ms_per_extra_token: float  # at the current k (or the last k measured while off)
     draft_ms_per_token: float
     realized_ms_per_token_speculating: float = math.nan  # wall per token, decode call to decode call
     realized_ms_per_token_plain: float = math.nan
@@ -153,7 +162,7 @@ class SpeculativeSession:
         self._acc, self._rej = prior * weight, (1 - prior) * weight  # forgetting counts of accept / reject
         self._plain_samples: deque[float] = deque(maxlen=9)  # recent plain steps; their median is the baseline
         self._plain_ms: float | None = None
-        self._extra_ms: float | None = None  # verify cost per extra token beyond the first
+        self._extra_ms: dict[int, float] = {}  # k -> measured verify cost of k drafts beyond a plain step
         self._draft_ms: float | None = None
         self._k = self._first_k = min(3, self.config.max_draft)
         self._off_steps = 0
@@ -303,7 +312,7 @@ class SpeculativeSession:
         self._cycles += 1
         self._draft_ms = self._mix(self._draft_ms, draft_ms / k)
         if self._plain_ms is not None:
-            self._extra_ms = self._mix(self._extra_ms, max(0.0, verify_ms - self._plain_ms) / k)
+            self._extra_ms[k] = self._mix(self._extra_ms.get(k), max(0.0, verify_ms - self._plain_ms))
         m = self.config.memory
         self._acc, self._rej = self._acc * m, self._rej * m
 
@@ -314,11 +323,22 @@ class SpeculativeSession:
     def acceptance_estimate(self) -> float:
         return self._acc / (self._acc + self._rej)
 
+    def verify_extra_ms(self, k: int) -> float | None:
+        """The extra ms of verifying k drafts: measured for k, else scaled linearly from the nearest measured k
+        (None before any verify pass). Linear is optimistic above (costs grow faster than k), so an unmeasured
+        larger k gets tried and then judged on its own measurement."""
+        if k in self._extra_ms:
+            return self._extra_ms[k]
+        if not self._extra_ms:
+            return None
+        nearest = min(self._extra_ms, key=lambda measured: (abs(measured - k), measured))
+        return self._extra_ms[nearest] * k / nearest
+
     def expected_speedup(self, k: int) -> float:
         """Expected tokens per ms with k drafts, relative to plain decoding (needs both timings measured)."""
         a = min(self.acceptance_estimate, 0.999)
         tokens = (1 - a ** (k + 1)) / (1 - a)  # accepted drafts + the model's own next token
-        cost = k * (self._draft_ms or 0.0) + self._plain_ms + k * (self._extra_ms or 0.0)
+        cost = k * (self._draft_ms or 0.0) + self._plain_ms + (self.verify_extra_ms(k) or 0.0)
         return tokens / cost * self._plain_ms
 
     def _choose_k(self) -> int:
@@ -327,10 +347,10 @@ class SpeculativeSession:
         if len(self._plain_samples) < MIN_PLAIN_SAMPLES or self._realized_tokens[False] < MIN_REALIZED_TOKENS:
             return 0  # the first steps measure plain decoding
         vetoed = self._realized_says_no()
-        if self._extra_ms is None and not vetoed:
+        if not self._extra_ms and not vetoed:
             return self._first_k  # the first cycle measures verification (tried again once a veto is forgotten)
         # (Vetoed before any cycle: drafting found nothing, and looking cost more than plain steps did.)
-        best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup) if self._extra_ms is not None else 0
+        best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup) if self._extra_ms else 0
         if not vetoed and self.realized_ms_per_token(True) is not None:
             self._veto_interval = self.config.probe_every  # speculation proved itself: retries after a veto stay quick
         if best_k and self.expected_speedup(best_k) >= 1 + self.config.margin and not vetoed:
@@ -342,8 +362,17 @@ class SpeculativeSession:
         if self._off_steps >= self._probe_interval:  # look again: the text may have become predictable
             self._off_steps = 0
             self._probe_interval = min(2 * self._probe_interval, 4 * self.config.probe_every)
-            return 2
-        return 0
+            return 1 if 1 not in self._extra_ms else min(2, self.config.max_draft)  # k=1 is estimated, not measured,
+        return 0                                                                   # until a probe tries it
+
+    def _extra_per_token(self) -> float:
+        k = self._k if self._k in self._extra_ms else next(reversed(self._extra_ms), None)
+        return self._extra_ms[k] / k if k else math.nan
+
+    @property
+    def verify_extra_ms_by_k(self) -> dict[int, float]:
+        """Measured extra ms of a verify pass over a plain step, by number of drafts verified."""
+        return dict(sorted(self._extra_ms.items()))
 
     def _drop_pending(self) -> None:
         if self._pending:
@@ -361,7 +390,7 @@ class SpeculativeSession:
             acceptance_rate=self._accepted / checked if (checked := self._accepted + self._rejected) else 0.0,
             tokens_per_pass=(passes + self._accepted) / passes if passes else 1.0,
             current_k=self._k, plain_ms=self._plain_ms or math.nan,
-            verify_ms_per_extra_token=self._extra_ms if self._extra_ms is not None else math.nan,
+            verify_ms_per_extra_token=self._extra_per_token(),
             draft_ms_per_token=self._draft_ms if self._draft_ms is not None else math.nan,
             realized_ms_per_token_speculating=self.realized_ms_per_token(True) or math.nan,
             realized_ms_per_token_plain=self.realized_ms_per_token(False) or math.nan)

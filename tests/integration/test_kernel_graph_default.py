@@ -49,3 +49,39 @@ def test_the_default_model_runs_its_kernel_graph_within_the_recorded_limits(defa
             assert np.abs(rows[0] - rows[1]).max() <= limits.max_abs_logit_diff
             assert np.sort(rows[1])[-1] - np.sort(rows[1])[-2] < limits.max_abs_logit_diff  # it was a near-tie
     on.reset(), off.reset()
+
+
+HUGEPAGE_PROBE = """
+import json, sys
+import numpy as np
+import edgellm
+llm = edgellm.load(sys.argv[1], threads=1, kernels=True)
+ids = llm.encode("Name three colours.")
+logits = llm.session.forward(ids, keep=1)[0]
+memory = {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.endswith(" kB\\n")}
+print(json.dumps({"logits": logits.tolist(), "rss_kb": memory["Rss"], "huge_kb": memory.get("AnonHugePages", 0)}))
+"""
+
+
+def test_weights_in_huge_pages_give_the_same_logits_without_growing_memory(default_model_dir):
+    """The kernels copy their weights into 2 MB pages at load (weight_arena.h) and hand the file mapping's
+    pages back: bit-identical logits, resident memory within 40 MB of reading onnxruntime's mapping."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def probe(setting: str) -> dict:
+        env = {**os.environ, "EDGELLM_KERNEL_HUGEPAGES": setting}
+        run = subprocess.run([sys.executable, "-c", HUGEPAGE_PROBE, str(default_model_dir)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    placed, mapped = probe("1"), probe("0")
+    assert placed["logits"] == mapped["logits"]
+    assert mapped["huge_kb"] < 8 * 1024  # off: no weights in huge pages
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.is_file() and "[never]" not in thp.read_text():
+        assert placed["huge_kb"] > 100 * 1024  # ~139 MB of the 146 MB of int8 weights and scales
+    assert placed["rss_kb"] < mapped["rss_kb"] + 40 * 1024

@@ -1,0 +1,36 @@
+// Constant weights copied once, at session load, into memory the kernel backs with 2 MB pages.
+//
+// onnxruntime hands custom ops their initializers inside its 4 KB-page file mapping of model.onnx.data. A
+// decode step streams all ~146 MB of weights once, and with 4 KB pages that is ~36,000 TLB misses and a
+// hardware-prefetch restart at every page edge. From huge pages the same kernels ran a decode step 0.85-0.87x
+// as long (1 and 2 threads, this repo's default model). The copies replace the originals in memory: the
+// file mapping's pages are handed back with MADV_PAGEOUT, which keeps their contents (they re-read from the
+// file if anything touches them), so resident memory does not grow.
+//
+// EDGELLM_KERNEL_HUGEPAGES=0 turns this off (the kernels then read onnxruntime's mapping as before); it is off
+// by itself where transparent huge pages are disabled ("never").
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <vector>
+
+namespace edgellm_arena {
+
+struct Chunk;
+
+// The copies one kernel placed; they live as long as it does (chunks are shared between kernels and freed
+// when the last kernel using them is destroyed).
+class PlacedWeights {
+ public:
+  // A copy of `bytes` bytes at `src` in huge-page memory, or `src` itself when placing is off or fails.
+  const void* place(const void* src, size_t bytes);
+
+ private:
+  std::vector<std::shared_ptr<Chunk>> chunks_;
+};
+
+// Whether place() copies (EDGELLM_KERNEL_HUGEPAGES and the kernel's transparent huge page setting).
+bool enabled();
+
+}  // namespace edgellm_arena
