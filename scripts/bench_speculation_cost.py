@@ -93,7 +93,7 @@ def main() -> None:
     summary["controller"] = stats
     summary["controller_unguarded"] = unguarded.speculation
     table = Table(["prompt", "plain ms/token", f"--draft {args.draft} ms/token", "draft / plain (median of rounds)",
-                   "before: cost model alone / plain"],
+                   "cost model alone (no realized-rate veto) / plain"],
                   rows)  # no caption: docs paste the bare table
     recorder.write(args.out, samples=samples, summary=summary, table=table,
                    notes=f"{drafted.manifest.name} {drafted.manifest.precision}, {args.threads} threads, "

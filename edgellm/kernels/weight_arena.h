@@ -2,8 +2,8 @@
 //
 // onnxruntime hands custom ops their initializers inside its 4 KB-page file mapping of model.onnx.data. A
 // decode step streams all ~146 MB of weights once, and with 4 KB pages that is ~36,000 TLB misses and a
-// hardware-prefetch restart at every page edge. From huge pages the same kernels ran a decode step 0.85-0.87x
-// as long (1 and 2 threads, this repo's default model). The copies replace the originals in memory: the
+// hardware-prefetch restart at every page edge (benchmarks/kernel_steps.json, "+ huge pages", measures the
+// gain on this repo's default model). The copies replace the originals in memory: the
 // file mapping's pages are handed back with MADV_PAGEOUT, which keeps their contents (they re-read from the
 // file if anything touches them), so resident memory does not grow.
 //
