@@ -20,7 +20,7 @@ namespace {
 
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kChunkBytes = size_t(32) << 20;  // a few layers per chunk; a chunk's unused tail stays unbacked
-constexpr size_t kMinBytes = size_t(64) << 10;    // smaller tensors are not worth a copy
+constexpr size_t kMinBytes = 4096;               // a page: smaller tensors share pages with others anyway
 constexpr size_t kAlign = 64;
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
