@@ -5,7 +5,8 @@
 // hardware-prefetch restart at every page edge (benchmarks/kernel_steps.json, "+ huge pages", measures the
 // gain on this repo's default model). The copies replace the originals in memory: the
 // file mapping's pages are handed back with MADV_PAGEOUT, which keeps their contents (they re-read from the
-// file if anything touches them), so resident memory does not grow.
+// file if anything touches them), so resident memory grows only by what cannot be handed back (tensors
+// onnxruntime holds in its heap, like the twin's fp16 scales, and partial pages): ~25 MB on the default model.
 //
 // EDGELLM_KERNEL_HUGEPAGES=0 turns this off (the kernels then read onnxruntime's mapping as before); it is off
 // by itself where transparent huge pages are disabled ("never").
