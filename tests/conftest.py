@@ -83,6 +83,27 @@ def app_stderr_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip() and not line.startswith(ORT_PLATFORM_MESSAGES)]
 
 
+HEAVY_MODULES = ("torch", "transformers", "optimum")  # what `import edgellm` and a generation must never load
+
+FRESH_GENERATION = """
+import json, sys
+import edgellm
+folder, threads, prompt, params = json.loads(sys.argv[1])
+result = edgellm.load(folder, threads=threads).generate(prompt, edgellm.SamplingParams(**params))
+heavy = sorted(m for m in json.loads(sys.argv[2]) if m in sys.modules)
+print(json.dumps({"text": result.text, "token_ids": result.token_ids, "heavy_modules": heavy}))
+"""
+
+
+def generate_in_fresh_process(folder: Path, prompt, threads: int, **params) -> dict:
+    """Load `folder` and generate once in a new Python process: {text, token_ids, heavy_modules (of HEAVY_MODULES,
+    those the process imported)}. A fresh process, because this one has torch loaded by the converting fixtures."""
+    args = json.dumps([str(folder), threads, prompt, params])
+    done = subprocess.run([sys.executable, "-c", FRESH_GENERATION, args, json.dumps(HEAVY_MODULES)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 # The draft model of the speculative tests: a different random model with the same tokenizer.
 DRAFT_LAYERS, DRAFT_SEED = 1, 1
 

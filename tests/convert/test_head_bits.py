@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -17,7 +15,7 @@ from edgellm.convert.quantize import quantize_int8, quantize_lm_head, rescore_lm
 from edgellm.convert.validate import ValidationSettings
 from edgellm.errors import InvalidParameterError
 
-from ..conftest import build_tiny_hf_model
+from ..conftest import build_tiny_hf_model, generate_in_fresh_process
 
 SETTINGS = ValidationSettings(heldout_tokens=256, window=128, consistency_tokens=24)
 V, K, S, TOP_K = 300, 64, 5, 8
@@ -94,15 +92,9 @@ def test_head_bits_4_converts_passes_the_int8_gate_and_records_it(tiny_head4_dir
 
 
 def test_head_bits_4_loads_and_generates_torch_free(tiny_head4_dir):
-    code = (
-        "import sys, edgellm\n"
-        f"llm = edgellm.load({str(tiny_head4_dir)!r}, threads=1)\n"
-        "r = llm.generate('hello there', edgellm.SamplingParams(max_new_tokens=8, ignore_eos=True))\n"
-        "assert len(r.token_ids) == 8, r\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    got = generate_in_fresh_process(tiny_head4_dir, "hello there", threads=1, max_new_tokens=8, ignore_eos=True)
+    assert len(got["token_ids"]) == 8, got
+    assert got["heavy_modules"] == []
 
 
 def test_head_bits_4_refuses_an_untied_source(tmp_path):

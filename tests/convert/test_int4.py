@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import onnx
 import pytest
@@ -15,7 +13,7 @@ from edgellm.validation import Thresholds
 from edgellm.errors import ValidationError
 
 
-from ..conftest import build_tiny_hf_model
+from ..conftest import build_tiny_hf_model, generate_in_fresh_process
 
 # A random tiny model is not trained on a 4-bit grid the way the default model's weights are, so it loses more
 # (measured: agreement ~0.73); its gate limits are stated here, looser than the shipped int4 limits
@@ -99,12 +97,6 @@ def test_int4_refuses_an_unknown_projection():
 
 
 def test_int4_loads_and_generates_torch_free(tiny_int4_dir):
-    code = (
-        "import sys, edgellm\n"
-        f"llm = edgellm.load({str(tiny_int4_dir)!r}, threads=1)\n"
-        "r = llm.generate('hello there', edgellm.SamplingParams(max_new_tokens=8, ignore_eos=True))\n"
-        "assert len(r.token_ids) == 8, r\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    got = generate_in_fresh_process(tiny_int4_dir, "hello there", threads=1, max_new_tokens=8, ignore_eos=True)
+    assert len(got["token_ids"]) == 8, got
+    assert got["heavy_modules"] == []

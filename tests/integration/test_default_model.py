@@ -14,6 +14,8 @@ import edgellm
 from edgellm import CancelToken, SamplingParams
 from edgellm.convert.sources import KNOWN_MODELS
 
+from ..conftest import generate_in_fresh_process
+
 pytestmark = pytest.mark.integration
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -77,15 +79,10 @@ def test_fp32_greedy_answers_paris_and_int8_keeps_the_first_token_near_tie(defau
 
 
 def test_generation_in_a_fresh_process_never_imports_torch(default_model_dir):
-    code = (
-        "import sys, edgellm\n"
-        f"llm = edgellm.load({str(default_model_dir)!r}, threads=2)\n"
-        "r = llm.generate([{'role': 'user', 'content': 'Say hello.'}], edgellm.SamplingParams(max_new_tokens=8))\n"
-        "assert r.token_ids, r\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    got = generate_in_fresh_process(default_model_dir, [{"role": "user", "content": "Say hello."}], threads=2,
+                                    max_new_tokens=8)
+    assert got["token_ids"], got
+    assert got["heavy_modules"] == []
 
 
 def test_stream_equals_generate_on_the_real_model(llm):

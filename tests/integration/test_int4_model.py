@@ -1,14 +1,14 @@
 """The default model at --precision int4: passes the stated int4 gate, answers like int8, loads torch-free."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 import edgellm
 from edgellm import SamplingParams
 from edgellm.convert.validate import INT4_THRESHOLDS
+
+from ..conftest import generate_in_fresh_process
 
 pytestmark = pytest.mark.integration
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -28,17 +28,9 @@ def test_int4_manifest_states_and_passes_its_gate(default_int4_dir):
 
 
 def test_int4_answers_and_never_imports_torch(default_int4_dir):
-    code = (
-        "import sys, edgellm\n"
-        f"llm = edgellm.load({str(default_int4_dir)!r}, threads=2)\n"
-        f"r = llm.generate({QUESTION!r}, edgellm.SamplingParams(max_new_tokens=24, temperature=0.0))\n"
-        "print(repr(r.text))\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    text, imported = done.stdout.strip().splitlines()[-2:]
-    assert "Paris" in text
-    assert imported == "[]"
+    got = generate_in_fresh_process(default_int4_dir, QUESTION, threads=2, max_new_tokens=24, temperature=0.0)
+    assert "Paris" in got["text"]
+    assert got["heavy_modules"] == []
 
 
 def test_int4_stream_equals_generate(default_int4_dir):
