@@ -14,6 +14,8 @@ Variants of the same int8 folder, each built from its model.onnx with the functi
   + CachedAttention  GroupQueryAttention as edgellm's attention op: the shipped model.kernels.onnx
   + huge pages     the same graph with its weights copied into 2 MB pages at load (edgellm/kernels/weight_arena.h);
                    every variant before this one runs with EDGELLM_KERNEL_HUGEPAGES=0
+  + packed tiles   the same graph with its weights packed at load into 16-row tiles with inline scales (q8_kernel.c,
+                   PACK_PAIR); every variant before this one runs with EDGELLM_KERNEL_PACK=0
 
 Each (variant, thread count) runs in a fresh process of its own (no two sessions share a process or
 its caches), in a rotating order every round: edgellm.runtime.measure.decode_probe on the bare
@@ -37,8 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from edgellm.record import Recorder, Table  # noqa: E402
 
-VARIANTS = ("onnxruntime", "MatMulQ8", "+ Q8Mlp", "+ CachedAttention", "+ huge pages")
+VARIANTS = ("onnxruntime", "MatMulQ8", "+ Q8Mlp", "+ CachedAttention", "+ huge pages", "+ packed tiles")
 HUGEPAGES_FROM = "+ huge pages"  # the first variant that places its weights in huge pages
+PACKED_FROM = "+ packed tiles"  # the first variant whose weights are packed into the kernel's own layout
 
 
 def build_variants(folder: Path) -> dict[str, str | None]:
@@ -60,7 +63,7 @@ def build_variants(folder: Path) -> dict[str, str | None]:
         file = f"variant{index}.onnx"
         (folder / file).write_bytes(twin.SerializeToString())
         files[name] = file
-    files[HUGEPAGES_FROM] = files["+ CachedAttention"]
+    files[HUGEPAGES_FROM] = files[PACKED_FROM] = files["+ CachedAttention"]
     return files
 
 
@@ -128,7 +131,9 @@ def main() -> None:
                     cfg = {"folder": str(folder), "graph": files[variant], "threads": t, "prompt": prompt,
                            "steps": args.steps, "probes": args.probes}
                     huge = VARIANTS.index(variant) >= VARIANTS.index(HUGEPAGES_FROM)
-                    env = {**os.environ, "EDGELLM_KERNEL_HUGEPAGES": "1" if huge else "0"}
+                    packed = VARIANTS.index(variant) >= VARIANTS.index(PACKED_FROM)
+                    env = {**os.environ, "EDGELLM_KERNEL_HUGEPAGES": "1" if huge else "0",
+                           "EDGELLM_KERNEL_PACK": "1" if packed else "0"}
                     run = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
                                          text=True, timeout=600, env=env)
                     if run.returncode != 0:

@@ -27,7 +27,9 @@ onnx = pytest.importorskip("onnx", reason="onnx (the [convert] extra) builds the
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument, RuntimeException  # noqa: E402
 
-SHAPES = [(64, 48), (576, 960), (1536, 576)]  # (K, N): a tiny one, then SmolLM2-135M's qkv and down projections
+# (K, N): tiny ones (K/32 odd and N not a multiple of 16 pad the packed layout's pairs and tiles), then
+# SmolLM2-135M's qkv and down projections
+SHAPES = [(64, 48), (96, 40), (576, 960), (1536, 576)]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def reference(A: np.ndarray, B: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("K,N", SHAPES)
-@pytest.mark.parametrize("M", [1, 3, 38])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 38])  # decode, verify passes (row groups of 4 and what is left), prompts
 def test_matches_matmulnbits(library, M, K, N, threads):
     B, scales = weights(K, N, seed=K + N)
     ours = session(model("MatMulQ8", K, N, B, scales), threads, with_library=True)
@@ -116,6 +118,9 @@ def test_leading_dims_and_runtime_weights(library):
     assert y.shape == (2, 5, N)
     ref = reference(A.reshape(-1, K), B, scales).reshape(2, 5, N)
     assert np.abs(y - ref).max() <= 2e-2 * np.abs(ref).max()
+    one = A[:1, :1]  # a decode step: run-time weights take the row kernel, not the packed one
+    y1 = sess.run(None, {"A": one, "B": B, "scales": scales.astype(np.float16)})[0]
+    assert np.abs(y1 - ref[:1, :1]).max() <= 2e-2 * np.abs(ref).max()
     with pytest.raises(InvalidArgument, match=r"input B has shape \[80, 2, 16\].*N\*K = 7680"):
         sess.run(None, {"A": A, "B": B.reshape(N, 2, 48)[:, :, :16].copy(), "scales": scales.astype(np.float16)})
     empty = sess.run(None, {"A": np.zeros((0, 5, K), np.float32), "B": B, "scales": scales.astype(np.float16)})[0]

@@ -35,12 +35,34 @@ OrtStatus* error(int code, const std::string& message) {
   return CreateStatus::get(g_api)(code, message.c_str());
 }
 
-// The data of a constant input, copied into huge pages by `placed` (weight_arena.h).
-OrtStatus* place_constant(const OrtValue* value, size_t bytes, edgellm_arena::PlacedWeights& placed,
-                          const void** out) {
-  void* data = nullptr;
-  if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(value), &data)) return s;
-  *out = placed.place(data, bytes);
+// A constant weight matrix as the kernel reads it: packed once (edgellm_q8_pack) where this CPU's path reads
+// that layout, else B and scales in MatMulNBits' layout (copied into huge pages by weight_arena.h).
+struct ConstantWeights {
+  const void* packed = nullptr;
+  const uint8_t* B = nullptr;
+  const uint16_t* scales = nullptr;
+};
+
+// b [N*K uint8] and scales [N*K/32 fp16], already checked, into `out`; the originals' pages are handed back.
+OrtStatus* prepare_weights(const OrtValue* b, const OrtValue* scales, int64_t N, int64_t K, const std::string& where,
+                           edgellm_arena::PlacedWeights& placed, ConstantWeights* out) {
+  void *b_data = nullptr, *s_data = nullptr;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(b), &b_data)) return s;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(scales), &s_data)) return s;
+  const size_t b_bytes = (size_t)(N * K), s_bytes = (size_t)(N * (K / 32)) * 2;
+  if (edgellm_q8_packed()) {
+    void* packed = placed.allocate(edgellm_q8_packed_bytes(N, K));
+    if (!packed)
+      return error(ORT_FAIL, where + ": out of memory for its " + std::to_string(edgellm_q8_packed_bytes(N, K)) +
+                                 " bytes of packed weights; free memory or set EDGELLM_KERNELS=0");
+    edgellm_q8_pack(static_cast<const uint8_t*>(b_data), static_cast<const uint16_t*>(s_data), N, K, packed);
+    edgellm_arena::hand_back(b_data, b_bytes);
+    edgellm_arena::hand_back(s_data, s_bytes);
+    out->packed = packed;
+    return nullptr;
+  }
+  out->B = static_cast<const uint8_t*>(placed.place(b_data, b_bytes));
+  out->scales = static_cast<const uint16_t*>(placed.place(s_data, s_bytes));
   return nullptr;
 }
 
@@ -100,8 +122,7 @@ struct Kernel {
   int64_t K = 0, N = 0;
   bool weights_checked = false;  // B and scales are constant initializers whose sizes were checked at load
   edgellm_arena::PlacedWeights placed;
-  const uint8_t* B = nullptr;       // when checked at load: B and scales as placed in huge pages (weight_arena.h)
-  const uint16_t* scales = nullptr;
+  ConstantWeights constant;  // when checked at load: the weights as the kernel reads them
 
   // B must hold N*K uint8 and scales N*K/32 float; `when` says at which step this was checked.
   OrtStatus* check_weights(const OrtValue* b, const OrtValue* scales, const char* when) const {
@@ -126,22 +147,29 @@ struct Kernel {
 struct Task {
   const void* scratch;
   int64_t M, K, N, units, tasks;
-  const uint8_t* B;
-  const uint16_t* scales;
+  ConstantWeights w;
   float* Y;
 };
+
+void run_range(const Task& t, int64_t n0, int64_t n1) {
+  if (t.w.packed)
+    edgellm_q8_matmul_packed(t.scratch, t.M, t.K, t.w.packed, t.N, n0, n1, t.Y);
+  else
+    edgellm_q8_matmul(t.scratch, t.M, t.K, t.w.B, t.w.scales, t.N, n0, n1, t.Y);
+}
 
 void run_task(void* data, size_t index) {
   const Task& t = *static_cast<const Task*>(data);
   const int64_t i = (int64_t)index;
   const int64_t n0 = (t.units * i / t.tasks) * kRowsPerUnit;
   const int64_t n1 = std::min(t.N, (t.units * (i + 1) / t.tasks) * kRowsPerUnit);
-  if (n0 < n1) edgellm_q8_matmul(t.scratch, t.M, t.K, t.B, t.scales, t.N, n0, n1, t.Y);
+  if (n0 < n1) run_range(t, n0, n1);
 }
 
-// Y = quantized A (already in `scratch`) times B, rows of N split in contiguous ranges over the intra-op pool.
+// Y = quantized A (already in `scratch`) times the weights, rows of N split in contiguous ranges (multiples of 16,
+// the packed layout's tiles) over the intra-op pool.
 OrtStatus* parallel_matmul(OrtKernelContext* context, const void* scratch, int64_t M, int64_t K, int64_t N,
-                           const uint8_t* B, const uint16_t* scales, float* Y) {
+                           const ConstantWeights& w, float* Y) {
   Task task;
   task.scratch = scratch;
   task.M = M;
@@ -149,11 +177,10 @@ OrtStatus* parallel_matmul(OrtKernelContext* context, const void* scratch, int64
   task.N = N;
   task.units = (N + kRowsPerUnit - 1) / kRowsPerUnit;
   task.tasks = std::min(task.units, usable_cpus() * tasks_per_cpu());
-  task.B = B;
-  task.scales = scales;
+  task.w = w;
   task.Y = Y;
   if (task.tasks <= 1) {
-    edgellm_q8_matmul(scratch, M, K, B, scales, N, 0, N, Y);
+    run_range(task, 0, N);
     return nullptr;
   }
   // num_batch 0: each of the `tasks` indices is one work item that a pool thread takes whole.
@@ -194,9 +221,12 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
   if (scratch.size() < bytes) scratch.resize(bytes);
   edgellm_q8_quantize(static_cast<const float*>(a_data), M, k.K, scratch.data());
 
-  const uint8_t* weights = k.B ? k.B : static_cast<const uint8_t*>(b_data);
-  const uint16_t* weight_scales = k.scales ? k.scales : static_cast<const uint16_t*>(s_data);
-  return parallel_matmul(context, scratch.data(), M, k.K, k.N, weights, weight_scales, static_cast<float*>(y_data));
+  ConstantWeights w = k.constant;
+  if (!k.weights_checked) {  // weights fed at run time: read where they are
+    w.B = static_cast<const uint8_t*>(b_data);
+    w.scales = static_cast<const uint16_t*>(s_data);
+  }
+  return parallel_matmul(context, scratch.data(), M, k.K, k.N, w, static_cast<float*>(y_data));
 }
 
 OrtStatus* read_int(const OrtKernelInfo* info, const std::string& where, const char* name, int64_t* out,
@@ -251,12 +281,8 @@ OrtStatus* create_kernel(const OrtKernelInfo* info, void** out) {
   if (!s) s = KernelInfoGetConstantInput_tensor::get(g_api)(info, 2, &s_const, &scales);
   if (!s && b_const && s_const) {
     s = kernel->check_weights(b, scales, "at load");
+    if (!s) s = prepare_weights(b, scales, N, K, where, kernel->placed, &kernel->constant);
     kernel->weights_checked = s == nullptr;
-    const void *b_placed = nullptr, *s_placed = nullptr;
-    if (!s) s = place_constant(b, (size_t)(N * K), kernel->placed, &b_placed);
-    if (!s) s = place_constant(scales, (size_t)(N * (K / 32)) * 2, kernel->placed, &s_placed);
-    kernel->B = static_cast<const uint8_t*>(b_placed);
-    kernel->scales = static_cast<const uint16_t*>(s_placed);
   }
   if (s) {
     delete kernel;
@@ -314,7 +340,7 @@ struct MlpKernel {
   int64_t H = 0, I = 0, A = 0;
   float eps_post = 0.0f, eps_next = 0.0f;
   edgellm_arena::PlacedWeights placed;
-  const void* constant[10] = {nullptr};  // inputs 2, 3, 5-8 as placed in huge pages, when constant
+  ConstantWeights weights[10];  // at the index of each matrix input (2, 5, 7), when constant
 };
 
 OrtStatus* read_float(const OrtKernelInfo* info, const std::string& where, const char* name, float* out) {
@@ -339,8 +365,7 @@ OrtStatus* check_matrix(const OrtKernelInfo* info, const std::string& where, siz
   k.K = K;
   k.N = N;
   if (OrtStatus* s = k.check_weights(b, scales, "at load")) return s;
-  if (OrtStatus* s = place_constant(b, (size_t)(N * K), kernel->placed, &kernel->constant[input])) return s;
-  return place_constant(scales, (size_t)(N * (K / 32)) * 2, kernel->placed, &kernel->constant[input + 1]);
+  return prepare_weights(b, scales, N, K, k.where, kernel->placed, &kernel->weights[input]);
 }
 
 OrtStatus* create_mlp(const OrtKernelInfo* info, void** out) {
@@ -406,12 +431,19 @@ OrtStatus* compute_mlp(const MlpKernel& k, OrtKernelContext* context) {
   if (M == 0) return nullptr;
   void* p[10] = {nullptr};
   const int64_t expected[10] = {-1, M * k.H, -1, -1, k.H, -1, -1, -1, -1, k.H};
+  ConstantWeights w[10];
   for (size_t i = 0; i < 10; ++i) {
-    if (k.constant[i]) {
-      p[i] = const_cast<void*>(k.constant[i]);
+    const bool matrix = i == 2 || i == 5 || i == 7, constant = matrix && (k.weights[i].packed || k.weights[i].B);
+    if (constant) {
+      w[i] = k.weights[i];
+      ++i;  // its scales come with it
       continue;
     }
     if (OrtStatus* s = input_data(context, i, k, expected[i], &p[i])) return s;
+    if (i == 3 || i == 6 || i == 8) {  // the scales of a matrix fed at run time
+      w[i - 1].B = static_cast<const uint8_t*>(p[i - 1]);
+      w[i - 1].scales = static_cast<const uint16_t*>(p[i]);
+    }
   }
   void *norm_data = nullptr, *res_data = nullptr;
   if (OrtStatus* s = GetTensorMutableData::get(g_api)(y_norm, &norm_data)) return s;
@@ -432,21 +464,18 @@ OrtStatus* compute_mlp(const MlpKernel& k, OrtKernelContext* context) {
 
   // o_proj, + residual
   edgellm_q8_quantize(static_cast<const float*>(p[0]), M, k.A, scratch.data());
-  if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.A, k.H, static_cast<const uint8_t*>(p[2]),
-                                     static_cast<const uint16_t*>(p[3]), r)) return s;
+  if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.A, k.H, w[2], r)) return s;
   for (int64_t i = 0; i < M * k.H; ++i) r[i] += residual[i];
   // post-attention norm, gate_up, SwiGLU
   for (int64_t m = 0; m < M; ++m)
     edgellm_rms_norm(r + m * k.H, static_cast<const float*>(p[4]), k.eps_post, act + m * k.H, k.H);
   edgellm_q8_quantize(act, M, k.H, scratch.data());
-  if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.H, 2 * k.I, static_cast<const uint8_t*>(p[5]),
-                                     static_cast<const uint16_t*>(p[6]), gu)) return s;
+  if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.H, 2 * k.I, w[5], gu)) return s;
   for (int64_t m = 0; m < M; ++m)
     edgellm_silu_mul(gu + m * 2 * k.I, gu + m * 2 * k.I + k.I, act + m * k.I, k.I);
   // down_proj, + residual, next norm
   edgellm_q8_quantize(act, M, k.I, scratch.data());
-  if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.I, k.H, static_cast<const uint8_t*>(p[7]),
-                                     static_cast<const uint16_t*>(p[8]), gu)) return s;
+  if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.I, k.H, w[7], gu)) return s;
   for (int64_t i = 0; i < M * k.H; ++i) r[i] += gu[i];
   for (int64_t m = 0; m < M; ++m)
     edgellm_rms_norm(r + m * k.H, static_cast<const float*>(p[9]), k.eps_next, out_norm + m * k.H, k.H);

@@ -21,11 +21,26 @@
 #include "simd_avx512.h"
 #endif
 
-/* Scratch, per activation row: int8 q[np*64] | int32 corr[np*16] | float sa[np*16], np = pairs of blocks.
- * corr lane i of pair p = -128 * (sum of q[64p+4i .. 64p+4i+3]): vpdpbusd's 4-byte lanes, zero point folded.
- * sa lanes 0-7 hold block 2p's scale, lanes 8-15 block 2p+1's (0 past the last block). */
+/* Scratch, per activation row: int8 q[np*64] | int32 corr[np*16] | float sa[np*16] | int32 cb[2np] | float sb[2np],
+ * np = pairs of blocks. corr lane i of pair p = -128 * (sum of q[64p+4i .. 64p+4i+3]): vpdpbusd's 4-byte lanes,
+ * zero point folded. sa lanes 0-7 hold block 2p's scale, lanes 8-15 block 2p+1's (0 past the last block).
+ * cb[b] and sb[b] are block b's whole correction and scale, for the packed kernel (one broadcast per block). */
 static int64_t pairs_of(int64_t K) { return (K / 32 + 1) / 2; }
-static size_t row_bytes(int64_t K) { return (size_t)pairs_of(K) * 192; }
+static size_t row_bytes(int64_t K) { return (size_t)pairs_of(K) * 192 + ((size_t)pairs_of(K) * 16 + 63) / 64 * 64; }
+
+static void fill_block_sums(uint8_t* row, int64_t K) {
+  const int64_t np = pairs_of(K);
+  const int32_t* corr = (const int32_t*)(row + np * 64);
+  const float* sa = (const float*)(row + np * 128);
+  int32_t* cb = (int32_t*)(row + np * 192);
+  float* sb = (float*)(row + np * 192 + np * 8);
+  for (int64_t b = 0; b < 2 * np; ++b) {
+    int32_t c = 0;
+    for (int l = 0; l < 8; ++l) c += corr[(b / 2) * 16 + (b % 2) * 8 + l];
+    cb[b] = c;
+    sb[b] = sa[(b / 2) * 16 + (b % 2) * 8];
+  }
+}
 
 size_t edgellm_q8_scratch_bytes(int64_t M, int64_t K) { return (size_t)M * row_bytes(K); }
 
@@ -293,6 +308,75 @@ VNNI_TARGET static void matmul_vnni_tiles(const uint8_t* scratch, int64_t M, int
   if (n < n1) matmul_vnni_row(scratch, M, K, B, scales, N, n, n1, Y);
 }
 
+/* The packed layout (edgellm_q8_pack): weight rows in tiles of 16, and per tile, per pair of 32-blocks,
+ * [W_b | W_b+1 | S_b | S_b+1] = PACK_PAIR bytes. W_b is 8 registers whose lane j holds dword g of row j's
+ * block b (the tile kernel's transposed tile, done once at load instead of at every call), S_b the 16 rows'
+ * fp16 scales of block b. One vpdpbusd with a broadcast activation dword then serves 16 rows, so a decode step
+ * runs ~2.5 instructions per 64 weight bytes instead of the row kernel's ~10, and the scales travel inline:
+ * kept in a separate region at the tile's end they made a second stream that cut the read rate by 40%.
+ * A padded row (past N) or block (past K/32) has weights 128 (zero) and scale 0. */
+#define PACK_PAIR 1088
+
+/* R activation rows (rb apart in the scratch) against one packed tile: out[r] = the tile's 16 outputs of row r. */
+VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile(const uint8_t* row0, size_t rb, int64_t np,
+                                                                       const uint8_t* tile, const int R, __m512 out[4]) {
+  __m512 acc[4];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const int32_t* cb = (const int32_t*)(row0 + np * 192);
+  const float* sb = (const float*)(row0 + np * 192 + np * 8);
+  for (int64_t p = 0; p < np; ++p) {
+    const uint8_t* w = tile + p * PACK_PAIR;
+    const uint16_t* s = (const uint16_t*)(w + 1024);
+    for (int h = 0; h < 2; ++h) {
+      const int64_t b = 2 * p + h;
+      __m512i d[4][2];
+      for (int r = 0; r < R; ++r) {
+        d[r][0] = _mm512_set1_epi32(*(const int32_t*)((const uint8_t*)(cb + b) + r * rb));
+        d[r][1] = _mm512_setzero_si512();
+      }
+      for (int g = 0; g < 8; g += 2) {
+        const __m512i w0 = _mm512_load_si512(w + h * 512 + g * 64), w1 = _mm512_load_si512(w + h * 512 + g * 64 + 64);
+        for (int r = 0; r < R; ++r) {
+          const int32_t* a = (const int32_t*)(row0 + r * rb + 32 * b);
+          d[r][0] = _mm512_dpbusd_epi32(d[r][0], w0, _mm512_set1_epi32(a[g]));
+          d[r][1] = _mm512_dpbusd_epi32(d[r][1], w1, _mm512_set1_epi32(a[g + 1]));
+        }
+      }
+      const __m512 sw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(s + 16 * h)));
+      for (int r = 0; r < R; ++r) {
+        const float sa = *(const float*)((const uint8_t*)(sb + b) + r * rb);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d[r][0], d[r][1])),
+                                 _mm512_mul_ps(sw, _mm512_set1_ps(sa)), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = acc[r];
+}
+
+/* Rows of 4 share each weight register; a tile (16 rows x K bytes, <= ~50 KB) stays in L1/L2 between groups. */
+VNNI_TARGET static void matmul_packed_vnni(const uint8_t* scratch, int64_t M, int64_t K, const uint8_t* P, int64_t N,
+                                           int64_t n0, int64_t n1, float* Y) {
+  const int64_t np = pairs_of(K);
+  const size_t rb = row_bytes(K);
+  for (int64_t t = n0 / 16; t * 16 < n1; ++t) {
+    const uint8_t* tile = P + (size_t)t * (size_t)np * PACK_PAIR;
+    const int64_t n = t * 16;
+    const __mmask16 keep = n + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+    for (int64_t m = 0; m < M; m += 4) {
+      __m512 out[4];
+      const uint8_t* row = scratch + m * rb;
+      const int64_t R = M - m < 4 ? M - m : 4;
+      switch (R) {
+        case 1: packed_tile(row, rb, np, tile, 1, out); break;
+        case 2: packed_tile(row, rb, np, tile, 2, out); break;
+        case 3: packed_tile(row, rb, np, tile, 3, out); break;
+        default: packed_tile(row, rb, np, tile, 4, out); break;
+      }
+      for (int64_t r = 0; r < R; ++r) _mm512_mask_storeu_ps(Y + (m + r) * N + n, keep, out[r]);
+    }
+  }
+}
+
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 
 AVX2_TARGET static void matmul_avx2(const uint8_t* scratch, int64_t M, int64_t K, const uint8_t* B,
@@ -349,7 +433,11 @@ void edgellm_q8_quantize(const float* A, int64_t M, int64_t K, void* scratch) {
 #ifdef EDGELLM_X86
   if (chosen_isa() == 2) fn = quantize_row_vnni;
 #endif
-  for (int64_t m = 0; m < M; ++m) fn(A + m * K, K, (uint8_t*)scratch + m * row_bytes(K));
+  for (int64_t m = 0; m < M; ++m) {
+    uint8_t* row = (uint8_t*)scratch + m * row_bytes(K);
+    fn(A + m * K, K, row);
+    fill_block_sums(row, K);
+  }
 }
 
 
@@ -406,4 +494,50 @@ void edgellm_q8_matmul(const void* scratch, int64_t M, int64_t K, const uint8_t*
   else if (isa == 1) fn = matmul_avx2;
 #endif
   fn((const uint8_t*)scratch, M, K, B, scales, N, n_begin, n_end, Y);
+}
+
+int edgellm_q8_packed(void) {
+#ifdef EDGELLM_X86
+  static int packed = -1;
+  if (packed < 0) {
+    const char* v = getenv("EDGELLM_KERNEL_PACK"); /* "0": keep MatMulNBits' layout (to measure what packing buys) */
+    packed = chosen_isa() == 2 && !(v && strcmp(v, "0") == 0);
+  }
+  return packed;
+#else
+  return 0;
+#endif
+}
+
+size_t edgellm_q8_packed_bytes(int64_t N, int64_t K) { return (size_t)((N + 15) / 16) * (size_t)pairs_of(K) * 1088; }
+
+void edgellm_q8_pack(const uint8_t* B, const uint16_t* scales, int64_t N, int64_t K, void* out) {
+  const int64_t nb = K / 32, np = pairs_of(K);
+  uint8_t* P = (uint8_t*)out;
+  for (int64_t t = 0; t * 16 < N; ++t)
+    for (int64_t p = 0; p < np; ++p) {
+      uint8_t* o = P + ((size_t)t * (size_t)np + (size_t)p) * 1088;
+      uint16_t* s = (uint16_t*)(o + 1024);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t b = 2 * p + h;
+        for (int j = 0; j < 16; ++j) {
+          const int64_t n = t * 16 + j;
+          const int real = n < N && b < nb;
+          for (int g = 0; g < 8; ++g) {
+            if (real) memcpy(o + h * 512 + g * 64 + j * 4, B + n * K + b * 32 + 4 * g, 4);
+            else memset(o + h * 512 + g * 64 + j * 4, 128, 4);
+          }
+          s[16 * h + j] = real ? scales[n * nb + b] : 0;
+        }
+      }
+    }
+}
+
+void edgellm_q8_matmul_packed(const void* scratch, int64_t M, int64_t K, const void* packed, int64_t N,
+                              int64_t n_begin, int64_t n_end, float* Y) {
+#ifdef EDGELLM_X86
+  if (chosen_isa() == 2) matmul_packed_vnni((const uint8_t*)scratch, M, K, (const uint8_t*)packed, N, n_begin, n_end, Y);
+#else
+  (void)scratch; (void)M; (void)K; (void)packed; (void)N; (void)n_begin; (void)n_end; (void)Y;
+#endif
 }

@@ -21,6 +21,15 @@ size_t edgellm_q8_scratch_bytes(int64_t M, int64_t K);
 void edgellm_q8_quantize(const float* A, int64_t M, int64_t K, void* scratch);
 void edgellm_q8_matmul(const void* scratch, int64_t M, int64_t K, const uint8_t* B, const uint16_t* scales,
                        int64_t N, int64_t n_begin, int64_t n_end, float* Y);
+/* The avx512vnni path also reads weights packed once (at load) into its own layout: 16-row tiles, interleaved so
+ * one instruction serves 16 rows, scales inline (see PACK_PAIR in q8_kernel.c). edgellm_q8_packed() says whether
+ * this CPU's path has it (EDGELLM_KERNEL_PACK=0 turns it off); edgellm_q8_matmul_packed then takes the same scratch and n ranges (n_begin a multiple
+ * of 16) as edgellm_q8_matmul. Elsewhere the weights stay in MatMulNBits' layout. */
+int edgellm_q8_packed(void);
+size_t edgellm_q8_packed_bytes(int64_t N, int64_t K);
+void edgellm_q8_pack(const uint8_t* B, const uint16_t* scales, int64_t N, int64_t K, void* out);
+void edgellm_q8_matmul_packed(const void* scratch, int64_t M, int64_t K, const void* packed, int64_t N,
+                              int64_t n_begin, int64_t n_end, float* Y);
 /* out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i]: SwiGLU, vectorized (exp by a
  * degree-6 polynomial, ~2 ulp) because a libm expf per element would cost more than the matmul it follows. */
 void edgellm_silu_mul(const float* gate, const float* up, float* out, int64_t n);

@@ -53,16 +53,8 @@ std::shared_ptr<Chunk> new_chunk(size_t need) {
   auto chunk = std::make_shared<Chunk>();
   chunk->base = reinterpret_cast<unsigned char*>(start);
   chunk->size = size;
-  madvise(chunk->base, size, MADV_HUGEPAGE);
+  madvise(chunk->base, size, enabled() ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
   return chunk;
-}
-
-// Drop this process's pages of the original (whole pages inside [src, src + bytes) only). MADV_PAGEOUT keeps
-// the contents: a clean file page is re-read if touched, an anonymous one stays (there is no swap to page to).
-void hand_back(const void* src, size_t bytes) {
-  const uintptr_t first = round_up(reinterpret_cast<uintptr_t>(src), 4096);
-  const uintptr_t last = (reinterpret_cast<uintptr_t>(src) + bytes) / 4096 * 4096;
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT);
 }
 
 bool read_enabled() {
@@ -81,21 +73,35 @@ bool enabled() {
   return on;
 }
 
-const void* PlacedWeights::place(const void* src, size_t bytes) {
-  if (!enabled() || bytes < kMinBytes) return src;
+// MADV_PAGEOUT keeps the contents: a clean file page is re-read if touched, an anonymous one stays (there is no
+// swap to page it to).
+void hand_back(const void* src, size_t bytes) {
+  const uintptr_t first = round_up(reinterpret_cast<uintptr_t>(src), 4096);
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(src) + bytes) / 4096 * 4096;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT);
+}
+
+void* PlacedWeights::allocate(size_t bytes) {
   std::lock_guard<std::mutex> lock(g_mutex);
   std::shared_ptr<Chunk> chunk = g_current.lock();
   if (!chunk || chunk->size - round_up(chunk->used, kAlign) < bytes) {
     chunk = new_chunk(bytes);
-    if (!chunk) return src;
+    if (!chunk) return nullptr;
     g_current = chunk;
   }
   const size_t offset = round_up(chunk->used, kAlign);
-  std::memcpy(chunk->base + offset, src, bytes);
   chunk->used = offset + bytes;
   if (chunks_.empty() || chunks_.back() != chunk) chunks_.push_back(chunk);
-  hand_back(src, bytes);
   return chunk->base + offset;
+}
+
+const void* PlacedWeights::place(const void* src, size_t bytes) {
+  if (!enabled() || bytes < kMinBytes) return src;
+  void* copy = allocate(bytes);
+  if (!copy) return src;
+  std::memcpy(copy, src, bytes);
+  hand_back(src, bytes);
+  return copy;
 }
 
 }  // namespace edgellm_arena

@@ -26,10 +26,17 @@ class PlacedWeights {
  public:
   // A copy of `bytes` bytes at `src` in huge-page memory, or `src` itself when placing is off or fails.
   const void* place(const void* src, size_t bytes);
+  // `bytes` of writable memory, 64-byte aligned, in huge pages when enabled() (for weights the kernel lays out
+  // itself); nullptr if the system has no memory left.
+  void* allocate(size_t bytes);
 
  private:
   std::vector<std::shared_ptr<Chunk>> chunks_;
 };
+
+// Hand this process's pages of a constant's original back to the system once a copy replaces it (whole pages
+// inside [src, src + bytes) only; MADV_PAGEOUT keeps their contents).
+void hand_back(const void* src, size_t bytes);
 
 // Whether place() copies (EDGELLM_KERNEL_HUGEPAGES and the kernel's transparent huge page setting).
 bool enabled();

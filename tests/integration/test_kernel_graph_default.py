@@ -57,7 +57,8 @@ import numpy as np
 import edgellm
 llm = edgellm.load(sys.argv[1], threads=1, kernels=True)
 ids = llm.encode("Name three colours.")
-logits = llm.session.forward(ids, keep=1)[0]
+prompt = llm.session.forward(ids, keep=1)[0]  # a prompt (many rows per matmul), then one decode step (one row)
+logits = np.concatenate([prompt, llm.session.forward([int(prompt.argmax())], keep=1)[0]])
 memory = {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.endswith(" kB\\n")}
 print(json.dumps({"logits": logits.tolist(), "rss_kb": memory["Rss"], "huge_kb": memory.get("AnonHugePages", 0)}))
 """
@@ -71,8 +72,8 @@ def test_weights_in_huge_pages_give_the_same_logits_without_growing_memory(defau
     import subprocess
     import sys
 
-    def probe(setting: str) -> dict:
-        env = {**os.environ, "EDGELLM_KERNEL_HUGEPAGES": setting}
+    def probe(setting: str, pack: str = "1") -> dict:
+        env = {**os.environ, "EDGELLM_KERNEL_HUGEPAGES": setting, "EDGELLM_KERNEL_PACK": pack}
         run = subprocess.run([sys.executable, "-c", HUGEPAGE_PROBE, str(default_model_dir)], env=env,
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
@@ -85,3 +86,9 @@ def test_weights_in_huge_pages_give_the_same_logits_without_growing_memory(defau
     if thp.is_file() and "[never]" not in thp.read_text():
         assert placed["huge_kb"] > 100 * 1024  # ~139 MB of the 146 MB of int8 weights and scales
     assert placed["rss_kb"] < mapped["rss_kb"] + 40 * 1024
+    # The packed layout (q8_kernel.c, PACK_PAIR) changes only the order of float additions: its logits stay
+    # within float rounding of the row kernel's on MatMulNBits' layout (EDGELLM_KERNEL_PACK=0)
+    rows = probe("1", pack="0")
+    ours, theirs = np.asarray(placed["logits"]), np.asarray(rows["logits"])
+    assert int(ours.argmax()) == int(theirs.argmax())
+    assert float(np.abs(ours - theirs).max()) <= 1e-3 * float(np.abs(theirs).max()), np.abs(ours - theirs).max()
