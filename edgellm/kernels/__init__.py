@@ -14,8 +14,9 @@ Importing this module loads nothing; the library is opened on the first call tha
 Environment: EDGELLM_KERNELS=0 turns the kernels off; EDGELLM_Q8_ISA=avx2|scalar forces a lower code path;
 EDGELLM_KERNEL_TASKS_PER_CPU=n (default 1) splits each MatMulQ8's rows into n contiguous work items per usable
 CPU (more items let idle pool threads take over work from threads a busy machine delays);
-EDGELLM_KERNEL_HUGEPAGES=0 keeps the weights in onnxruntime's file mapping instead of copying them into 2 MB
-pages at load (weight_arena.h says why the copy is the default).
+EDGELLM_KERNEL_HUGEPAGES=0 keeps the weights out of 2 MB pages (weight_arena.h says why they are the default);
+EDGELLM_KERNEL_PACK=0 keeps MatMulNBits' weight layout on the AVX-512 VNNI path instead of packing the weights
+into 16-row tiles at load (q8_kernel.c, PACK_PAIR, says why packing is the default).
 """
 
 from __future__ import annotations

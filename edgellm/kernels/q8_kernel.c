@@ -3,8 +3,10 @@
  * is a stream of weights, and this kernel's whole job is to keep that stream at memory speed.
  *
  * Paths, chosen at run time (never -march=native: the CPU changes between machines):
- *   avx512vnni  vpdpbusd on 2 blocks per 512-bit register; the -128 zero point is folded into the
- *               accumulator's start value, precomputed once per activation row;
+ *   avx512vnni  constant weights packed at load into 16-row tiles (PACK_PAIR below): one vpdpbusd with a
+ *               broadcast activation dword serves 16 rows. Weights fed at run time: vpdpbusd on 2 blocks of
+ *               one row per 512-bit register. The -128 zero point is folded into the accumulator's start
+ *               value, precomputed once per activation row;
  *   avx2        the uint8 weight becomes int8 (xor 0x80) and vpmaddubsw runs on |w| and sign(a, w);
  *   scalar      the reference, also for non-x86 builds.
  */
@@ -319,8 +321,8 @@ VNNI_TARGET static void matmul_vnni_tiles(const uint8_t* scratch, int64_t M, int
 
 /* R activation rows (rb apart in the scratch) against one packed tile: out[r] = the tile's 16 outputs of row r. */
 VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile(const uint8_t* row0, size_t rb, int64_t np,
-                                                                       const uint8_t* tile, const int R, __m512 out[4]) {
-  __m512 acc[4];
+                                                                       const uint8_t* tile, const int R, __m512 out[8]) {
+  __m512 acc[8];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const int32_t* cb = (const int32_t*)(row0 + np * 192);
   const float* sb = (const float*)(row0 + np * 192 + np * 8);
@@ -329,7 +331,7 @@ VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile(const 
     const uint16_t* s = (const uint16_t*)(w + 1024);
     for (int h = 0; h < 2; ++h) {
       const int64_t b = 2 * p + h;
-      __m512i d[4][2];
+      __m512i d[8][2];
       for (int r = 0; r < R; ++r) {
         d[r][0] = _mm512_set1_epi32(*(const int32_t*)((const uint8_t*)(cb + b) + r * rb));
         d[r][1] = _mm512_setzero_si512();
@@ -353,7 +355,10 @@ VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile(const 
   for (int r = 0; r < R; ++r) out[r] = acc[r];
 }
 
-/* Rows of 4 share each weight register; a tile (16 rows x K bytes, <= ~50 KB) stays in L1/L2 between groups. */
+#ifndef PACK_ROWS
+#define PACK_ROWS 8 /* activation rows sharing each weight register: 2 chains each + 2 weights + 8 sums fit 32 registers */
+#endif
+/* Rows of PACK_ROWS share each weight register; a tile (16 rows x K bytes, <= ~50 KB) stays in L1/L2 between groups. */
 VNNI_TARGET static void matmul_packed_vnni(const uint8_t* scratch, int64_t M, int64_t K, const uint8_t* P, int64_t N,
                                            int64_t n0, int64_t n1, float* Y) {
   const int64_t np = pairs_of(K);
@@ -362,15 +367,19 @@ VNNI_TARGET static void matmul_packed_vnni(const uint8_t* scratch, int64_t M, in
     const uint8_t* tile = P + (size_t)t * (size_t)np * PACK_PAIR;
     const int64_t n = t * 16;
     const __mmask16 keep = n + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-    for (int64_t m = 0; m < M; m += 4) {
-      __m512 out[4];
+    for (int64_t m = 0; m < M; m += PACK_ROWS) {
+      __m512 out[8];
       const uint8_t* row = scratch + m * rb;
-      const int64_t R = M - m < 4 ? M - m : 4;
+      const int64_t R = M - m < PACK_ROWS ? M - m : PACK_ROWS;
       switch (R) {
         case 1: packed_tile(row, rb, np, tile, 1, out); break;
         case 2: packed_tile(row, rb, np, tile, 2, out); break;
         case 3: packed_tile(row, rb, np, tile, 3, out); break;
-        default: packed_tile(row, rb, np, tile, 4, out); break;
+        case 4: packed_tile(row, rb, np, tile, 4, out); break;
+        case 5: packed_tile(row, rb, np, tile, 5, out); break;
+        case 6: packed_tile(row, rb, np, tile, 6, out); break;
+        case 7: packed_tile(row, rb, np, tile, 7, out); break;
+        default: packed_tile(row, rb, np, tile, 8, out); break;
       }
       for (int64_t r = 0; r < R; ++r) _mm512_mask_storeu_ps(Y + (m + r) * N + n, keep, out[r]);
     }

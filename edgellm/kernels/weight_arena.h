@@ -8,8 +8,11 @@
 // file if anything touches them), so resident memory grows only by what cannot be handed back (tensors
 // onnxruntime holds in its heap, like the twin's fp16 scales, and partial pages): ~25 MB on the default model.
 //
-// EDGELLM_KERNEL_HUGEPAGES=0 turns this off (the kernels then read onnxruntime's mapping as before); it is off
-// by itself where transparent huge pages are disabled ("never").
+// The AVX-512 VNNI path packs its weights into its own layout (q8_kernel.h) in memory from allocate(), so it
+// always copies; the other paths copy with place().
+//
+// EDGELLM_KERNEL_HUGEPAGES=0 turns huge pages off (place() then returns the original, and allocate() advises
+// MADV_NOHUGEPAGE); they are off by themselves where transparent huge pages are disabled ("never").
 #pragma once
 
 #include <cstddef>
