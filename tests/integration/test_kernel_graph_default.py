@@ -8,6 +8,7 @@ import pytest
 import edgellm
 from edgellm.convert.kernel_graph import KERNEL_MODEL
 from edgellm.convert.validate import CHAT_PROMPTS, chat_agreement
+from edgellm.manifest import read_manifest
 from edgellm.runtime import measure
 
 pytestmark = pytest.mark.integration
@@ -57,7 +58,7 @@ import numpy as np
 import edgellm
 llm = edgellm.load(sys.argv[1], threads=1, kernels=True)
 ids = llm.encode("Name three colours.")
-prompt = llm.session.forward(ids, keep=1)[0]  # a prompt (many rows per matmul), then one decode step (one row)
+prompt = llm.session.forward(ids, keep=1)[0].copy()  # a prompt (many rows per matmul), then a decode step (one)
 logits = np.concatenate([prompt, llm.session.forward([int(prompt.argmax())], keep=1)[0]])
 memory = {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.endswith(" kB\\n")}
 print(json.dumps({"logits": logits.tolist(), "rss_kb": memory["Rss"], "huge_kb": memory.get("AnonHugePages", 0)}))
@@ -86,9 +87,12 @@ def test_weights_in_huge_pages_give_the_same_logits_without_growing_memory(defau
     if thp.is_file() and "[never]" not in thp.read_text():
         assert placed["huge_kb"] > 100 * 1024  # ~139 MB of the 146 MB of int8 weights and scales
     assert placed["rss_kb"] < mapped["rss_kb"] + 40 * 1024
-    # The packed layout (q8_kernel.c, PACK_PAIR) changes only the order of float additions: its logits stay
-    # within float rounding of the row kernel's on MatMulNBits' layout (EDGELLM_KERNEL_PACK=0)
+    # The packed layout (q8_kernel.c, PACK_PAIR) changes only the order of float additions in each matmul
+    # (tests/test_kernels.py bounds that), but across 30 layers a changed sum can flip an activation's int8
+    # rounding: against the row kernel on MatMulNBits' layout (EDGELLM_KERNEL_PACK=0) the logits stay within
+    # the limit convert recorded for the kernel graph, with the same greedy token after the prompt and the step.
     rows = probe("1", pack="0")
-    ours, theirs = np.asarray(placed["logits"]), np.asarray(rows["logits"])
-    assert int(ours.argmax()) == int(theirs.argmax())
-    assert float(np.abs(ours - theirs).max()) <= 1e-3 * float(np.abs(theirs).max()), np.abs(ours - theirs).max()
+    limit = read_manifest(Path(default_model_dir)).validation.kernel_graph.thresholds.max_abs_logit_diff
+    ours, theirs = np.asarray(placed["logits"]).reshape(2, -1), np.asarray(rows["logits"]).reshape(2, -1)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+    assert 0 < float(np.abs(ours - theirs).max()) <= limit  # 0 would mean EDGELLM_KERNEL_PACK=0 was ignored
