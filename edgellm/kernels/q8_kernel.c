@@ -104,8 +104,9 @@ static void matmul_scalar(const uint8_t* scratch, int64_t M, int64_t K, const ui
 
 #ifdef EDGELLM_X86
 #ifndef TILE_MIN_M
-#define TILE_MIN_M 5 /* from this many activation rows on the tile kernel is faster (1 thread: M=2, 3 the row kernel
-                      * 2.2x, 1.6x; M=4 about even; M=38 the tile kernel 4x): speculative verify passes are M=2..8 */
+#define TILE_MIN_M 5 /* on MatMulNBits' layout (EDGELLM_KERNEL_PACK=0, or weights fed at run time), from this many
+                      * activation rows on the tile kernel is faster (1 thread: M=2, 3 the row kernel 2.2x, 1.6x;
+                      * M=4 about even; M=38 the tile kernel 4x) */
 #endif
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c")))
 
