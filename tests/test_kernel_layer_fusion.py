@@ -101,3 +101,28 @@ def test_a_shared_intermediate_is_left_alone():
     model = layer_tail()
     model.graph.output.append(helper.make_tensor_value_info("act", TensorProto.FLOAT, None))  # act read outside
     assert fuse_decoder_layers(model.graph) == 0
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_q8mlp_with_weights_fed_at_run_time_matches_constant_weights(kernel_library, rows):
+    """Constant matrices are packed at load (q8_kernel.c, PACK_PAIR); matrices fed as graph inputs take the row
+    kernels on MatMulNBits' layout at every call. Both give the same layer."""
+    constant = layer_tail()
+    assert fuse_decoder_layers(constant.graph) == 1
+    fed = onnx.ModelProto()
+    fed.CopyFrom(constant)
+    matrices = [t for t in fed.graph.initializer if t.name.endswith((".B", ".S"))]
+    weights = {t.name: numpy_helper.to_array(t) for t in matrices}
+    for t in matrices:
+        fed.graph.initializer.remove(t)
+        kind = TensorProto.UINT8 if t.name.endswith(".B") else TensorProto.FLOAT16
+        fed.graph.input.append(helper.make_tensor_value_info(t.name, kind, list(weights[t.name].shape)))
+    assert len(weights) == 6
+    rng = np.random.default_rng(rows)
+    feed = {"attn": rng.standard_normal((1, rows, H)).astype(np.float32),
+            "residual": rng.standard_normal((1, rows, H)).astype(np.float32)}
+    want_next, want_sum = run(constant, kernel_library, feed, 2)
+    got_next, got_sum = run(fed, kernel_library, feed | weights, 2)
+    np.testing.assert_allclose(got_sum, want_sum, rtol=0, atol=1e-3 * np.abs(want_sum).max())
+    np.testing.assert_allclose(got_next, want_next, rtol=0, atol=1e-3 * np.abs(want_next).max())
+    assert np.abs(want_sum - feed["residual"]).max() > 0.1

@@ -431,19 +431,16 @@ OrtStatus* compute_mlp(const MlpKernel& k, OrtKernelContext* context) {
   if (M == 0) return nullptr;
   void* p[10] = {nullptr};
   const int64_t expected[10] = {-1, M * k.H, -1, -1, k.H, -1, -1, -1, -1, k.H};
-  ConstantWeights w[10];
-  for (size_t i = 0; i < 10; ++i) {
-    const bool matrix = i == 2 || i == 5 || i == 7, constant = matrix && (k.weights[i].packed || k.weights[i].B);
-    if (constant) {
-      w[i] = k.weights[i];
-      ++i;  // its scales come with it
-      continue;
-    }
+  for (size_t i : {0, 1, 4, 9})
     if (OrtStatus* s = input_data(context, i, k, expected[i], &p[i])) return s;
-    if (i == 3 || i == 6 || i == 8) {  // the scales of a matrix fed at run time
-      w[i - 1].B = static_cast<const uint8_t*>(p[i - 1]);
-      w[i - 1].scales = static_cast<const uint16_t*>(p[i]);
-    }
+  ConstantWeights w[10];  // each matrix (inputs 2, 5, 7) as checked at load, or as fed at run time with its scales
+  for (size_t i : {2, 5, 7}) {
+    w[i] = k.weights[i];
+    if (w[i].packed || w[i].B) continue;
+    if (OrtStatus* s = input_data(context, i, k, expected[i], &p[i])) return s;
+    if (OrtStatus* s = input_data(context, i + 1, k, expected[i + 1], &p[i + 1])) return s;
+    w[i].B = static_cast<const uint8_t*>(p[i]);
+    w[i].scales = static_cast<const uint16_t*>(p[i + 1]);
   }
   void *norm_data = nullptr, *res_data = nullptr;
   if (OrtStatus* s = GetTensorMutableData::get(g_api)(y_norm, &norm_data)) return s;

@@ -28,6 +28,7 @@
  * zero point folded. sa lanes 0-7 hold block 2p's scale, lanes 8-15 block 2p+1's (0 past the last block).
  * cb[b] and sb[b] are block b's whole correction and scale, for the packed kernel (one broadcast per block). */
 static int64_t pairs_of(int64_t K) { return (K / 32 + 1) / 2; }
+#define PACK_PAIR 1088 /* bytes per pair of 32-blocks in a packed 16-row tile: 2 x 512 weights + 2 x 16 fp16 scales */
 static size_t row_bytes(int64_t K) { return (size_t)pairs_of(K) * 192 + ((size_t)pairs_of(K) * 16 + 63) / 64 * 64; }
 
 static void fill_block_sums(uint8_t* row, int64_t K) {
@@ -318,8 +319,6 @@ VNNI_TARGET static void matmul_vnni_tiles(const uint8_t* scratch, int64_t M, int
  * runs ~2.5 instructions per 64 weight bytes instead of the row kernel's ~10, and the scales travel inline:
  * kept in a separate region at the tile's end they made a second stream that cut the read rate by 40%.
  * A padded row (past N) or block (past K/32) has weights 128 (zero) and scale 0. */
-#define PACK_PAIR 1088
-
 /* R activation rows (rb apart in the scratch) against one packed tile: out[r] = the tile's 16 outputs of row r. */
 VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile(const uint8_t* row0, size_t rb, int64_t np,
                                                                        const uint8_t* tile, const int R, __m512 out[8]) {
@@ -520,14 +519,14 @@ int edgellm_q8_packed(void) {
 #endif
 }
 
-size_t edgellm_q8_packed_bytes(int64_t N, int64_t K) { return (size_t)((N + 15) / 16) * (size_t)pairs_of(K) * 1088; }
+size_t edgellm_q8_packed_bytes(int64_t N, int64_t K) { return (size_t)((N + 15) / 16) * (size_t)pairs_of(K) * PACK_PAIR; }
 
 void edgellm_q8_pack(const uint8_t* B, const uint16_t* scales, int64_t N, int64_t K, void* out) {
   const int64_t nb = K / 32, np = pairs_of(K);
   uint8_t* P = (uint8_t*)out;
   for (int64_t t = 0; t * 16 < N; ++t)
     for (int64_t p = 0; p < np; ++p) {
-      uint8_t* o = P + ((size_t)t * (size_t)np + (size_t)p) * 1088;
+      uint8_t* o = P + ((size_t)t * (size_t)np + (size_t)p) * PACK_PAIR;
       uint16_t* s = (uint16_t*)(o + 1024);
       for (int h = 0; h < 2; ++h) {
         const int64_t b = 2 * p + h;
