@@ -127,6 +127,8 @@ def _kernel_graph_line(manifest) -> str | None:
         head = f"kernel graph: not written, it failed its check ({'; '.join(k.failures) if k else 'see the manifest'})"
         return head
     fused = f", {info['fused_layers']} layer tails as {info.get('fused_op')}" if info.get("fused_layers") else ""
+    if info.get("layer_nodes"):
+        fused += f", {info['layer_nodes']} layers as {info.get('layer_op')}"
     head = (f"kernel graph: {info.get('file')} ({info.get('nodes')} MatMulNBits as {info.get('op')}{fused}, shares "
             "the weights)")
     if k is None:

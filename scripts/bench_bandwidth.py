@@ -96,20 +96,26 @@ def ort_read_gbs(session, nbytes: int, K: int, repeats: int = 5) -> float:
 
 
 # Weight inputs (besides the activations) of the ops a decode step runs, and each op's matmul parameters:
-# MatMulNBits / MatMulQ8 read B, scales (and zero points); Q8Mlp reads o_proj, gate_up and down_proj.
-WEIGHT_INPUTS = {"MatMulNBits": (1, 2, 3), "MatMulQ8": (1, 2), "Q8Mlp": (2, 3, 5, 6, 7, 8)}
+# MatMulNBits / MatMulQ8 read B, scales (and zero points); Q8Mlp reads o_proj, gate_up and down_proj; Q8Layer
+# reads qkv and then Q8Mlp's three.
+WEIGHT_INPUTS = {"MatMulNBits": (1, 2, 3), "MatMulQ8": (1, 2), "Q8Mlp": (2, 3, 5, 6, 7, 8),
+                 "Q8Layer": (2, 3, 9, 10, 12, 13, 14, 15)}
 
 
 def _params(op: str, attrs: dict) -> int:
-    if op == "Q8Mlp":
-        return attrs["attn"] * attrs["hidden"] + attrs["hidden"] * 2 * attrs["intermediate"] \
+    if op in ("Q8Mlp", "Q8Layer"):
+        tail = attrs["attn"] * attrs["hidden"] + attrs["hidden"] * 2 * attrs["intermediate"] \
             + attrs["intermediate"] * attrs["hidden"]
+        if op == "Q8Mlp":
+            return tail
+        qkv = (attrs["num_heads"] + 2 * attrs["kv_num_heads"]) * (attrs["attn"] // attrs["num_heads"])
+        return tail + attrs["hidden"] * qkv
     return attrs["K"] * attrs["N"]
 
 
 def onnx_bytes_per_token(model: Path) -> dict:
     """Bytes of the weights a one-token step of this graph reads: every matmul op's weights, scales and zero
-    points (model.onnx: MatMulNBits; the kernel twin: MatMulQ8 and Q8Mlp, with fp16 scales)."""
+    points (model.onnx: MatMulNBits; the kernel twin: MatMulQ8, Q8Mlp and Q8Layer, with fp16 scales)."""
     import onnx
     from onnx import numpy_helper
 

@@ -11,11 +11,13 @@ Variants of the same int8 folder, each built from its model.onnx with the functi
   MatMulQ8         every 8-bit MatMulNBits as ai.edgellm.MatMulQ8 (edgellm's int8 kernel; the op takes its block
                    scales as fp16, so this step includes them: 143 MB read per token instead of 151)
   + Q8Mlp          each layer's o_proj .. next-norm tail folded into one node (11 nodes a layer become 3)
-  + CachedAttention  GroupQueryAttention as edgellm's attention op: the shipped model.kernels.onnx
+  + CachedAttention  GroupQueryAttention as edgellm's attention op
   + huge pages     the same graph with its weights copied into 2 MB pages at load (edgellm/kernels/weight_arena.h);
                    every variant before this one runs with EDGELLM_KERNEL_HUGEPAGES=0
   + packed tiles   the same graph with its weights packed at load into 16-row tiles with inline scales (q8_kernel.c,
                    PACK_PAIR); every variant before this one runs with EDGELLM_KERNEL_PACK=0
+  + Q8Layer        each layer's qkv MatMulQ8, CachedAttention and Q8Mlp as one node (3 nodes a layer become 1):
+                   the shipped model.kernels.onnx
 
 Each (variant, thread count) runs in a fresh process of its own (no two sessions share a process or
 its caches), in a rotating order every round: edgellm.runtime.measure.decode_probe on the bare
@@ -39,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from edgellm.record import Recorder, Table  # noqa: E402
 
-VARIANTS = ("onnxruntime", "MatMulQ8", "+ Q8Mlp", "+ CachedAttention", "+ huge pages", "+ packed tiles")
+VARIANTS = ("onnxruntime", "MatMulQ8", "+ Q8Mlp", "+ CachedAttention", "+ huge pages", "+ packed tiles", "+ Q8Layer")
 HUGEPAGES_FROM = "+ huge pages"  # the first variant that places its weights in huge pages
 PACKED_FROM = "+ packed tiles"  # the first variant whose weights are packed into the kernel's own layout
 
@@ -48,7 +50,7 @@ def build_variants(folder: Path) -> dict[str, str | None]:
     """Write each variant's graph into `folder`; {variant: graph file, None for model.onnx}."""
     import onnx
 
-    from edgellm.convert.fuse_layers import fuse_decoder_layers, replace_attention
+    from edgellm.convert.fuse_layers import fuse_decoder_layers, fuse_layer_nodes, replace_attention
     from edgellm.convert.half_scales import halve_scales
     from edgellm.convert.kernel_graph import build_kernel_graph
 
@@ -64,6 +66,9 @@ def build_variants(folder: Path) -> dict[str, str | None]:
         (folder / file).write_bytes(twin.SerializeToString())
         files[name] = file
     files[HUGEPAGES_FROM] = files[PACKED_FROM] = files["+ CachedAttention"]
+    fuse_layer_nodes(twin.graph)
+    (folder / "variant3.onnx").write_bytes(twin.SerializeToString())
+    files["+ Q8Layer"] = "variant3.onnx"
     return files
 
 

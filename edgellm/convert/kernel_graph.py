@@ -4,8 +4,9 @@ Every MatMulNBits node that edgellm's kernel library (edgellm.kernels: op `ai.ed
 covers — bits 8, block_size 32, no zero points / g_idx / bias, K a multiple of 32 — becomes a
 MatMulQ8 node with the same inputs, outputs and name (attributes K, N, bits, block_size); any
 other node stays as it is. Then each decoder layer's tail from o_proj to the next norm is folded
-into one `ai.edgellm.Q8Mlp` node where it has the exact pattern, and each GroupQueryAttention
-becomes `ai.edgellm.CachedAttention` (edgellm/convert/fuse_layers.py). The twin's weights keep
+into one `ai.edgellm.Q8Mlp` node where it has the exact pattern, each GroupQueryAttention
+becomes `ai.edgellm.CachedAttention`, and each layer's qkv MatMulQ8, CachedAttention and Q8Mlp
+become one `ai.edgellm.Q8Layer` node (edgellm/convert/fuse_layers.py). The twin's weights keep
 pointing at model.onnx.data (not copied); only the block scales are stored again, as fp16, inside
 the twin (edgellm/convert/half_scales.py): the folder grows by one graph file (~8.5 MB for
 SmolLM2-135M), and a decode step reads 143 MB instead of 151.
@@ -39,7 +40,7 @@ from ..manifest import Manifest, read_manifest, resolve_file, sha256_file, verif
 from ..runtime import kernel_choice, measure
 from ..runtime.session import DecoderSession
 from ..validation import KernelCheck, KernelThresholds, Thresholds, kernel_failures
-from .fuse_layers import ATTENTION, fuse_decoder_layers, replace_attention
+from .fuse_layers import ATTENTION, LAYER, fuse_decoder_layers, fuse_layer_nodes, replace_attention
 from .half_scales import halve_scales
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ def build_kernel_graph(model: onnx.ModelProto, fuse: bool = True, folder: Path |
     """(the twin, MatMulNBits nodes turned into MatMulQ8, MatMulNBits nodes left as they were, layer tails folded
     into Q8Mlp nodes; 0 with fuse=False).
 
-    rewrite (the default; False only to compare node for node): attention becomes ai.edgellm.CachedAttention and
-    every edgellm op reads fp16 copies of its block scales, embedded in the twin (read from `folder`'s data file).
+    rewrite (the default; False only to compare node for node): attention becomes ai.edgellm.CachedAttention,
+    every edgellm op reads fp16 copies of its block scales, embedded in the twin (read from `folder`'s data file),
+    and (with fuse) each layer's three edgellm nodes become one ai.edgellm.Q8Layer.
     `model` is read, not changed; load it with load_external_data=False so the twin keeps its references."""
     twin = onnx.ModelProto()
     twin.CopyFrom(model)
@@ -94,6 +96,7 @@ def build_kernel_graph(model: onnx.ModelProto, fuse: bool = True, folder: Path |
     if rewrite:
         replace_attention(twin.graph)
         halve_scales(twin, Path(folder) if folder is not None else Path("."))
+        fuse_layer_nodes(twin.graph)  # last: it takes the three nodes' inputs as they are, fp16 scales included
     return twin, converted, left, fused
 
 
@@ -107,12 +110,14 @@ class KernelGraph:
     fused_layers: int
     bytes: int
     attention: int = 0
+    layers: int = 0
 
     def describe(self) -> dict:
         """The manifest's quantization.kernel_graph."""
         return {"file": self.file, "op": f"{DOMAIN}.{OP_TYPE}", "nodes": self.nodes, "matmulnbits_left": self.left,
                 "fused_layers": self.fused_layers, "fused_op": f"{DOMAIN}.Q8Mlp", "bytes": self.bytes,
                 "attention_nodes": self.attention, "attention_op": f"{DOMAIN}.{ATTENTION}",
+                "layer_nodes": self.layers, "layer_op": f"{DOMAIN}.{LAYER}",
                 "weights": "model.onnx.data, shared with model.onnx (not copied); the block scales as fp16 "
                            "copies inside this graph"}
 
@@ -127,7 +132,8 @@ def write(folder: Path, model_file: str = "model.onnx", fuse: bool = True, name:
             raise ModelFormatError(f"{folder / model_file}: initializer {tensor.name!r} keeps its data at "
                                    f"{location!r}, not in a file beside the graph. Fix: re-run `edgellm convert`.")
     twin, converted, left, fused = build_kernel_graph(source, fuse, folder)
-    attention = sum(n.op_type == ATTENTION for n in twin.graph.node)
+    layers = sum(n.op_type == LAYER for n in twin.graph.node)
+    attention = layers + sum(n.op_type == ATTENTION for n in twin.graph.node)  # a Q8Layer runs its attention
     path = folder / name
     partial = folder / f".{name}.partial-{os.getpid()}"
     try:
@@ -140,7 +146,7 @@ def write(folder: Path, model_file: str = "model.onnx", fuse: bool = True, name:
         partial.unlink(missing_ok=True)
     logger.info("wrote %s: %d MatMulNBits as %s.%s (%d left as they were), %d layer tails as Q8Mlp, %d attention "
                 "nodes as %s", path, converted, DOMAIN, OP_TYPE, left, fused, attention, ATTENTION)
-    return KernelGraph(KERNEL_MODEL, converted, left, fused, path.stat().st_size, attention)
+    return KernelGraph(KERNEL_MODEL, converted, left, fused, path.stat().st_size, attention, layers)
 
 
 def check(standard: DecoderSession, twin: DecoderSession, tokens: list[int], window: int, chats: list[list[int]],

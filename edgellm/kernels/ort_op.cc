@@ -343,18 +343,19 @@ struct MlpKernel {
   ConstantWeights weights[10];  // at the index of each matrix input (2, 5, 7), when constant
 };
 
-OrtStatus* read_float(const OrtKernelInfo* info, const std::string& where, const char* name, float* out) {
+OrtStatus* read_float(const OrtKernelInfo* info, const std::string& where, const char* name, float* out,
+                      const char* needs = "Q8Mlp needs eps_post and eps_next (the two norms' epsilon)") {
   if (OrtStatus* s = KernelInfoGetAttribute_float::get(g_api)(info, name, out)) {
     ReleaseStatus::get(g_api)(s);
-    return error(ORT_INVALID_GRAPH, where + ": the float attribute '" + name + "' is missing; Q8Mlp needs "
-                                        "eps_post and eps_next (the two norms' epsilon)");
+    return error(ORT_INVALID_GRAPH, where + ": the float attribute '" + name + "' is missing; " + needs);
   }
   return nullptr;
 }
 
-// Checks the weight matrix at `input` (and its scales at input + 1) when they are constant, and places them.
+// Checks the weight matrix at `input` (and its scales at input + 1) when they are constant, and places them in
+// `placed` (`out` stays empty when they are fed at run time).
 OrtStatus* check_matrix(const OrtKernelInfo* info, const std::string& where, size_t input, int64_t N, int64_t K,
-                        MlpKernel* kernel) {
+                        edgellm_arena::PlacedWeights& placed, ConstantWeights* out) {
   const OrtValue *b = nullptr, *scales = nullptr;
   int b_const = 0, s_const = 0;
   OrtStatus* s = KernelInfoGetConstantInput_tensor::get(g_api)(info, input, &b_const, &b);
@@ -365,39 +366,67 @@ OrtStatus* check_matrix(const OrtKernelInfo* info, const std::string& where, siz
   k.K = K;
   k.N = N;
   if (OrtStatus* s = k.check_weights(b, scales, "at load")) return s;
-  return prepare_weights(b, scales, N, K, k.where, kernel->placed, &kernel->weights[input]);
+  return prepare_weights(b, scales, N, K, k.where, placed, out);
 }
 
-OrtStatus* create_mlp(const OrtKernelInfo* info, void** out) {
-  *out = nullptr;
-  const std::string where = node_where(info, "Q8Mlp");
+// The matrix at `input` as the kernel reads it at this call: as placed at load, or as fed now (checked first).
+OrtStatus* matrix_at_call(OrtKernelContext* context, const std::string& where, size_t input, int64_t N, int64_t K,
+                          const ConstantWeights& placed, ConstantWeights* out) {
+  *out = placed;
+  if (placed.packed || placed.B) return nullptr;
+  const OrtValue *b = nullptr, *scales = nullptr;
+  if (OrtStatus* s = KernelContext_GetInput::get(g_api)(context, input, &b)) return s;
+  if (OrtStatus* s = KernelContext_GetInput::get(g_api)(context, input + 1, &scales)) return s;
+  Kernel k;
+  k.where = where + " (input " + std::to_string(input) + ")";
+  k.K = K;
+  k.N = N;
+  if (OrtStatus* s = k.check_weights(b, scales, "at the call")) return s;
+  void *b_data = nullptr, *s_data = nullptr;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(b), &b_data)) return s;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(scales), &s_data)) return s;
+  out->B = static_cast<const uint8_t*>(b_data);
+  out->scales = static_cast<const uint16_t*>(s_data);
+  return nullptr;
+}
+
+// hidden, intermediate, attn, eps_post and eps_next, checked, into `k` (Q8Mlp's and Q8Layer's attributes).
+OrtStatus* read_mlp(const OrtKernelInfo* info, const std::string& where, const char* op, MlpKernel* k) {
+  const std::string needs = std::string(op) + " needs hidden, intermediate, attn, eps_post and eps_next (re-convert "
+                                              "the model)";
   int64_t H = 0, I = 0, A = 0;
   float eps_post = 0.0f, eps_next = 0.0f;
-  const char* needs = "Q8Mlp needs hidden, intermediate and attn (re-convert the model)";
-  if (OrtStatus* s = read_int(info, where, "hidden", &H, needs)) return s;
-  if (OrtStatus* s = read_int(info, where, "intermediate", &I, needs)) return s;
-  if (OrtStatus* s = read_int(info, where, "attn", &A, needs)) return s;
-  if (OrtStatus* s = read_float(info, where, "eps_post", &eps_post)) return s;
-  if (OrtStatus* s = read_float(info, where, "eps_next", &eps_next)) return s;
+  if (OrtStatus* s = read_int(info, where, "hidden", &H, needs.c_str())) return s;
+  if (OrtStatus* s = read_int(info, where, "intermediate", &I, needs.c_str())) return s;
+  if (OrtStatus* s = read_int(info, where, "attn", &A, needs.c_str())) return s;
+  if (OrtStatus* s = read_float(info, where, "eps_post", &eps_post, needs.c_str())) return s;
+  if (OrtStatus* s = read_float(info, where, "eps_next", &eps_next, needs.c_str())) return s;
   if (H <= 0 || I <= 0 || A <= 0 || H % 32 || I % 32 || A % 32)
     return error(ORT_INVALID_GRAPH, where + ": hidden=" + std::to_string(H) + ", intermediate=" + std::to_string(I) +
                                         ", attn=" + std::to_string(A) + " are invalid; each must be a positive "
                                         "multiple of 32");
+  k->where = where;
+  k->H = H;
+  k->I = I;
+  k->A = A;
+  k->eps_post = eps_post;
+  k->eps_next = eps_next;
+  return nullptr;
+}
+
+OrtStatus* create_mlp(const OrtKernelInfo* info, void** out) {
+  *out = nullptr;
   MlpKernel* kernel = new (std::nothrow) MlpKernel;
-  if (!kernel) return error(ORT_FAIL, where + ": out of memory");
-  OrtStatus* s = check_matrix(info, where, 2, H, A, kernel);
-  if (!s) s = check_matrix(info, where, 5, 2 * I, H, kernel);
-  if (!s) s = check_matrix(info, where, 7, H, I, kernel);
+  if (!kernel) return error(ORT_FAIL, node_where(info, "Q8Mlp") + ": out of memory");
+  OrtStatus* s = read_mlp(info, node_where(info, "Q8Mlp"), "Q8Mlp", kernel);
+  const MlpKernel& k = *kernel;
+  if (!s) s = check_matrix(info, k.where, 2, k.H, k.A, kernel->placed, &kernel->weights[2]);
+  if (!s) s = check_matrix(info, k.where, 5, 2 * k.I, k.H, kernel->placed, &kernel->weights[5]);
+  if (!s) s = check_matrix(info, k.where, 7, k.H, k.I, kernel->placed, &kernel->weights[7]);
   if (s) {
     delete kernel;
     return s;
   }
-  kernel->where = where;
-  kernel->H = H;
-  kernel->I = I;
-  kernel->A = A;
-  kernel->eps_post = eps_post;
-  kernel->eps_next = eps_next;
   *out = kernel;
   return nullptr;
 }
@@ -412,6 +441,38 @@ OrtStatus* input_data(OrtKernelContext* context, size_t index, const MlpKernel& 
                                            dims_text(shape.dims) + ", expected " + std::to_string(expected) +
                                            " elements; re-convert the model");
   return GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(value), data);
+}
+
+// The layer tail (see Q8Mlp above) on M rows of attn [M, A] and residual [M, H]: writes out_norm and r, [M, H].
+OrtStatus* mlp_math(const MlpKernel& k, OrtKernelContext* context, int64_t M, const float* attn, const float* residual,
+                    const ConstantWeights& wo, const ConstantWeights& wgu, const ConstantWeights& wd,
+                    const float* gamma_post, const float* gamma_next, float* out_norm, float* r) {
+  thread_local std::vector<unsigned char> scratch;
+  thread_local std::vector<float> work;  // gate_up / act, reused
+  const int64_t widest = std::max(std::max(k.A, k.H), k.I);
+  const size_t bytes = edgellm_q8_scratch_bytes(M, widest);
+  if (scratch.size() < bytes) scratch.resize(bytes);
+  const size_t floats = (size_t)M * (size_t)(2 * k.I + std::max(k.I, k.H));
+  if (work.size() < floats) work.resize(floats);
+  float* gu = work.data();                      // [M, 2I]
+  float* act = work.data() + (size_t)M * 2 * k.I;  // [M, I] activations, or [M, H] normed rows
+
+  // o_proj, + residual
+  edgellm_q8_quantize(attn, M, k.A, scratch.data());
+  if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.A, k.H, wo, r)) return s;
+  for (int64_t i = 0; i < M * k.H; ++i) r[i] += residual[i];
+  // post-attention norm, gate_up, SwiGLU
+  for (int64_t m = 0; m < M; ++m) edgellm_rms_norm(r + m * k.H, gamma_post, k.eps_post, act + m * k.H, k.H);
+  edgellm_q8_quantize(act, M, k.H, scratch.data());
+  if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.H, 2 * k.I, wgu, gu)) return s;
+  for (int64_t m = 0; m < M; ++m)
+    edgellm_silu_mul(gu + m * 2 * k.I, gu + m * 2 * k.I + k.I, act + m * k.I, k.I);
+  // down_proj, + residual, next norm
+  edgellm_q8_quantize(act, M, k.I, scratch.data());
+  if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.I, k.H, wd, gu)) return s;
+  for (int64_t i = 0; i < M * k.H; ++i) r[i] += gu[i];
+  for (int64_t m = 0; m < M; ++m) edgellm_rms_norm(r + m * k.H, gamma_next, k.eps_next, out_norm + m * k.H, k.H);
+  return nullptr;
 }
 
 OrtStatus* compute_mlp(const MlpKernel& k, OrtKernelContext* context) {
@@ -433,50 +494,16 @@ OrtStatus* compute_mlp(const MlpKernel& k, OrtKernelContext* context) {
   const int64_t expected[10] = {-1, M * k.H, -1, -1, k.H, -1, -1, -1, -1, k.H};
   for (size_t i : {0, 1, 4, 9})
     if (OrtStatus* s = input_data(context, i, k, expected[i], &p[i])) return s;
-  ConstantWeights w[10];  // each matrix (inputs 2, 5, 7) as checked at load, or as fed at run time with its scales
-  for (size_t i : {2, 5, 7}) {
-    w[i] = k.weights[i];
-    if (w[i].packed || w[i].B) continue;
-    if (OrtStatus* s = input_data(context, i, k, expected[i], &p[i])) return s;
-    if (OrtStatus* s = input_data(context, i + 1, k, expected[i + 1], &p[i + 1])) return s;
-    w[i].B = static_cast<const uint8_t*>(p[i]);
-    w[i].scales = static_cast<const uint16_t*>(p[i + 1]);
-  }
+  ConstantWeights wo, wgu, wd;  // as placed at load, or as fed at run time
+  if (OrtStatus* s = matrix_at_call(context, k.where, 2, k.H, k.A, k.weights[2], &wo)) return s;
+  if (OrtStatus* s = matrix_at_call(context, k.where, 5, 2 * k.I, k.H, k.weights[5], &wgu)) return s;
+  if (OrtStatus* s = matrix_at_call(context, k.where, 7, k.H, k.I, k.weights[7], &wd)) return s;
   void *norm_data = nullptr, *res_data = nullptr;
   if (OrtStatus* s = GetTensorMutableData::get(g_api)(y_norm, &norm_data)) return s;
   if (OrtStatus* s = GetTensorMutableData::get(g_api)(y_res, &res_data)) return s;
-  float* out_norm = static_cast<float*>(norm_data);
-  float* r = static_cast<float*>(res_data);
-  const float* residual = static_cast<const float*>(p[1]);
-
-  thread_local std::vector<unsigned char> scratch;
-  thread_local std::vector<float> work;  // o / normed / gate_up / act, reused
-  const int64_t widest = std::max(std::max(k.A, k.H), k.I);
-  const size_t bytes = edgellm_q8_scratch_bytes(M, widest);
-  if (scratch.size() < bytes) scratch.resize(bytes);
-  const size_t floats = (size_t)M * (size_t)(2 * k.I + std::max(k.I, k.H));
-  if (work.size() < floats) work.resize(floats);
-  float* gu = work.data();                      // [M, 2I]
-  float* act = work.data() + (size_t)M * 2 * k.I;  // [M, I] activations, or [M, H] normed rows
-
-  // o_proj, + residual
-  edgellm_q8_quantize(static_cast<const float*>(p[0]), M, k.A, scratch.data());
-  if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.A, k.H, w[2], r)) return s;
-  for (int64_t i = 0; i < M * k.H; ++i) r[i] += residual[i];
-  // post-attention norm, gate_up, SwiGLU
-  for (int64_t m = 0; m < M; ++m)
-    edgellm_rms_norm(r + m * k.H, static_cast<const float*>(p[4]), k.eps_post, act + m * k.H, k.H);
-  edgellm_q8_quantize(act, M, k.H, scratch.data());
-  if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.H, 2 * k.I, w[5], gu)) return s;
-  for (int64_t m = 0; m < M; ++m)
-    edgellm_silu_mul(gu + m * 2 * k.I, gu + m * 2 * k.I + k.I, act + m * k.I, k.I);
-  // down_proj, + residual, next norm
-  edgellm_q8_quantize(act, M, k.I, scratch.data());
-  if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.I, k.H, w[7], gu)) return s;
-  for (int64_t i = 0; i < M * k.H; ++i) r[i] += gu[i];
-  for (int64_t m = 0; m < M; ++m)
-    edgellm_rms_norm(r + m * k.H, static_cast<const float*>(p[9]), k.eps_next, out_norm + m * k.H, k.H);
-  return nullptr;
+  return mlp_math(k, context, M, static_cast<const float*>(p[0]), static_cast<const float*>(p[1]), wo, wgu, wd,
+                  static_cast<const float*>(p[4]), static_cast<const float*>(p[9]), static_cast<float*>(norm_data),
+                  static_cast<float*>(res_data));
 }
 
 const char* EDGELLM_ORT_CALL mlp_name(const OrtCustomOp*) { return "Q8Mlp"; }
@@ -516,25 +543,31 @@ struct AttentionKernel {
   float scale = 0.0f;
 };
 
-OrtStatus* create_attention(const OrtKernelInfo* info, void** out) {
-  *out = nullptr;
-  const std::string where = node_where(info, "CachedAttention");
-  const char* needs = "CachedAttention needs num_heads, kv_num_heads and scale (re-convert the model)";
+// num_heads, kv_num_heads and scale, checked, into `k` (CachedAttention's and Q8Layer's attributes).
+OrtStatus* read_attention(const OrtKernelInfo* info, const std::string& where, const char* op, AttentionKernel* k) {
+  const std::string needs = std::string(op) + " needs num_heads, kv_num_heads and scale (re-convert the model)";
   int64_t H = 0, Hkv = 0;
   float scale = 0.0f;
-  if (OrtStatus* s = read_int(info, where, "num_heads", &H, needs)) return s;
-  if (OrtStatus* s = read_int(info, where, "kv_num_heads", &Hkv, needs)) return s;
-  if (OrtStatus* s = read_float(info, where, "scale", &scale)) return s;
+  if (OrtStatus* s = read_int(info, where, "num_heads", &H, needs.c_str())) return s;
+  if (OrtStatus* s = read_int(info, where, "kv_num_heads", &Hkv, needs.c_str())) return s;
+  if (OrtStatus* s = read_float(info, where, "scale", &scale, needs.c_str())) return s;
   if (H <= 0 || Hkv <= 0 || H % Hkv != 0 || !(scale > 0.0f))
     return error(ORT_INVALID_GRAPH, where + ": num_heads=" + std::to_string(H) + ", kv_num_heads=" + std::to_string(Hkv) +
                                         ", scale=" + std::to_string(scale) + " are invalid; num_heads must be a positive "
                                         "multiple of kv_num_heads and scale positive");
-  AttentionKernel* kernel = new (std::nothrow) AttentionKernel;
-  if (!kernel) return error(ORT_FAIL, where + ": out of memory");
-  kernel->where = where;
-  kernel->H = H;
-  kernel->Hkv = Hkv;
-  kernel->scale = scale;
+  k->where = where;
+  k->H = H;
+  k->Hkv = Hkv;
+  k->scale = scale;
+  return nullptr;
+}
+
+OrtStatus* create_attention(const OrtKernelInfo* info, void** out) {
+  *out = nullptr;
+  AttentionKernel parsed;
+  if (OrtStatus* s = read_attention(info, node_where(info, "CachedAttention"), "CachedAttention", &parsed)) return s;
+  AttentionKernel* kernel = new (std::nothrow) AttentionKernel(parsed);
+  if (!kernel) return error(ORT_FAIL, parsed.where + ": out of memory");
   *out = kernel;
   return nullptr;
 }
@@ -559,61 +592,61 @@ void attend_task(void* data, size_t index) {
                  scratch.data(), t.out + i * t.k->H * t.D + h * t.D);
 }
 
-OrtStatus* compute_attention(const AttentionKernel& k, OrtKernelContext* context) {
-  const OrtValue* v[6] = {nullptr};
-  TensorShape shape[6];
-  for (size_t i = 0; i < 6; ++i) {
-    if (OrtStatus* s = KernelContext_GetInput::get(g_api)(context, i, &v[i])) return s;
-    if (OrtStatus* s = shape_of(v[i], &shape[i])) return s;
-  }
-  const std::vector<int64_t>& qd = shape[0].dims;
-  const std::vector<int64_t>& kd = shape[1].dims;
-  if (qd.size() != 3 || kd.size() != 4 || kd[1] != k.Hkv || shape[2].dims != kd || qd[0] != kd[0] ||
-      qd[2] != (k.H + 2 * k.Hkv) * kd[3] || shape[3].elements() != kd[0] || shape[4].dims.size() != 2 ||
-      shape[4].dims[1] * 2 != kd[3] || shape[5].dims != shape[4].dims)
+// One call's attention operands, checked: qkv [B, S, (H + 2 Hkv) D], the caches [B, Hkv, capacity, D] (past as
+// fed, present as written: the same memory when bound in place), seqlens_k [B], cos / sin [positions, D/2], y [B, S, H D].
+struct AttentionCall {
+  int64_t B = 0, S = 0, D = 0, capacity = 0, positions = 0;
+  const float *qkv = nullptr, *past_key = nullptr, *past_value = nullptr, *cos = nullptr, *sin = nullptr;
+  float *keys = nullptr, *values = nullptr, *y = nullptr;
+  const int32_t* seqlens = nullptr;
+};
+
+// The shapes of qkv (its dims) and of past_key, past_value, seqlens_k, cos, sin (`rest`) against the attributes.
+OrtStatus* check_attention(const AttentionKernel& k, const std::vector<int64_t>& qd, const TensorShape rest[5],
+                           AttentionCall* call) {
+  const std::vector<int64_t>& kd = rest[0].dims;
+  if (qd.size() != 3 || kd.size() != 4 || kd[1] != k.Hkv || rest[1].dims != kd || qd[0] != kd[0] ||
+      qd[2] != (k.H + 2 * k.Hkv) * kd[3] || rest[2].elements() != kd[0] || rest[3].dims.size() != 2 ||
+      rest[3].dims[1] * 2 != kd[3] || rest[4].dims != rest[3].dims)
     return error(ORT_INVALID_ARGUMENT, k.where + ": shapes qkv " + dims_text(qd) + ", past " + dims_text(kd) +
-                                           ", seqlens_k " + dims_text(shape[3].dims) + ", cos " +
-                                           dims_text(shape[4].dims) + " do not fit num_heads=" + std::to_string(k.H) +
+                                           ", seqlens_k " + dims_text(rest[2].dims) + ", cos " +
+                                           dims_text(rest[3].dims) + " do not fit num_heads=" + std::to_string(k.H) +
                                            ", kv_num_heads=" + std::to_string(k.Hkv) + "; re-convert the model");
-  const int64_t B = qd[0], S = qd[1], D = kd[3], capacity = kd[2], positions = shape[4].dims[0];
-  std::vector<int64_t> out_dims = {B, S, k.H * D};
-  OrtValue *y = nullptr, *pk = nullptr, *pv = nullptr;
-  if (OrtStatus* s = KernelContext_GetOutput::get(g_api)(context, 0, out_dims.data(), 3, &y)) return s;
-  if (OrtStatus* s = KernelContext_GetOutput::get(g_api)(context, 1, kd.data(), 4, &pk)) return s;
-  if (OrtStatus* s = KernelContext_GetOutput::get(g_api)(context, 2, kd.data(), 4, &pv)) return s;
-  void* p[6] = {nullptr};
-  for (size_t i = 0; i < 6; ++i)
-    if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(v[i]), &p[i])) return s;
-  void *yd = nullptr, *kd_out = nullptr, *vd_out = nullptr;
-  if (OrtStatus* s = GetTensorMutableData::get(g_api)(y, &yd)) return s;
-  if (OrtStatus* s = GetTensorMutableData::get(g_api)(pk, &kd_out)) return s;
-  if (OrtStatus* s = GetTensorMutableData::get(g_api)(pv, &vd_out)) return s;
-  const size_t cache_bytes = sizeof(float) * (size_t)shape[1].elements();
-  if (kd_out != p[1]) std::memcpy(kd_out, p[1], cache_bytes);  // not bound in place: present starts as past
-  if (vd_out != p[2]) std::memcpy(vd_out, p[2], cache_bytes);
-  const int32_t* seqlens = static_cast<const int32_t*>(p[3]);
-  const float *cos = static_cast<const float*>(p[4]), *sin = static_cast<const float*>(p[5]);
+  call->B = qd[0];
+  call->S = qd[1];
+  call->D = kd[3];
+  call->capacity = kd[2];
+  call->positions = rest[3].dims[0];
+  return nullptr;
+}
+
+// Writes the new keys and values into the caches, then y: each query row attends to the cache up to its position.
+OrtStatus* attention_math(const AttentionKernel& k, OrtKernelContext* context, const AttentionCall& c) {
+  const int64_t S = c.S, D = c.D, capacity = c.capacity;
+  const size_t cache_bytes = sizeof(float) * (size_t)(c.B * k.Hkv * capacity * D);
+  if (c.keys != c.past_key) std::memcpy(c.keys, c.past_key, cache_bytes);  // not bound in place: present starts as past
+  if (c.values != c.past_value) std::memcpy(c.values, c.past_value, cache_bytes);
   const int64_t width = (k.H + 2 * k.Hkv) * D;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t total = (int64_t)seqlens[b] + 1, past = total - S;
-    if (past < 0 || total > capacity || total > positions)
+  for (int64_t b = 0; b < c.B; ++b) {
+    const int64_t total = (int64_t)c.seqlens[b] + 1, past = total - S;
+    if (past < 0 || total > capacity || total > c.positions)
       return error(ORT_INVALID_ARGUMENT, k.where + ": sequence " + std::to_string(b) + " has total length " +
                                              std::to_string(total) + " for " + std::to_string(S) +
                                              " new tokens; it must be at least that and at most the cache (" +
                                              std::to_string(capacity) + ") and rotary table (" +
-                                             std::to_string(positions) + ") sizes");
-    const float* qkv = static_cast<const float*>(p[0]) + b * S * width;
-    float* keys = static_cast<float*>(kd_out) + b * k.Hkv * capacity * D;
-    float* values = static_cast<float*>(vd_out) + b * k.Hkv * capacity * D;
+                                             std::to_string(c.positions) + ") sizes");
+    const float* qkv = c.qkv + b * S * width;
+    float* keys = c.keys + b * k.Hkv * capacity * D;
+    float* values = c.values + b * k.Hkv * capacity * D;
     for (int64_t i = 0; i < S; ++i)  // the new keys (rotated) and values into the cache
       for (int64_t g = 0; g < k.Hkv; ++g) {
         float* key = keys + (g * capacity + past + i) * D;
         std::memcpy(key, qkv + i * width + (k.H + g) * D, sizeof(float) * (size_t)D);
-        edgellm_rotary(key, D, cos + (past + i) * (D / 2), sin + (past + i) * (D / 2));
+        edgellm_rotary(key, D, c.cos + (past + i) * (D / 2), c.sin + (past + i) * (D / 2));
         std::memcpy(values + (g * capacity + past + i) * D, qkv + i * width + (k.H + k.Hkv + g) * D,
                     sizeof(float) * (size_t)D);
       }
-    AttentionTask task{&k, qkv, cos, sin, keys, values, static_cast<float*>(yd) + b * S * k.H * D, S, D, capacity, past, S};
+    AttentionTask task{&k, qkv, c.cos, c.sin, keys, values, c.y + b * S * k.H * D, S, D, capacity, past, S};
     const size_t items = (size_t)(S * k.H);
     if (S == 1) {  // a decode step: 9 tiny heads, cheaper on this thread than handing them out
       for (size_t i = 0; i < items; ++i) attend_task(&task, i);
@@ -622,6 +655,59 @@ OrtStatus* compute_attention(const AttentionKernel& k, OrtKernelContext* context
     }
   }
   return nullptr;
+}
+
+// past_key, past_value, seqlens_k, cos, sin: inputs first .. first + 4, and their shapes.
+OrtStatus* attention_operands(OrtKernelContext* context, size_t first, TensorShape rest[5], const OrtValue* values[5]) {
+  for (size_t i = 0; i < 5; ++i) {
+    if (OrtStatus* s = KernelContext_GetInput::get(g_api)(context, first + i, &values[i])) return s;
+    if (OrtStatus* s = shape_of(values[i], &rest[i])) return s;
+  }
+  return nullptr;
+}
+
+// Their data, and the present caches (outputs present_at, present_at + 1, shaped as past), into `c`.
+OrtStatus* attention_data(OrtKernelContext* context, size_t present_at, const TensorShape rest[5],
+                          const OrtValue* const values[5], AttentionCall* c) {
+  OrtValue *pk = nullptr, *pv = nullptr;
+  const std::vector<int64_t>& kd = rest[0].dims;
+  if (OrtStatus* s = KernelContext_GetOutput::get(g_api)(context, present_at, kd.data(), 4, &pk)) return s;
+  if (OrtStatus* s = KernelContext_GetOutput::get(g_api)(context, present_at + 1, kd.data(), 4, &pv)) return s;
+  void* p[5] = {nullptr};
+  for (size_t i = 0; i < 5; ++i)
+    if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(values[i]), &p[i])) return s;
+  void *kd_out = nullptr, *vd_out = nullptr;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(pk, &kd_out)) return s;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(pv, &vd_out)) return s;
+  c->past_key = static_cast<const float*>(p[0]);
+  c->past_value = static_cast<const float*>(p[1]);
+  c->seqlens = static_cast<const int32_t*>(p[2]);
+  c->cos = static_cast<const float*>(p[3]);
+  c->sin = static_cast<const float*>(p[4]);
+  c->keys = static_cast<float*>(kd_out);
+  c->values = static_cast<float*>(vd_out);
+  return nullptr;
+}
+
+OrtStatus* compute_attention(const AttentionKernel& k, OrtKernelContext* context) {
+  const OrtValue* qkv = nullptr;
+  TensorShape qs, rest[5];
+  const OrtValue* values[5] = {nullptr};
+  if (OrtStatus* s = KernelContext_GetInput::get(g_api)(context, 0, &qkv)) return s;
+  if (OrtStatus* s = shape_of(qkv, &qs)) return s;
+  if (OrtStatus* s = attention_operands(context, 1, rest, values)) return s;
+  AttentionCall c;
+  if (OrtStatus* s = check_attention(k, qs.dims, rest, &c)) return s;
+  std::vector<int64_t> out_dims = {c.B, c.S, k.H * c.D};
+  OrtValue* y = nullptr;
+  if (OrtStatus* s = KernelContext_GetOutput::get(g_api)(context, 0, out_dims.data(), 3, &y)) return s;
+  if (OrtStatus* s = attention_data(context, 1, rest, values, &c)) return s;
+  void *q_data = nullptr, *y_data = nullptr;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(qkv), &q_data)) return s;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(y, &y_data)) return s;
+  c.qkv = static_cast<const float*>(q_data);
+  c.y = static_cast<float*>(y_data);
+  return attention_math(k, context, c);
 }
 
 const char* EDGELLM_ORT_CALL attention_name(const OrtCustomOp*) { return "CachedAttention"; }
@@ -644,6 +730,134 @@ OrtStatus* EDGELLM_ORT_CALL attention_compute(void* kernel, OrtKernelContext* co
     return compute_attention(*static_cast<const AttentionKernel*>(kernel), context);
   } catch (const std::exception& e) {
     return error(ORT_FAIL, static_cast<const AttentionKernel*>(kernel)->where + ": " + e.what());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// ai.edgellm::Q8Layer: a whole decoder layer in one node (MatMulQ8 qkv, then CachedAttention, then Q8Mlp), so a
+// decode step runs 30 nodes for SmolLM2-135M's layers instead of 90; onnxruntime spends ~5 us around each node,
+// and the three nodes' inputs are looked up and checked once. Same math, same order: the logits are bit-identical
+// to the three nodes'.
+// Inputs: x [B, S, hidden] (the layer's normed input), residual [B, S, hidden], Wqkv, Sqkv, past_key, past_value,
+// seqlens_k, cos_cache, sin_cache, Wo, So, gamma_post, Wgu, Sgu, Wd, Sd, gamma_next (as the three ops take them).
+// Outputs: the next layer's normed input, the residual, present_key, present_value.
+// Attributes: Q8Mlp's (hidden, intermediate, attn, eps_post, eps_next) and CachedAttention's (num_heads,
+// kv_num_heads, scale).
+struct LayerKernel {
+  MlpKernel mlp;  // its weights (and the placed qkv) live in mlp.placed
+  AttentionKernel attention;
+  ConstantWeights qkv, wo, wgu, wd;  // when constant
+  int64_t qkv_n = 0;                // (num_heads + 2 kv_num_heads) * head size
+};
+
+enum LayerInput : size_t { kX, kResidual, kWqkv, kSqkv, kPastKey, kPastValue, kSeqlens, kCos, kSin, kWo, kSo,
+                           kGammaPost, kWgu, kSgu, kWd, kSd, kGammaNext, kLayerInputs };
+
+OrtStatus* create_layer(const OrtKernelInfo* info, void** out) {
+  *out = nullptr;
+  const std::string where = node_where(info, "Q8Layer");
+  LayerKernel* kernel = new (std::nothrow) LayerKernel;
+  if (!kernel) return error(ORT_FAIL, where + ": out of memory");
+  OrtStatus* s = read_mlp(info, where, "Q8Layer", &kernel->mlp);
+  if (!s) s = read_attention(info, where, "Q8Layer", &kernel->attention);
+  const MlpKernel& k = kernel->mlp;
+  const int64_t heads = kernel->attention.H, kv_heads = kernel->attention.Hkv;
+  if (!s && k.A % heads != 0)
+    s = error(ORT_INVALID_GRAPH, where + ": attn=" + std::to_string(k.A) + " is not a multiple of num_heads=" +
+                                     std::to_string(heads) + "; re-convert the model");
+  if (!s) {
+    kernel->qkv_n = (heads + 2 * kv_heads) * (k.A / heads);
+    edgellm_arena::PlacedWeights& placed = kernel->mlp.placed;
+    s = check_matrix(info, where, kWqkv, kernel->qkv_n, k.H, placed, &kernel->qkv);
+    if (!s) s = check_matrix(info, where, kWo, k.H, k.A, placed, &kernel->wo);
+    if (!s) s = check_matrix(info, where, kWgu, 2 * k.I, k.H, placed, &kernel->wgu);
+    if (!s) s = check_matrix(info, where, kWd, k.H, k.I, placed, &kernel->wd);
+  }
+  if (s) {
+    delete kernel;
+    return s;
+  }
+  *out = kernel;
+  return nullptr;
+}
+
+OrtStatus* compute_layer(const LayerKernel& layer, OrtKernelContext* context) {
+  const MlpKernel& k = layer.mlp;
+  const OrtValue* x = nullptr;
+  if (OrtStatus* s = KernelContext_GetInput::get(g_api)(context, kX, &x)) return s;
+  TensorShape xs, rest[5];
+  if (OrtStatus* s = shape_of(x, &xs)) return s;
+  if (xs.dims.size() != 3 || xs.dims[2] != k.H)
+    return error(ORT_INVALID_ARGUMENT, k.where + ": input x has shape " + dims_text(xs.dims) +
+                                           "; it must be [batch, sequence, hidden = " + std::to_string(k.H) + "]");
+  const int64_t M = xs.elements() / k.H;
+  const OrtValue* cache[5] = {nullptr};
+  if (OrtStatus* s = attention_operands(context, kPastKey, rest, cache)) return s;
+  AttentionCall c;
+  if (OrtStatus* s = check_attention(layer.attention, {xs.dims[0], xs.dims[1], layer.qkv_n}, rest, &c)) return s;
+  void *x_data = nullptr, *residual = nullptr, *gamma_post = nullptr, *gamma_next = nullptr;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(x), &x_data)) return s;
+  if (OrtStatus* s = input_data(context, kResidual, k, M * k.H, &residual)) return s;
+  if (OrtStatus* s = input_data(context, kGammaPost, k, k.H, &gamma_post)) return s;
+  if (OrtStatus* s = input_data(context, kGammaNext, k, k.H, &gamma_next)) return s;
+  ConstantWeights qkv, wo, wgu, wd;  // as placed at load, or as fed at run time
+  if (OrtStatus* s = matrix_at_call(context, k.where, kWqkv, layer.qkv_n, k.H, layer.qkv, &qkv)) return s;
+  if (OrtStatus* s = matrix_at_call(context, k.where, kWo, k.H, k.A, layer.wo, &wo)) return s;
+  if (OrtStatus* s = matrix_at_call(context, k.where, kWgu, 2 * k.I, k.H, layer.wgu, &wgu)) return s;
+  if (OrtStatus* s = matrix_at_call(context, k.where, kWd, k.H, k.I, layer.wd, &wd)) return s;
+  OrtValue *y_norm = nullptr, *y_res = nullptr;
+  if (OrtStatus* s = KernelContext_GetOutput::get(g_api)(context, 0, xs.dims.data(), 3, &y_norm)) return s;
+  if (OrtStatus* s = KernelContext_GetOutput::get(g_api)(context, 1, xs.dims.data(), 3, &y_res)) return s;
+  if (OrtStatus* s = attention_data(context, 2, rest, cache, &c)) return s;
+  void *norm_data = nullptr, *res_data = nullptr;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(y_norm, &norm_data)) return s;
+  if (OrtStatus* s = GetTensorMutableData::get(g_api)(y_res, &res_data)) return s;
+
+  thread_local std::vector<unsigned char> scratch;
+  thread_local std::vector<float> work;  // qkv [M, qkv_n], then attention's output [M, attn]
+  const size_t bytes = edgellm_q8_scratch_bytes(M, k.H);
+  if (scratch.size() < bytes) scratch.resize(bytes);
+  const size_t floats = (size_t)M * (size_t)(layer.qkv_n + k.A);
+  if (work.size() < floats) work.resize(floats);
+  float* qkv_out = work.data();
+  float* attn = work.data() + (size_t)M * layer.qkv_n;
+  if (M > 0) {
+    edgellm_q8_quantize(static_cast<const float*>(x_data), M, k.H, scratch.data());
+    if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.H, layer.qkv_n, qkv, qkv_out)) return s;
+  }
+  c.qkv = qkv_out;
+  c.y = attn;
+  if (OrtStatus* s = attention_math(layer.attention, context, c)) return s;
+  if (M == 0) return nullptr;
+  return mlp_math(k, context, M, attn, static_cast<const float*>(residual), wo, wgu, wd,
+                  static_cast<const float*>(gamma_post), static_cast<const float*>(gamma_next),
+                  static_cast<float*>(norm_data), static_cast<float*>(res_data));
+}
+
+const char* EDGELLM_ORT_CALL layer_name(const OrtCustomOp*) { return "Q8Layer"; }
+int EDGELLM_ORT_CALL layer_input_type(const OrtCustomOp*, size_t index) {
+  switch (index) {
+    case kWqkv: case kWo: case kWgu: case kWd: return EDGELLM_ORT_UINT8;
+    case kSqkv: case kSo: case kSgu: case kSd: return EDGELLM_ORT_FLOAT16;
+    case kSeqlens: return EDGELLM_ORT_INT32;
+    default: return EDGELLM_ORT_FLOAT;
+  }
+}
+size_t EDGELLM_ORT_CALL layer_input_count(const OrtCustomOp*) { return kLayerInputs; }
+size_t EDGELLM_ORT_CALL layer_output_count(const OrtCustomOp*) { return 4; }
+void EDGELLM_ORT_CALL layer_destroy(void* kernel) { delete static_cast<LayerKernel*>(kernel); }
+OrtStatus* EDGELLM_ORT_CALL layer_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  try {
+    return create_layer(info, kernel);
+  } catch (const std::exception& e) {
+    return error(ORT_FAIL, std::string("Q8Layer: ") + e.what());
+  }
+}
+OrtStatus* EDGELLM_ORT_CALL layer_compute(void* kernel, OrtKernelContext* context) {
+  try {
+    return compute_layer(*static_cast<const LayerKernel*>(kernel), context);
+  } catch (const std::exception& e) {
+    return error(ORT_FAIL, static_cast<const LayerKernel*>(kernel)->mlp.where + ": " + e.what());
   }
 }
 
@@ -702,6 +916,20 @@ OrtCustomOp make_attention_op() {
 
 const OrtCustomOp g_attention_op = make_attention_op();
 
+OrtCustomOp make_layer_op() {
+  OrtCustomOp op = make_op();
+  op.GetName = layer_name;
+  op.GetInputType = layer_input_type;
+  op.GetInputTypeCount = layer_input_count;
+  op.GetOutputTypeCount = layer_output_count;
+  op.KernelDestroy = layer_destroy;
+  op.CreateKernelV2 = layer_create;
+  op.KernelComputeV2 = layer_compute;
+  return op;
+}
+
+const OrtCustomOp g_layer_op = make_layer_op();
+
 // The domain outlives every session (onnxruntime keeps a pointer to it), so it is made once, never freed.
 std::once_flag g_domain_once;
 OrtCustomOpDomain* g_domain = nullptr;
@@ -710,6 +938,7 @@ OrtStatus* make_domain() {
   if (!s) s = CustomOpDomain_Add::get(g_api)(g_domain, &g_op);
   if (!s) s = CustomOpDomain_Add::get(g_api)(g_domain, &g_mlp_op);
   if (!s) s = CustomOpDomain_Add::get(g_api)(g_domain, &g_attention_op);
+  if (!s) s = CustomOpDomain_Add::get(g_api)(g_domain, &g_layer_op);
   if (s) g_domain = nullptr;
   return s;
 }

@@ -97,13 +97,17 @@ def test_convert_writes_the_twin_sharing_the_weights(tiny_int8_dir):
     assert [(n.name, list(n.input), list(n.output)) for n in unfused.graph.node] == \
         [(n.name, list(n.input), list(n.output)) for n in standard.graph.node]
     assert [n.op_type for n in unfused.graph.node if n.domain == DOMAIN] == [OP_TYPE] * len(matmuls)
-    # Written: every layer's o_proj..next-norm tail is one Q8Mlp; qkv and the lm_head stay MatMulQ8; attention is
-    # CachedAttention; every edgellm op reads fp16 scales embedded in the twin.
+    # Written: every layer's o_proj..next-norm tail folded like Q8Mlp, attention as CachedAttention, and then each
+    # layer's qkv, attention and tail as one Q8Layer; the lm_head stays MatMulQ8; every edgellm op reads fp16 scales
+    # embedded in the twin.
     ops = [n.op_type for n in twin.graph.node]
-    assert info["fused_layers"] == ops.count("Q8Mlp") == 2 and ops.count(OP_TYPE) == 2 + 1
-    assert info["attention_nodes"] == ops.count("CachedAttention") == 2 and "GroupQueryAttention" not in ops
+    assert info["fused_layers"] == 2 and info["layer_nodes"] == ops.count("Q8Layer") == 2
+    assert ops.count(OP_TYPE) == 1 and "Q8Mlp" not in ops and "CachedAttention" not in ops
+    assert info["attention_nodes"] == 2 and "GroupQueryAttention" not in ops
     embedded = {t.name: t for t in twin.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
-    scale_inputs = [n.input[i] for n in twin.graph.node for i in {"MatMulQ8": (2,), "Q8Mlp": (3, 6, 8)}.get(n.op_type, ())]
+    scale_inputs = [n.input[i] for n in twin.graph.node
+                    for i in {"MatMulQ8": (2,), "Q8Layer": (3, 10, 13, 15)}.get(n.op_type, ())]
+    assert len(scale_inputs) == 1 + 4 * 2
     assert scale_inputs and all(embedded[name].data_type == onnx.TensorProto.FLOAT16 for name in scale_inputs)
     assert "MatMulNBits" not in ops and {o.name for o in twin.graph.output} == {o.name for o in standard.graph.output}
     # The same external data file, not a copy: the folder grows by the graph file only.
@@ -305,7 +309,7 @@ def test_info_and_bench_say_which_graph_runs(tiny_int8_dir):
     out = CliRunner().invoke(main, ["info", str(tiny_int8_dir)])
     assert out.exit_code == 0, out.output
     assert (f"kernel graph: {KERNEL_MODEL} (9 MatMulNBits as ai.edgellm.MatMulQ8, 2 layer tails as ai.edgellm.Q8Mlp, "
-            "shares the weights)") in out.output
+            "2 layers as ai.edgellm.Q8Layer, shares the weights)") in out.output
     assert f"decode graph here: {KERNEL_MODEL} with edgellm kernels ({isa};" in out.output
     data = json.loads(CliRunner().invoke(main, ["info", str(tiny_int8_dir), "--json"]).output)
     assert data["decode_graph"]["graph"] == KERNEL_MODEL and data["decode_graph"]["isa"] == isa

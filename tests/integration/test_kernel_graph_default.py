@@ -96,3 +96,49 @@ def test_weights_in_huge_pages_give_the_same_logits_without_growing_memory(defau
     ours, theirs = np.asarray(placed["logits"]).reshape(2, -1), np.asarray(rows["logits"]).reshape(2, -1)
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
     assert 0 < float(np.abs(ours - theirs).max()) <= limit  # 0 would mean EDGELLM_KERNEL_PACK=0 was ignored
+
+
+def test_one_node_a_layer_gives_the_three_nodes_logits_bit_for_bit(default_model_dir, tmp_path):
+    """The shipped twin runs each decoder layer as one ai.edgellm.Q8Layer node; the same twin with each layer as
+    MatMulQ8 -> CachedAttention -> Q8Mlp (built here with convert's own passes) gives the same logits, bit for bit,
+    on a prompt and on decode steps through the KV cache bound in place."""
+    import shutil
+
+    import onnx
+
+    from edgellm import kernels
+    from edgellm.convert.fuse_layers import fuse_decoder_layers, replace_attention
+    from edgellm.convert.half_scales import halve_scales
+    from edgellm.convert.kernel_graph import build_kernel_graph
+    from edgellm.runtime.session import DecoderSession
+
+    if kernels.library_path() is None:
+        pytest.fail("edgellm's kernel library is not built here. Fix: python -m edgellm.kernels build", pytrace=False)
+    folder = tmp_path / "model"
+    shutil.copytree(default_model_dir, folder)
+    manifest = read_manifest(folder)
+    shipped = onnx.load(str(folder / KERNEL_MODEL), load_external_data=False)
+    assert [n.op_type for n in shipped.graph.node].count("Q8Layer") == manifest.dims.num_layers == 30
+    assert manifest.quantization["kernel_graph"]["layer_nodes"] == 30
+    three = build_kernel_graph(onnx.load(str(folder / "model.onnx"), load_external_data=False), fuse=False,
+                               rewrite=False)[0]
+    halve_scales(three, folder)
+    fuse_decoder_layers(three.graph)
+    replace_attention(three.graph)
+    (folder / "three.onnx").write_bytes(three.SerializeToString())
+    assert [n.op_type for n in three.graph.node].count("CachedAttention") == 30
+
+    def session(graph: str) -> DecoderSession:
+        return DecoderSession(folder / manifest.files["model"], io=manifest.io, dims=manifest.dims, capacity=128,
+                              threads=2, graph=manifest.graph, kernel_path=folder / graph, kernels=True)
+
+    one, split = session(KERNEL_MODEL), session("three.onnx")
+    ids = edgellm.load(default_model_dir, kernels=False).encode("Name three colours.")
+    a, b = one.forward(ids, keep=len(ids)).copy(), split.forward(ids, keep=len(ids)).copy()
+    assert np.array_equal(a, b)
+    token = int(a[-1].argmax())
+    for _ in range(8):
+        a, b = one.forward([token]).copy(), split.forward([token]).copy()
+        assert np.array_equal(a, b)
+        token = int(a.argmax())
+    assert np.abs(a).max() > 1.0  # real logits, not an empty buffer
