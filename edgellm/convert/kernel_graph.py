@@ -145,7 +145,8 @@ def write(folder: Path, model_file: str = "model.onnx", fuse: bool = True, name:
     finally:
         partial.unlink(missing_ok=True)
     logger.info("wrote %s: %d MatMulNBits as %s.%s (%d left as they were), %d layer tails as Q8Mlp, %d attention "
-                "nodes as %s", path, converted, DOMAIN, OP_TYPE, left, fused, attention, ATTENTION)
+                "nodes as %s, %d layers as %s", path, converted, DOMAIN, OP_TYPE, left, fused, attention, ATTENTION,
+                layers, LAYER)
     return KernelGraph(KERNEL_MODEL, converted, left, fused, path.stat().st_size, attention, layers)
 
 
