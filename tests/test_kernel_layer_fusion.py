@@ -27,15 +27,31 @@ from edgellm.convert.fuse_layers import fuse_decoder_layers  # noqa: E402
 H, I = 64, 96  # hidden, intermediate: multiples of 32 like every real model's
 
 
+def q8_matrix(rng: np.random.Generator, inits: list, name: str, K: int, N: int) -> list[str]:
+    """Random int8 block weights NAME.B [N, K/32, 32] and fp16 scales NAME.S appended to `inits`; their names."""
+    inits.append(numpy_helper.from_array(rng.integers(0, 256, (N, K // 32, 32), dtype=np.uint8), f"{name}.B"))
+    scales = (rng.random(N * K // 32, dtype=np.float32) * 0.01 + 0.002).astype(np.float16)
+    inits.append(numpy_helper.from_array(scales, f"{name}.S"))
+    return [f"{name}.B", f"{name}.S"]
+
+
+def weights_fed_at_run_time(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of `model` whose .B / .S matrices are graph inputs instead of initializers, and their values."""
+    fed = onnx.ModelProto()
+    fed.CopyFrom(model)
+    matrices = [t for t in fed.graph.initializer if t.name.endswith((".B", ".S"))]
+    weights = {t.name: numpy_helper.to_array(t) for t in matrices}
+    for t in matrices:
+        fed.graph.initializer.remove(t)
+        kind = TensorProto.UINT8 if t.name.endswith(".B") else TensorProto.FLOAT16
+        fed.graph.input.append(helper.make_tensor_value_info(t.name, kind, list(weights[t.name].shape)))
+    return fed, weights
+
+
 def layer_tail(eps_next: float | None = 1e-5) -> onnx.ModelProto:
     rng = np.random.default_rng(7)
     inits = []
-
-    def q8(name: str, K: int, N: int) -> list[str]:
-        inits.append(numpy_helper.from_array(rng.integers(0, 256, (N, K // 32, 32), dtype=np.uint8), f"{name}.B"))
-        scales = (rng.random(N * K // 32, dtype=np.float32) * 0.01 + 0.002).astype(np.float16)
-        inits.append(numpy_helper.from_array(scales, f"{name}.S"))
-        return [f"{name}.B", f"{name}.S"]
+    q8 = lambda name, K, N: q8_matrix(rng, inits, name, K, N)  # noqa: E731
 
     for name in ("gamma_post", "gamma_next"):
         inits.append(numpy_helper.from_array((1 + 0.1 * rng.standard_normal(H)).astype(np.float32), name))
@@ -109,14 +125,7 @@ def test_q8mlp_with_weights_fed_at_run_time_matches_constant_weights(kernel_libr
     kernels on MatMulNBits' layout at every call. Both give the same layer."""
     constant = layer_tail()
     assert fuse_decoder_layers(constant.graph) == 1
-    fed = onnx.ModelProto()
-    fed.CopyFrom(constant)
-    matrices = [t for t in fed.graph.initializer if t.name.endswith((".B", ".S"))]
-    weights = {t.name: numpy_helper.to_array(t) for t in matrices}
-    for t in matrices:
-        fed.graph.initializer.remove(t)
-        kind = TensorProto.UINT8 if t.name.endswith(".B") else TensorProto.FLOAT16
-        fed.graph.input.append(helper.make_tensor_value_info(t.name, kind, list(weights[t.name].shape)))
+    fed, weights = weights_fed_at_run_time(constant)
     assert len(weights) == 6
     rng = np.random.default_rng(rows)
     feed = {"attn": rng.standard_normal((1, rows, H)).astype(np.float32),

@@ -22,6 +22,7 @@ onnx = pytest.importorskip("onnx", reason="onnx (the [convert] extra) builds the
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from edgellm.convert.fuse_layers import fuse_layer_nodes  # noqa: E402
+from tests.test_kernel_layer_fusion import q8_matrix, weights_fed_at_run_time  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV_HEADS, D, CAPACITY = 64, 96, 2, 1, 64, 24  # D = 64: attention's AVX-512 path
 ATTN, QKV = HEADS * D, (HEADS + 2 * KV_HEADS) * D
@@ -30,12 +31,7 @@ ATTN, QKV = HEADS * D, (HEADS + 2 * KV_HEADS) * D
 def three_nodes(x_width=HIDDEN) -> onnx.ModelProto:
     rng = np.random.default_rng(11)
     inits = []
-
-    def q8(name: str, K: int, N: int) -> list[str]:
-        inits.append(numpy_helper.from_array(rng.integers(0, 256, (N, K // 32, 32), dtype=np.uint8), f"{name}.B"))
-        scales = (rng.random(N * K // 32, dtype=np.float32) * 0.01 + 0.002).astype(np.float16)
-        inits.append(numpy_helper.from_array(scales, f"{name}.S"))
-        return [f"{name}.B", f"{name}.S"]
+    q8 = lambda name, K, N: q8_matrix(rng, inits, name, K, N)  # noqa: E731
 
     for name in ("gamma_post", "gamma_next"):
         inits.append(numpy_helper.from_array((1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32), name))
@@ -111,14 +107,7 @@ def test_q8layer_is_bit_identical_to_the_three_nodes(kernel_library, threads):
 
 def test_q8layer_with_weights_fed_at_run_time_matches_packed_weights(kernel_library):
     constant = one_node()
-    fed = onnx.ModelProto()
-    fed.CopyFrom(constant)
-    matrices = [t for t in fed.graph.initializer if t.name.endswith((".B", ".S"))]
-    weights = {t.name: numpy_helper.to_array(t) for t in matrices}
-    for t in matrices:
-        fed.graph.initializer.remove(t)
-        kind = TensorProto.UINT8 if t.name.endswith(".B") else TensorProto.FLOAT16
-        fed.graph.input.append(helper.make_tensor_value_info(t.name, kind, list(weights[t.name].shape)))
+    fed, weights = weights_fed_at_run_time(constant)
     assert len(weights) == 8
     want = steps(session(constant, kernel_library, 2))
     got = steps(session(fed, kernel_library, 2), weights)

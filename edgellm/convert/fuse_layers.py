@@ -51,6 +51,13 @@ class _Edges:
         return all(not name or (not self.consumers.get(name) and name not in self.outputs) for name in names)
 
 
+def _swap_nodes(graph: onnx.GraphProto, replaced: dict[int, onnx.NodeProto], removed: set[int]) -> None:
+    """Drop the nodes in `removed` (by id) and put each fused node where the group's node in `replaced` stood."""
+    kept = [replaced.get(id(n), n) for n in graph.node if id(n) not in removed or id(n) in replaced]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def _is_matmul(node: onnx.NodeProto | None) -> bool:
     return node is not None and node.op_type == MATMUL and node.domain == DOMAIN
 
@@ -118,9 +125,7 @@ def fuse_decoder_layers(graph: onnx.GraphProto) -> int:
         replaced[id(next_norm)] = fused
     if not replaced:
         return 0
-    kept = [replaced.get(id(n), n) for n in graph.node if id(n) not in removed or id(n) in replaced]
-    del graph.node[:]
-    graph.node.extend(kept)
+    _swap_nodes(graph, replaced, removed)
     used = {name for node in graph.node for name in node.input}
     initializers = [t for t in graph.initializer if t.name in used]  # the Split sizes are no longer used
     del graph.initializer[:]
@@ -211,9 +216,5 @@ def fuse_layer_nodes(graph: onnx.GraphProto) -> int:
             name=f"{attention.name}/q8layer", domain=DOMAIN, **attrs)
         removed.update((id(qkv), id(attention), id(mlp)))
         replaced[id(mlp)] = fused
-    if not replaced:
-        return 0
-    kept = [replaced.get(id(n), n) for n in graph.node if id(n) not in removed or id(n) in replaced]
-    del graph.node[:]
-    graph.node.extend(kept)
+    _swap_nodes(graph, replaced, removed)
     return len(replaced)
