@@ -129,8 +129,11 @@ def _kernel_graph_line(manifest) -> str | None:
     fused = f", {info['fused_layers']} layer tails as {info.get('fused_op')}" if info.get("fused_layers") else ""
     if info.get("layer_nodes"):
         fused += f", {info['layer_nodes']} layers as {info.get('layer_op')}"
-    head = (f"kernel graph: {info.get('file')} ({info.get('nodes')} MatMulNBits as {info.get('op')}{fused}, shares "
-            "the weights)")
+    weights = "shares the weights"
+    if info.get("four_bit_nodes"):
+        weights = (f"{info['four_bit_nodes']} of them reading 4-bit blocks from {info.get('four_bit_file')}, "
+                   f"{100 * float(info.get('four_bit_exact') or 0):.0f}% equal to the source's bit for bit")
+    head = f"kernel graph: {info.get('file')} ({info.get('nodes')} MatMulNBits as {info.get('op')}{fused}, {weights})"
     if k is None:
         return head + "; not checked (no kernel library when it was written)"
     t = k.thresholds

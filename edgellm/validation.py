@@ -155,6 +155,14 @@ class KernelThresholds:
         return _simple(cls, data, where)
 
 
+# An int4 twin reads the source's own 4-bit blocks (GGUF Q4_1, a float minimum each), model.onnx onnxruntime's
+# requantization of them (an integer zero point): two different 4-bit roundings of the weights, which differ as much
+# as either does from fp32 (SmolLM2-135M, held-out window: model.onnx vs fp32 max 9.97, argmax 0.74; twin vs
+# model.onnx 13.7, 0.76). So they are compared loosely, argmax at the int4 gate's agreement limit, and the twin's
+# quality is judged against fp32 by the int4 gate's limits (Thresholds), as model.onnx's is.
+INT4_KERNEL_THRESHOLDS = KernelThresholds(max_abs_logit_diff=20.0, min_argmax_match=0.70)
+
+
 @dataclass(frozen=True)
 class KernelCheck:
     """The kernel twin measured against the standard int8 graph (and fp32 inside `edgellm convert`), when

@@ -108,6 +108,23 @@ def test_matches_matmulnbits(library, M, K, N, threads):
     assert np.abs(y - y_ref).max() <= 2e-2 * peak, f"MatMulQ8 vs float: {np.abs(y - y_ref).max()} of {peak}"
 
 
+@pytest.mark.parametrize("M", [1, 3, 38])
+def test_sixteen_bit_activations_match_the_float_matmul(library, M):
+    """activation_bits=16: A at ~15 bits as two int8 rows, 64x finer than int8 (and its wrong sum fails here)."""
+    K, N = 576, 960
+    B, scales = weights(K, N, seed=11)
+    A = np.random.default_rng(M).standard_normal((M, K), dtype=np.float32)
+    A[:, : K // 2] *= 4.0
+    fine = session(model("MatMulQ8", K, N, B, scales, activation_bits=16), 2, True).run(None, {"A": A})[0]
+    coarse = session(model("MatMulQ8", K, N, B, scales), 2, True).run(None, {"A": A})[0]
+    ref = reference(A, B, scales)
+    peak = float(np.abs(ref).max())
+    assert np.abs(fine - ref).max() <= 2e-4 * peak, f"{np.abs(fine - ref).max()} of {peak}"
+    assert np.abs(fine - ref).max() * 20 < np.abs(coarse - ref).max()
+    with pytest.raises(RuntimeException, match=r"activation_bits=12 is not supported \(8, or 16"):
+        session(model("MatMulQ8", K, N, B, scales, activation_bits=12), 1, True)
+
+
 def test_leading_dims_and_runtime_weights(library):
     """A of rank 3 keeps its leading dims; B and scales fed at run time are checked and used at the call."""
     K, N = 96, 80
@@ -129,7 +146,8 @@ def test_leading_dims_and_runtime_weights(library):
 
 @pytest.mark.parametrize("attrs,message", [
     ({"block_size": 64}, r"block_size=64 is not supported \(only 32\)"),
-    ({"bits": 4}, r"bits=4 is not supported \(only 8\)"),
+    ({"bits": 2}, r"bits=2 is not supported \(only 8, or 4 with a minimum per block\)"),
+    ({"bits": 4}, r"input B has shape \[48, 2, 32\].*at load; it must be uint8 with N\*K/2 = 1536 elements"),
     ({"block_size": None}, r"the int attribute 'block_size' is missing"),
 ])
 def test_bad_attribute_fails_at_load(library, attrs, message):

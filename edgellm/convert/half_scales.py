@@ -36,6 +36,8 @@ def halve_scales(model: onnx.ModelProto, folder: Path) -> int:
             continue
         for index in SCALE_INPUTS.get(node.op_type, ()):
             name = node.input[index]
+            if initializers.get(name) is not None and initializers[name].data_type == onnx.TensorProto.FLOAT16:
+                continue  # already fp16 (an int4 twin's d and minimum): kept as they are
             if name not in converted:
                 if name not in initializers:
                     raise ModelFormatError(f"{node.op_type} node '{node.name}': its scales {name!r} are not an "

@@ -1,4 +1,4 @@
-"""The kernel twin of an int8 CPU graph: `model.kernels.onnx`, model.onnx with edgellm's own int8 MatMul.
+"""The kernel twin of an int8 or int4 CPU graph: `model.kernels.onnx`, model.onnx with edgellm's own MatMul.
 
 Every MatMulNBits node that edgellm's kernel library (edgellm.kernels: op `ai.edgellm.MatMulQ8`)
 covers — bits 8, block_size 32, no zero points / g_idx / bias, K a multiple of 32 — becomes a
@@ -17,6 +17,12 @@ checked before it is kept (`check`): its logits against model.onnx's on the gate
 text and chat replies, and the int8 graph's own limits (perplexity ratio and greedy agreement
 against fp32, KV consistency). The result is the manifest's `validation.kernel_graph`; a twin
 that fails is not written (unless the gate is off), and the folder runs model.onnx as before.
+
+An int4 folder's twin (written by convert only: it needs the fp32 weights) runs its 4-bit matrices as
+GGUF's Q4_1 blocks, a float minimum per block (edgellm/convert/q4_blocks.py, bits=4 on MatMulQ8): the
+matrices model.onnx holds at 4 bits, and the 8-bit ones whose source weights are exactly such blocks
+(a Q4_1 GGUF's), so a Q4_1 source runs its own weights. Those blocks live in the twin's own data file,
+model.kernels.onnx.data (~5 bits a weight); the lm_head stays model.onnx's int8.
 
 `python -m edgellm.convert.kernel_graph DIR` adds the twin to an existing int8 CPU folder (checked
 against the folder's model.onnx there: no fp32 export is at hand). It changes edgellm.json, so the
@@ -42,13 +48,20 @@ from ..runtime.session import DecoderSession
 from ..validation import KernelCheck, KernelThresholds, Thresholds, kernel_failures
 from .fuse_layers import ATTENTION, LAYER, fuse_decoder_layers, fuse_layer_nodes, replace_attention
 from .half_scales import halve_scales
+from .q4_blocks import Q4Blocks
 
 logger = logging.getLogger(__name__)
 
 KERNEL_MODEL = "model.kernels.onnx"
+KERNEL_WEIGHTS = "model.kernels.onnx.data"  # an int4 twin's 4-bit blocks
 ROLE = "kernel_model"  # its role in the manifest's files
+WEIGHTS_ROLE = "kernel_weights"
 DOMAIN, OP_TYPE = "ai.edgellm", "MatMulQ8"
 BITS, BLOCK_SIZE = 8, 32
+# An int4 twin's lm_head (8-bit) reads its activations at ~15 bits (MatMulQ8 activation_bits=16): with the layers'
+# weights exact, the head's int8 activations were most of what was left of the error (SmolLM2-135M, held-out text:
+# fp32 43.314, int8 activations on the head alone 43.379, emulated in the fp32 graph).
+FINE_ACTIVATION_BITS = 16
 SPEED_ROUNDS = 3  # decode probes per graph, alternating, for the recorded side-by-side speed
 
 
@@ -62,20 +75,68 @@ def convertible(node: onnx.NodeProto) -> bool:
             and isinstance(attrs.get("K"), int) and attrs["K"] % BLOCK_SIZE == 0 and isinstance(attrs.get("N"), int))
 
 
+def source_name(node: onnx.NodeProto) -> str:
+    """The MatMul a MatMulNBits node was made from ("layers.0/qkv_proj" for "layers.0/qkv_proj_Q4")."""
+    base, _, suffix = node.name.rpartition("_")
+    return base if base and suffix in ("Q4", "Q8") else node.name
+
+
+def four_bit_matrices(reference: onnx.ModelProto, bits: dict[str, int]) -> dict[str, Q4Blocks]:
+    """The matrices an int4 twin reads as 4-bit blocks: those model.onnx holds at 4 bits, and its 8-bit ones whose
+    source weights are exactly 4-bit blocks (all of a Q4_1 GGUF's layers), so they lose nothing either. Not the
+    lm_head: its int8 bytes are the embedding table too. reference: the fp32 graph, weights loaded; bits:
+    quantize.bits_by_layer(model.onnx)."""
+    from .q4_blocks import from_weights
+
+    weights = {t.name: t for t in reference.graph.initializer}
+    out = {}
+    for node in reference.graph.node:
+        if node.op_type != "MatMul" or node.name not in bits or node.name == "lm_head" or node.input[1] not in weights:
+            continue
+        blocks = from_weights(onnx.numpy_helper.to_array(weights[node.input[1]]).T)
+        if bits[node.name] == 4 or blocks.exact == 1.0:
+            out[node.name] = blocks
+    return out
+
+
+def _four_bit_node(graph: onnx.GraphProto, node: onnx.NodeProto, blocks: Q4Blocks) -> None:
+    """Turn a MatMulNBits node into MatMulQ8 bits=4 reading `blocks` (added as initializers)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if (attrs.get("N"), attrs.get("K")) != blocks.shape:
+        raise ModelFormatError(f"node {node.name!r} is N={attrs.get('N')}, K={attrs.get('K')}, but its 4-bit blocks "
+                               f"are {blocks.shape}. Fix: re-run `edgellm convert`.")
+    base = source_name(node)
+    graph.initializer.extend([onnx.numpy_helper.from_array(blocks.nibbles, f"{base}.q4"),
+                              onnx.numpy_helper.from_array(blocks.dm, f"{base}.q4_dm")])
+    node.input[1], node.input[2] = f"{base}.q4", f"{base}.q4_dm"
+    del node.input[3:]
+    node.op_type, node.domain = OP_TYPE, DOMAIN
+    del node.attribute[:]
+    node.attribute.extend([helper.make_attribute("K", int(attrs["K"])), helper.make_attribute("N", int(attrs["N"])),
+                           helper.make_attribute("bits", 4), helper.make_attribute("block_size", BLOCK_SIZE)])
+
+
 def build_kernel_graph(model: onnx.ModelProto, fuse: bool = True, folder: Path | None = None,
-                       rewrite: bool = True) -> tuple[onnx.ModelProto, int, int, int]:
+                       rewrite: bool = True,
+                       four_bit: dict[str, Q4Blocks] | None = None) -> tuple[onnx.ModelProto, int, int, int]:
     """(the twin, MatMulNBits nodes turned into MatMulQ8, MatMulNBits nodes left as they were, layer tails folded
     into Q8Mlp nodes; 0 with fuse=False).
 
     rewrite (the default; False only to compare node for node): attention becomes ai.edgellm.CachedAttention,
     every edgellm op reads fp16 copies of its block scales, embedded in the twin (read from `folder`'s data file),
     and (with fuse) each layer's three edgellm nodes become one ai.edgellm.Q8Layer.
+    four_bit: source MatMul name (see source_name) -> its 4-bit blocks: those nodes read them instead (bits=4).
     `model` is read, not changed; load it with load_external_data=False so the twin keeps its references."""
     twin = onnx.ModelProto()
     twin.CopyFrom(model)
     converted = left = 0
+    four_bit = four_bit or {}
     for node in twin.graph.node:
         if node.op_type != "MatMulNBits":
+            continue
+        if source_name(node) in four_bit:
+            _four_bit_node(twin.graph, node, four_bit[source_name(node)])
+            converted += 1
             continue
         if not convertible(node):
             left += 1
@@ -85,6 +146,8 @@ def build_kernel_graph(model: onnx.ModelProto, fuse: bool = True, folder: Path |
         del node.attribute[:]
         node.attribute.extend(helper.make_attribute(name, int(attrs[name])) for name in ("K", "N", "bits",
                                                                                           "block_size"))
+        if four_bit:  # an int4 twin's 8-bit matrices (the lm_head) read ~15-bit activations, as its 4-bit ones do
+            node.attribute.append(helper.make_attribute("activation_bits", FINE_ACTIVATION_BITS))
         converted += 1
     if converted == 0:
         raise ModelFormatError(f"the graph has no 8-bit MatMulNBits node with block_size {BLOCK_SIZE} (found "
@@ -92,6 +155,11 @@ def build_kernel_graph(model: onnx.ModelProto, fuse: bool = True, folder: Path |
                                "--precision int8 --target cpu.")
     if not any(o.domain == DOMAIN for o in twin.opset_import):
         twin.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if four_bit:  # the 4-bit nodes' MatMulNBits weights and zero points are no longer read
+        used = {name for node in twin.graph.node for name in node.input}
+        kept = [t for t in twin.graph.initializer if t.name in used]
+        del twin.graph.initializer[:]
+        twin.graph.initializer.extend(kept)
     fused = fuse_decoder_layers(twin.graph) if fuse else 0
     if rewrite:
         replace_attention(twin.graph)
@@ -111,9 +179,21 @@ class KernelGraph:
     bytes: int
     attention: int = 0
     layers: int = 0
+    four_bit: int = 0                  # MatMulQ8 nodes reading 4-bit blocks (an int4 twin)
+    four_bit_exact: float | None = None  # fraction of those blocks equal to the source weights bit for bit
 
     def describe(self) -> dict:
         """The manifest's quantization.kernel_graph."""
+        if self.four_bit:
+            return {**self._describe(), "four_bit_nodes": self.four_bit, "four_bit_exact": self.four_bit_exact,
+                    "four_bit_file": KERNEL_WEIGHTS,
+                    "four_bit_scheme": "blocks of 32 with fp16 d and minimum (GGUF's Q4_1 layout), recovered bit for "
+                                       "bit from a Q4_1 source, else rounded to nearest",
+                    "weights": f"{KERNEL_WEIGHTS} (the 4-bit blocks); the other matrices from model.onnx.data, "
+                               "shared with model.onnx; the block scales as fp16 copies inside this graph"}
+        return self._describe()
+
+    def _describe(self) -> dict:
         return {"file": self.file, "op": f"{DOMAIN}.{OP_TYPE}", "nodes": self.nodes, "matmulnbits_left": self.left,
                 "fused_layers": self.fused_layers, "fused_op": f"{DOMAIN}.Q8Mlp", "bytes": self.bytes,
                 "attention_nodes": self.attention, "attention_op": f"{DOMAIN}.{ATTENTION}",
@@ -122,8 +202,43 @@ class KernelGraph:
                            "copies inside this graph"}
 
 
-def write(folder: Path, model_file: str = "model.onnx", fuse: bool = True, name: str = KERNEL_MODEL) -> KernelGraph:
-    """Write FOLDER/name (model.kernels.onnx) from FOLDER/model_file; atomic (temp file + rename)."""
+def _atomic_write(path: Path, chunks) -> None:
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(partial, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _move_four_bit_out(twin: onnx.ModelProto, folder: Path) -> None:
+    """The 4-bit blocks (initializers *.q4, *.q4_dm) into FOLDER/model.kernels.onnx.data, 64-byte aligned."""
+    chunks, offset = [], 0
+    for tensor in twin.graph.initializer:
+        if not tensor.name.endswith((".q4", ".q4_dm")):
+            continue
+        data = tensor.raw_data
+        pad = -offset % 64
+        chunks.append(b"\0" * pad)
+        offset += pad
+        chunks.append(data)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", KERNEL_WEIGHTS), ("offset", str(offset)), ("length", str(len(data)))):
+            tensor.external_data.add(key=key, value=value)
+        offset += len(data)
+    _atomic_write(folder / KERNEL_WEIGHTS, chunks)
+
+
+def write(folder: Path, model_file: str = "model.onnx", fuse: bool = True, name: str = KERNEL_MODEL,
+          four_bit: dict[str, Q4Blocks] | None = None) -> KernelGraph:
+    """Write FOLDER/name (model.kernels.onnx) from FOLDER/model_file, with `four_bit` (see build_kernel_graph)
+    also FOLDER/model.kernels.onnx.data; each file atomic (temp file + rename)."""
     folder = Path(folder)
     source = onnx.load(str(folder / model_file), load_external_data=False)
     for tensor in source.graph.initializer:  # the twin must read the same data file from the same folder
@@ -131,23 +246,22 @@ def write(folder: Path, model_file: str = "model.onnx", fuse: bool = True, name:
         if tensor.data_location == onnx.TensorProto.EXTERNAL and (location is None or os.path.dirname(location)):
             raise ModelFormatError(f"{folder / model_file}: initializer {tensor.name!r} keeps its data at "
                                    f"{location!r}, not in a file beside the graph. Fix: re-run `edgellm convert`.")
-    twin, converted, left, fused = build_kernel_graph(source, fuse, folder)
+    twin, converted, left, fused = build_kernel_graph(source, fuse, folder, four_bit=four_bit)
     layers = sum(n.op_type == LAYER for n in twin.graph.node)
     attention = layers + sum(n.op_type == ATTENTION for n in twin.graph.node)  # a Q8Layer runs its attention
+    if four_bit:
+        _move_four_bit_out(twin, folder)
     path = folder / name
-    partial = folder / f".{name}.partial-{os.getpid()}"
-    try:
-        with open(partial, "wb") as handle:
-            handle.write(twin.SerializeToString())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    _atomic_write(path, [twin.SerializeToString()])
     logger.info("wrote %s: %d MatMulNBits as %s.%s (%d left as they were), %d layer tails as Q8Mlp, %d attention "
                 "nodes as %s, %d layers as %s", path, converted, DOMAIN, OP_TYPE, left, fused, attention, ATTENTION,
                 layers, LAYER)
-    return KernelGraph(KERNEL_MODEL, converted, left, fused, path.stat().st_size, attention, layers)
+    exact = None
+    if four_bit:
+        blocks = sum(b.nibbles.shape[0] * b.nibbles.shape[1] for b in four_bit.values())
+        exact = round(sum(b.exact * b.nibbles.shape[0] * b.nibbles.shape[1] for b in four_bit.values()) / blocks, 6)
+    size = path.stat().st_size + ((folder / KERNEL_WEIGHTS).stat().st_size if four_bit else 0)
+    return KernelGraph(KERNEL_MODEL, converted, left, fused, size, attention, layers, len(four_bit or {}), exact)
 
 
 def check(standard: DecoderSession, twin: DecoderSession, tokens: list[int], window: int, chats: list[list[int]],

@@ -24,7 +24,7 @@ from ..errors import InvalidParameterError, UnsupportedArchitectureError
 from ..manifest import GenerationDefaults, Manifest
 from ..runtime import measure
 from ..runtime.session import PREFILL_GRAPH_MIN_TOKENS, DecoderSession
-from ..validation import DraftHead, HeldOut, PerplexityScore, ValidationReport
+from ..validation import INT4_KERNEL_THRESHOLDS, DraftHead, HeldOut, PerplexityScore, ValidationReport
 from . import draft_head, output, validate
 from ..contract import GraphOptions
 from .graph import DecoderDims, build_decoder, io_names, save_model
@@ -269,6 +269,13 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
             retied = any(n.op_type == "GatherBlockQuantized" for n in quantized.graph.node)
             bits = bits_by_layer(quantized)
             save_model(quantized, str(model_path))
+            del quantized
+            if _wants_kernel_graph(options):
+                from . import kernel_graph
+
+                four_bit = kernel_graph.four_bit_matrices(onnx.load(str(fp32_path)), bits)
+                kernel_info = kernel_graph.write(staging, four_bit=four_bit).describe()
+                del four_bit
             quantization = {"scheme": "weight-only block-wise mixed 4/8-bit (onnxruntime MatMulNBits)", "bits": 4,
                             "method": "round-to-nearest, uint4 zero points", "block_size": 32, "symmetric": False,
                             "int8_rule": {"edge_blocks": options.int4_edge_blocks,
@@ -346,6 +353,8 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
             files.update(prefill_model=PREFILL_MODEL, prefill_weights=PREFILL_MODEL + ".data")
         if kernel_info is not None:
             files["kernel_model"] = kernel_info["file"]  # its weights: model.onnx.data, listed above
+            if kernel_info.get("four_bit_file"):
+                files["kernel_weights"] = kernel_info["four_bit_file"]
         if loaded.chat_template:
             (staging / "chat_template.jinja").write_text(loaded.chat_template)
             files["chat_template"] = "chat_template.jinja"
@@ -377,9 +386,9 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
 
 
 def _wants_kernel_graph(options: ConvertOptions) -> bool:
-    """The kernel twin is written for int8 CPU graphs (not batch-invariant ones, whose bit-exactness edgellm's
-    kernels do not promise, nor draft-head ones, whose lm_head is rewritten after validation)."""
-    return (options.kernel_graph and options.precision == "int8" and options.target == "cpu"
+    """The kernel twin is written for int8 and int4 CPU graphs (not batch-invariant ones, whose bit-exactness
+    edgellm's kernels do not promise, nor draft-head ones, whose lm_head is rewritten after validation)."""
+    return (options.kernel_graph and options.precision in ("int8", "int4") and options.target == "cpu"
             and not options.batch_invariant and not options.draft_head)
 
 
@@ -396,6 +405,8 @@ def _keep_kernel_graph(report: ValidationReport, info: dict, files: dict, stagin
     kept = checked.passed or not enforced
     if not kept:
         (staging / KERNEL_MODEL).unlink(missing_ok=True)
+        if files.pop("kernel_weights", None):
+            (staging / info["four_bit_file"]).unlink(missing_ok=True)
         files.pop("kernel_model", None)
         info["written"] = False
         logger.warning("the kernel graph failed its check and was not written (the folder runs model.onnx): %s",
@@ -465,7 +476,8 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
                          for q in validate.CHAT_PROMPTS] if loaded.chat_template else [])
             kernel = kernel_graph.check(standard, twin, tokens, settings.window, chat_ids, set(loaded.eos_token_ids),
                                         settings.consistency_tokens, prompt, "fp32", scores["fp32"],
-                                        settings.thresholds_for(options.precision), options.precision)
+                                        settings.thresholds_for(options.precision), options.precision,
+                                        INT4_KERNEL_THRESHOLDS if options.precision == "int4" else None)
         else:
             logger.info("the kernel graph is written but not checked: %s", reason)
     sizes: dict = {"fp32": validate.folder_bytes([fp32_path, fp32_path.with_name("model.onnx.data")])}

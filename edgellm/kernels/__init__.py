@@ -41,8 +41,9 @@ ENV = "EDGELLM_KERNELS"
 _OFF = {"0", "off", "false", "no"}
 HERE = Path(__file__).resolve().parent
 LIBRARY_NAME = "libedgellm_ortops.so"
-SOURCES = ("ort_op.cc", "weight_arena.cc", "q8_kernel.c", "attention.c")
-HEADERS = ("ort_abi.h", "q8_kernel.h", "attention.h", "simd_avx512.h", "weight_arena.h")
+SOURCES = ("ort_op.cc", "weight_arena.cc", "q8_kernel.c", "q4_kernel.c", "attention.c")
+HEADERS = ("ort_abi.h", "q8_kernel.h", "q4_kernel.h", "scratch_layout.h", "attention.h", "simd_avx512.h",
+           "weight_arena.h")
 _X86 = {"x86_64", "amd64", "x64"}
 
 _logged: set[str] = set()
@@ -164,13 +165,14 @@ def build(out: Path | None = None, *, quiet: bool = False) -> Path:
         tmpdir = Path(tmp)
         steps = [
             [cc, "-O3", "-fPIC", "-c", str(HERE / "q8_kernel.c"), "-o", str(tmpdir / "q8_kernel.o")],
+            [cc, "-O3", "-fPIC", "-c", str(HERE / "q4_kernel.c"), "-o", str(tmpdir / "q4_kernel.o")],
             [cc, "-O3", "-fPIC", "-c", str(HERE / "attention.c"), "-o", str(tmpdir / "attention.o")],
             [cxx, "-O3", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-c", str(HERE / "ort_op.cc"),
              "-o", str(tmpdir / "ort_op.o")],
             [cxx, "-O3", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-c", str(HERE / "weight_arena.cc"),
              "-o", str(tmpdir / "weight_arena.o")],
             [cxx, "-shared", "-o", str(tmpdir / LIBRARY_NAME), str(tmpdir / "ort_op.o"), str(tmpdir / "weight_arena.o"),
-             str(tmpdir / "q8_kernel.o"), str(tmpdir / "attention.o"), "-lm"],
+             str(tmpdir / "q8_kernel.o"), str(tmpdir / "q4_kernel.o"), str(tmpdir / "attention.o"), "-lm"],
         ]
         for cmd in steps:
             if not quiet:

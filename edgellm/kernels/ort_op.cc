@@ -1,7 +1,8 @@
 // onnxruntime custom op ai.edgellm::MatMulQ8: MatMulNBits (bits 8, block_size 32, no zero points) computed by
-// edgellm's own kernel (q8_kernel.h). Same first three inputs as MatMulNBits (A float [..., K], B uint8
-// [N, K/32, 32], scales float16 [N * K/32]: the twin graph stores MatMulNBits' fp32 scales as fp16, 8 MB fewer to
-// read per token) and the attributes K, N, bits, block_size; output float [..., N].
+// edgellm's own kernel (q8_kernel.h), or 4-bit blocks with a float minimum each (bits 4: GGUF's Q4_1, q4_kernel.h).
+// Same first three inputs as MatMulNBits (A float [..., K], B uint8 [N, K/32, 32], scales float16 [N * K/32]: the twin
+// graph stores MatMulNBits' fp32 scales as fp16, 8 MB fewer to read per token; for bits 4, B [N, K/32, 16] and
+// scales [N, K/32, 2], d and minimum) and the attributes K, N, bits, block_size; output float [..., N].
 //
 // Python loads this library with SessionOptions.register_custom_ops_library(path), which calls
 // RegisterCustomOps below. Bad attributes or weight shapes fail when the session is created; bad activation
@@ -20,6 +21,7 @@
 
 #include "ort_abi.h"
 #include "attention.h"
+#include "q4_kernel.h"
 #include "q8_kernel.h"
 #include "weight_arena.h"
 
@@ -37,25 +39,33 @@ OrtStatus* error(int code, const std::string& message) {
 
 // A constant weight matrix as the kernel reads it: packed once (edgellm_q8_pack) where this CPU's path reads
 // that layout, else B and scales in MatMulNBits' layout (copied into huge pages by weight_arena.h).
+// bits 8: B [N, K/32, 32] uint8 and scales [N*K/32] fp16 (q8_kernel.h); bits 4: B [N, K/32, 16] and scales
+// [N, K/32, 2] fp16, a (d, minimum) pair per block (q4_kernel.h). Which one a matrix is follows from B's size.
 struct ConstantWeights {
   const void* packed = nullptr;
   const uint8_t* B = nullptr;
   const uint16_t* scales = nullptr;
+  int bits = 8;
 };
 
-// b [N*K uint8] and scales [N*K/32 fp16], already checked, into `out`; the originals' pages are handed back.
+// b and scales, already checked (out->bits says which layout), into `out`; the originals' pages are handed back.
 OrtStatus* prepare_weights(const OrtValue* b, const OrtValue* scales, int64_t N, int64_t K, const std::string& where,
                            edgellm_arena::PlacedWeights& placed, ConstantWeights* out) {
   void *b_data = nullptr, *s_data = nullptr;
   if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(b), &b_data)) return s;
   if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(scales), &s_data)) return s;
-  const size_t b_bytes = (size_t)(N * K), s_bytes = (size_t)(N * (K / 32)) * 2;
+  const bool four = out->bits == 4;
+  const size_t b_bytes = (size_t)(four ? N * K / 2 : N * K), s_bytes = (size_t)(N * (K / 32)) * (four ? 4 : 2);
   if (edgellm_q8_packed()) {
-    void* packed = placed.allocate(edgellm_q8_packed_bytes(N, K));
+    const size_t bytes = four ? edgellm_q4_packed_bytes(N, K) : edgellm_q8_packed_bytes(N, K);
+    void* packed = placed.allocate(bytes);
     if (!packed)
-      return error(ORT_FAIL, where + ": out of memory for its " + std::to_string(edgellm_q8_packed_bytes(N, K)) +
+      return error(ORT_FAIL, where + ": out of memory for its " + std::to_string(bytes) +
                                  " bytes of packed weights; free memory or set EDGELLM_KERNELS=0");
-    edgellm_q8_pack(static_cast<const uint8_t*>(b_data), static_cast<const uint16_t*>(s_data), N, K, packed);
+    if (four)
+      edgellm_q4_pack(static_cast<const uint8_t*>(b_data), static_cast<const uint16_t*>(s_data), N, K, packed);
+    else
+      edgellm_q8_pack(static_cast<const uint8_t*>(b_data), static_cast<const uint16_t*>(s_data), N, K, packed);
     edgellm_arena::hand_back(b_data, b_bytes);
     edgellm_arena::hand_back(s_data, s_bytes);
     out->packed = packed;
@@ -120,29 +130,52 @@ std::string dims_text(const std::vector<int64_t>& dims) {
 struct Kernel {
   std::string where;  // "MatMulQ8 node 'name'", for messages
   int64_t K = 0, N = 0;
+  int bits = 0;  // the node's bits attribute (4 or 8); 0 for a matrix of Q8Mlp / Q8Layer (either, by its size)
+  bool split = false;  // activation_bits=16 on 8-bit weights: A at ~15 bits as two int8 rows (q8_kernel.h)
   bool weights_checked = false;  // B and scales are constant initializers whose sizes were checked at load
   edgellm_arena::PlacedWeights placed;
   ConstantWeights constant;  // when checked at load: the weights as the kernel reads them
 
-  // B must hold N*K uint8 and scales N*K/32 float; `when` says at which step this was checked.
-  OrtStatus* check_weights(const OrtValue* b, const OrtValue* scales, const char* when) const {
+  // B must hold N*K uint8 (8 bits) or N*K/2 (4 bits), and scales N*K/32 fp16 (8 bits) or N*K/16 (4 bits: d and
+  // minimum); `when` says at which step this was checked. *bits gets the width found; `want` (4 or 8) demands one.
+  OrtStatus* check_weights(const OrtValue* b, const OrtValue* scales, const char* when, int* bits,
+                           int want = 0) const {
     TensorShape bs, ss;
     if (OrtStatus* s = shape_of(b, &bs)) return s;
     if (OrtStatus* s = shape_of(scales, &ss)) return s;
-    if (bs.element_type != EDGELLM_ORT_UINT8 || bs.elements() != N * K)
+    const int found = bs.elements() == N * K ? 8 : bs.elements() == N * K / 2 ? 4 : 0;
+    if (bs.element_type != EDGELLM_ORT_UINT8 || found == 0 || (want && found != want))
       return error(ORT_INVALID_ARGUMENT, where + ": input B has shape " + dims_text(bs.dims) + " (" +
                                              std::to_string(bs.elements()) + " elements, type " +
-                                             std::to_string(bs.element_type) + ") " + when + "; it must be uint8 with N*K = " +
-                                             std::to_string(N * K) + " elements ([N, K/32, 32] as MatMulNBits " +
-                                             "stores bits=8, block_size=32); re-convert the model");
-    if (ss.element_type != EDGELLM_ORT_FLOAT16 || ss.elements() != N * (K / 32))
+                                             std::to_string(bs.element_type) + ") " + when + "; it must be uint8 with " +
+                                             (want == 4 ? "" : "N*K = " + std::to_string(N * K) + " elements ([N, K/32, 32] "
+                                              "as MatMulNBits stores bits=8, block_size=32)") +
+                                             (want ? "" : " or ") +
+                                             (want == 8 ? "" : "N*K/2 = " + std::to_string(N * K / 2) +
+                                              " elements (4-bit blocks, [N, K/32, 16])") + "; re-convert the model");
+    const int64_t per_block = found == 4 ? 2 : 1;
+    if (ss.element_type != EDGELLM_ORT_FLOAT16 || ss.elements() != N * (K / 32) * per_block)
       return error(ORT_INVALID_ARGUMENT, where + ": input scales has shape " + dims_text(ss.dims) + " (" +
                                              std::to_string(ss.elements()) + " elements, type " + std::to_string(ss.element_type) + ") " + when +
-                                             "; it must be float16 with N*K/32 = " + std::to_string(N * (K / 32)) +
-                                             " elements; re-convert the model");
+                                             "; for " + std::to_string(found) + "-bit weights it must be float16 with " +
+                                             (found == 4 ? "N*K/16 = " : "N*K/32 = ") +
+                                             std::to_string(N * (K / 32) * per_block) + " elements; re-convert the model");
+    *bits = found;
     return nullptr;
   }
 };
+
+// A [M, K] quantized for `w`'s kernel into `scratch` (grown as needed): int8 blocks for 8-bit weights, int16 ones
+// for 4-bit weights (q4_kernel.h says why).
+void quantize_for(const ConstantWeights& w, const float* A, int64_t M, int64_t K, std::vector<unsigned char>& scratch) {
+  const bool four = w.bits == 4;
+  const size_t bytes = four ? edgellm_q4_scratch_bytes(M, K) : edgellm_q8_scratch_bytes(M, K);
+  if (scratch.size() < bytes) scratch.resize(bytes);
+  if (four)
+    edgellm_q4_quantize(A, M, K, scratch.data());
+  else
+    edgellm_q8_quantize(A, M, K, scratch.data());
+}
 
 struct Task {
   const void* scratch;
@@ -152,10 +185,16 @@ struct Task {
 };
 
 void run_range(const Task& t, int64_t n0, int64_t n1) {
-  if (t.w.packed)
+  if (t.w.bits == 4) {
+    if (t.w.packed)
+      edgellm_q4_matmul_packed(t.scratch, t.M, t.K, t.w.packed, t.N, n0, n1, t.Y);
+    else
+      edgellm_q4_matmul(t.scratch, t.M, t.K, t.w.B, t.w.scales, t.N, n0, n1, t.Y);
+  } else if (t.w.packed) {
     edgellm_q8_matmul_packed(t.scratch, t.M, t.K, t.w.packed, t.N, n0, n1, t.Y);
-  else
+  } else {
     edgellm_q8_matmul(t.scratch, t.M, t.K, t.w.B, t.w.scales, t.N, n0, n1, t.Y);
+  }
 }
 
 void run_task(void* data, size_t index) {
@@ -192,8 +231,9 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
   if (OrtStatus* s = KernelContext_GetInput::get(g_api)(context, 0, &a)) return s;
   if (OrtStatus* s = KernelContext_GetInput::get(g_api)(context, 1, &b)) return s;
   if (OrtStatus* s = KernelContext_GetInput::get(g_api)(context, 2, &scales)) return s;
+  int bits = k.constant.bits;
   if (!k.weights_checked)
-    if (OrtStatus* s = k.check_weights(b, scales, "at the call")) return s;
+    if (OrtStatus* s = k.check_weights(b, scales, "at the call", &bits, k.bits)) return s;
 
   TensorShape as;
   if (OrtStatus* s = shape_of(a, &as)) return s;
@@ -215,22 +255,32 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
   if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(scales), &s_data)) return s;
   if (OrtStatus* s = GetTensorMutableData::get(g_api)(y, &y_data)) return s;
 
-  // One scratch buffer per calling thread, grown as needed: the activations quantized once for all workers.
-  thread_local std::vector<unsigned char> scratch;
-  const size_t bytes = edgellm_q8_scratch_bytes(M, k.K);
-  if (scratch.size() < bytes) scratch.resize(bytes);
-  edgellm_q8_quantize(static_cast<const float*>(a_data), M, k.K, scratch.data());
-
   ConstantWeights w = k.constant;
   if (!k.weights_checked) {  // weights fed at run time: read where they are
+    w.bits = bits;
     w.B = static_cast<const uint8_t*>(b_data);
     w.scales = static_cast<const uint16_t*>(s_data);
   }
+  // One scratch buffer per calling thread, grown as needed: the activations quantized once for all workers.
+  thread_local std::vector<unsigned char> scratch;
+  if (k.split && w.bits == 8) {  // two int8 rows a row, then Y[m] = Y'[2m] + Y'[2m + 1]
+    thread_local std::vector<float> parts;
+    const size_t bytes = edgellm_q8_scratch_bytes(2 * M, k.K);
+    if (scratch.size() < bytes) scratch.resize(bytes);
+    if (parts.size() < (size_t)(2 * M * k.N)) parts.resize((size_t)(2 * M * k.N));
+    edgellm_q8_quantize_split(static_cast<const float*>(a_data), M, k.K, scratch.data());
+    if (OrtStatus* s = parallel_matmul(context, scratch.data(), 2 * M, k.K, k.N, w, parts.data())) return s;
+    float* out = static_cast<float*>(y_data);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < k.N; ++n) out[m * k.N + n] = parts[2 * m * k.N + n] + parts[(2 * m + 1) * k.N + n];
+    return nullptr;
+  }
+  quantize_for(w, static_cast<const float*>(a_data), M, k.K, scratch);
   return parallel_matmul(context, scratch.data(), M, k.K, k.N, w, static_cast<float*>(y_data));
 }
 
 OrtStatus* read_int(const OrtKernelInfo* info, const std::string& where, const char* name, int64_t* out,
-                    const char* needs = "MatMulQ8 needs K, N, bits=8 and block_size=32 (copy them from the "
+                    const char* needs = "MatMulQ8 needs K, N, bits (8 or 4) and block_size=32 (copy them from the "
                                         "MatMulNBits node it replaces)") {
   if (OrtStatus* s = KernelInfoGetAttribute_int64::get(g_api)(info, name, out)) {
     ReleaseStatus::get(g_api)(s);
@@ -260,9 +310,10 @@ OrtStatus* create_kernel(const OrtKernelInfo* info, void** out) {
   if (OrtStatus* s = read_int(info, where, "N", &N)) return s;
   if (OrtStatus* s = read_int(info, where, "bits", &bits)) return s;
   if (OrtStatus* s = read_int(info, where, "block_size", &block_size)) return s;
-  if (bits != 8)
+  if (bits != 8 && bits != 4)
     return error(ORT_INVALID_GRAPH, where + ": bits=" + std::to_string(bits) +
-                                        " is not supported (only 8); keep MatMulNBits for other widths");
+                                        " is not supported (only 8, or 4 with a minimum per block); keep MatMulNBits "
+                                        "for other widths");
   if (block_size != 32)
     return error(ORT_INVALID_GRAPH, where + ": block_size=" + std::to_string(block_size) +
                                         " is not supported (only 32); keep MatMulNBits for other block sizes");
@@ -275,12 +326,22 @@ OrtStatus* create_kernel(const OrtKernelInfo* info, void** out) {
   kernel->where = where;
   kernel->K = K;
   kernel->N = N;
+  kernel->bits = (int)bits;
+  int64_t activation_bits = 8;  // optional: 16 asks for ~15-bit activations on 8-bit weights
+  if (OrtStatus* s = KernelInfoGetAttribute_int64::get(g_api)(info, "activation_bits", &activation_bits))
+    ReleaseStatus::get(g_api)(s);
+  if (activation_bits != 8 && activation_bits != 16) {
+    delete kernel;
+    return error(ORT_INVALID_GRAPH, where + ": activation_bits=" + std::to_string(activation_bits) +
+                                        " is not supported (8, or 16 for ~15-bit activations)");
+  }
+  kernel->split = activation_bits == 16;
   const OrtValue *b = nullptr, *scales = nullptr;
   int b_const = 0, s_const = 0;
   OrtStatus* s = KernelInfoGetConstantInput_tensor::get(g_api)(info, 1, &b_const, &b);
   if (!s) s = KernelInfoGetConstantInput_tensor::get(g_api)(info, 2, &s_const, &scales);
   if (!s && b_const && s_const) {
-    s = kernel->check_weights(b, scales, "at load");
+    s = kernel->check_weights(b, scales, "at load", &kernel->constant.bits, kernel->bits);
     if (!s) s = prepare_weights(b, scales, N, K, where, kernel->placed, &kernel->constant);
     kernel->weights_checked = s == nullptr;
   }
@@ -365,7 +426,7 @@ OrtStatus* check_matrix(const OrtKernelInfo* info, const std::string& where, siz
   k.where = where + " (input " + std::to_string(input) + ")";
   k.K = K;
   k.N = N;
-  if (OrtStatus* s = k.check_weights(b, scales, "at load")) return s;
+  if (OrtStatus* s = k.check_weights(b, scales, "at load", &out->bits)) return s;
   return prepare_weights(b, scales, N, K, k.where, placed, out);
 }
 
@@ -381,7 +442,7 @@ OrtStatus* matrix_at_call(OrtKernelContext* context, const std::string& where, s
   k.where = where + " (input " + std::to_string(input) + ")";
   k.K = K;
   k.N = N;
-  if (OrtStatus* s = k.check_weights(b, scales, "at the call")) return s;
+  if (OrtStatus* s = k.check_weights(b, scales, "at the call", &out->bits)) return s;
   void *b_data = nullptr, *s_data = nullptr;
   if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(b), &b_data)) return s;
   if (OrtStatus* s = GetTensorMutableData::get(g_api)(const_cast<OrtValue*>(scales), &s_data)) return s;
@@ -449,26 +510,23 @@ OrtStatus* mlp_math(const MlpKernel& k, OrtKernelContext* context, int64_t M, co
                     const float* gamma_post, const float* gamma_next, float* out_norm, float* r) {
   thread_local std::vector<unsigned char> scratch;
   thread_local std::vector<float> work;  // gate_up / act, reused
-  const int64_t widest = std::max(std::max(k.A, k.H), k.I);
-  const size_t bytes = edgellm_q8_scratch_bytes(M, widest);
-  if (scratch.size() < bytes) scratch.resize(bytes);
   const size_t floats = (size_t)M * (size_t)(2 * k.I + std::max(k.I, k.H));
   if (work.size() < floats) work.resize(floats);
   float* gu = work.data();                      // [M, 2I]
   float* act = work.data() + (size_t)M * 2 * k.I;  // [M, I] activations, or [M, H] normed rows
 
   // o_proj, + residual
-  edgellm_q8_quantize(attn, M, k.A, scratch.data());
+  quantize_for(wo, attn, M, k.A, scratch);
   if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.A, k.H, wo, r)) return s;
   for (int64_t i = 0; i < M * k.H; ++i) r[i] += residual[i];
   // post-attention norm, gate_up, SwiGLU
   for (int64_t m = 0; m < M; ++m) edgellm_rms_norm(r + m * k.H, gamma_post, k.eps_post, act + m * k.H, k.H);
-  edgellm_q8_quantize(act, M, k.H, scratch.data());
+  quantize_for(wgu, act, M, k.H, scratch);
   if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.H, 2 * k.I, wgu, gu)) return s;
   for (int64_t m = 0; m < M; ++m)
     edgellm_silu_mul(gu + m * 2 * k.I, gu + m * 2 * k.I + k.I, act + m * k.I, k.I);
   // down_proj, + residual, next norm
-  edgellm_q8_quantize(act, M, k.I, scratch.data());
+  quantize_for(wd, act, M, k.I, scratch);
   if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.I, k.H, wd, gu)) return s;
   for (int64_t i = 0; i < M * k.H; ++i) r[i] += gu[i];
   for (int64_t m = 0; m < M; ++m) edgellm_rms_norm(r + m * k.H, gamma_next, k.eps_next, out_norm + m * k.H, k.H);
@@ -815,14 +873,12 @@ OrtStatus* compute_layer(const LayerKernel& layer, OrtKernelContext* context) {
 
   thread_local std::vector<unsigned char> scratch;
   thread_local std::vector<float> work;  // qkv [M, qkv_n], then attention's output [M, attn]
-  const size_t bytes = edgellm_q8_scratch_bytes(M, k.H);
-  if (scratch.size() < bytes) scratch.resize(bytes);
   const size_t floats = (size_t)M * (size_t)(layer.qkv_n + k.A);
   if (work.size() < floats) work.resize(floats);
   float* qkv_out = work.data();
   float* attn = work.data() + (size_t)M * layer.qkv_n;
   if (M > 0) {
-    edgellm_q8_quantize(static_cast<const float*>(x_data), M, k.H, scratch.data());
+    quantize_for(qkv, static_cast<const float*>(x_data), M, k.H, scratch);
     if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.H, layer.qkv_n, qkv, qkv_out)) return s;
   }
   c.qkv = qkv_out;

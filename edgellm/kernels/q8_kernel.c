@@ -12,6 +12,8 @@
  */
 #include "q8_kernel.h"
 
+#include "scratch_layout.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,13 +25,10 @@
 #include "simd_avx512.h"
 #endif
 
-/* Scratch, per activation row: int8 q[np*64] | int32 corr[np*16] | float sa[np*16] | int32 cb[2np] | float sb[2np],
- * np = pairs of blocks. corr lane i of pair p = -128 * (sum of q[64p+4i .. 64p+4i+3]): vpdpbusd's 4-byte lanes,
- * zero point folded. sa lanes 0-7 hold block 2p's scale, lanes 8-15 block 2p+1's (0 past the last block).
- * cb[b] and sb[b] are block b's whole correction and scale, for the packed kernel (one broadcast per block). */
-static int64_t pairs_of(int64_t K) { return (K / 32 + 1) / 2; }
+/* The scratch layout: scratch_layout.h. */
+static int64_t pairs_of(int64_t K) { return edgellm_pairs_of(K); }
 #define PACK_PAIR 1088 /* bytes per pair of 32-blocks in a packed 16-row tile: 2 x 512 weights + 2 x 16 fp16 scales */
-static size_t row_bytes(int64_t K) { return (size_t)pairs_of(K) * 192 + ((size_t)pairs_of(K) * 16 + 63) / 64 * 64; }
+static size_t row_bytes(int64_t K) { return edgellm_row_bytes(K); }
 
 static void fill_block_sums(uint8_t* row, int64_t K) {
   const int64_t np = pairs_of(K);
@@ -65,22 +64,43 @@ static void quantize_row(const float* a, int64_t K, uint8_t* out) {
 }
 
 
-/* IEEE half (bits) to float, exactly, without F16C: the scalar path runs on any CPU. */
-static float half_to_float(uint16_t h) {
-  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
-  uint32_t bits;
-  if (exp == 0x1Fu) bits = sign | 0x7F800000u | (mant << 13);        /* inf / nan */
-  else if (exp != 0) bits = sign | ((exp + 112u) << 23) | (mant << 13); /* normal */
-  else if (mant == 0) bits = sign;                                      /* zero */
-  else {                                                                /* subnormal: normalize */
-    uint32_t e = 113u, m = mant;
-    while (!(m & 0x400u)) { m <<= 1; --e; }
-    bits = sign | (e << 23) | ((m & 0x3FFu) << 13);
-  }
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
+/* Block b's int8 values q and scale into a scratch row laid out as quantize_row's (corr, sa; block sums after). */
+static void store_block(uint8_t* out, int64_t K, int64_t b, const int8_t q[32], float scale) {
+  const int64_t np = pairs_of(K);
+  int32_t* corr = (int32_t*)(out + np * 64);
+  float* sa = (float*)(out + np * 128);
+  memcpy(out + b * 32, q, 32);
+  for (int i = 0; i < 8; ++i) corr[b * 8 + i] = -128 * ((int32_t)q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
+  for (int k = 0; k < 8; ++k) sa[(b / 2) * 16 + (b % 2) * 8 + k] = scale;
 }
+
+void edgellm_q8_quantize_split(const float* A, int64_t M, int64_t K, void* scratch) {
+  const int64_t nb = K / 32, np = pairs_of(K);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = A + m * K;
+    uint8_t* high = (uint8_t*)scratch + 2 * m * row_bytes(K);
+    uint8_t* low = high + row_bytes(K);
+    memset(high, 0, (size_t)np * 192);
+    memset(low, 0, (size_t)np * 192);
+    for (int64_t b = 0; b < nb; ++b) {
+      float amax = 0.0f;
+      for (int k = 0; k < 32; ++k) amax = fmaxf(amax, fabsf(a[b * 32 + k]));
+      const float scale = amax / 16383.0f, inv = amax > 0.0f ? 16383.0f / amax : 0.0f;
+      int8_t hi[32], lo[32];
+      for (int k = 0; k < 32; ++k) {
+        const int32_t v = (int32_t)nearbyintf(a[b * 32 + k] * inv), h = (v + 128) >> 8; /* h in -64..64 */
+        hi[k] = (int8_t)h;
+        lo[k] = (int8_t)(v - 256 * h); /* -128..127 */
+      }
+      store_block(high, K, b, hi, 256.0f * scale);
+      store_block(low, K, b, lo, scale);
+    }
+    fill_block_sums(high, K);
+    fill_block_sums(low, K);
+  }
+}
+
+static float half_to_float(uint16_t h) { return edgellm_half_to_float(h); }
 
 static float block_scale(const float* sa, int64_t b) { return sa[(b / 2) * 16 + (b % 2) * 8]; }
 

@@ -19,6 +19,11 @@ extern "C" {
 
 size_t edgellm_q8_scratch_bytes(int64_t M, int64_t K);
 void edgellm_q8_quantize(const float* A, int64_t M, int64_t K, void* scratch);
+/* A at ~15 bits for the same kernels: per 32-block, a = round(x / s) with s = |max| / 16383, split a = 256 hi + lo
+ * (hi in -64..64, lo in -128..127) into two scratch rows, 2m (hi, scale 256 s) and 2m + 1 (lo, scale s), so
+ * Y[m] = Y'[2m] + Y'[2m + 1] over the 2M rows (edgellm_q8_scratch_bytes(2M, K)). The packed kernel reads each
+ * weight once for both rows: a decode step pays compute, not bandwidth, for 64x finer activations. */
+void edgellm_q8_quantize_split(const float* A, int64_t M, int64_t K, void* scratch);
 void edgellm_q8_matmul(const void* scratch, int64_t M, int64_t K, const uint8_t* B, const uint16_t* scales,
                        int64_t N, int64_t n_begin, int64_t n_end, float* Y);
 /* The avx512vnni path also reads weights packed once (at load) into its own layout: 16-row tiles, interleaved so

@@ -111,7 +111,7 @@ def choose(model_path: Path, kernel_path: Path | None, provider: str, kernels: b
     elif want is False:
         reason, fix = ("turned off (kernels=False)" if kernels is False else f"turned off ({ENV}=0)"), ""
     elif kernel_path is None:
-        reason = "the folder has no kernel graph (convert writes model.kernels.onnx for int8 CPU models)"
+        reason = "the folder has no kernel graph (convert writes model.kernels.onnx for int8 and int4 CPU models)"
         fix = (f"python -m edgellm.convert.kernel_graph {str(model_path.parent)!r} (an int8 CPU folder; needs "
                "edgellm[convert]), or re-convert with `edgellm convert --precision int8 --target cpu`")
     elif provider != "CPUExecutionProvider":

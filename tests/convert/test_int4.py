@@ -9,7 +9,8 @@ import pytest
 
 from edgellm.convert.pipeline import ConvertOptions, convert
 from edgellm.convert.validate import INT4_THRESHOLDS, ValidationSettings
-from edgellm.validation import Thresholds
+from edgellm.convert.kernel_graph import KERNEL_WEIGHTS
+from edgellm.validation import INT4_KERNEL_THRESHOLDS, Thresholds
 from edgellm.errors import ValidationError
 
 
@@ -100,3 +101,67 @@ def test_int4_loads_and_generates_torch_free(tiny_int4_dir):
     got = generate_in_fresh_process(tiny_int4_dir, "hello there", threads=1, max_new_tokens=8, ignore_eos=True)
     assert len(got["token_ids"]) == 8, got
     assert got["heavy_modules"] == []
+
+
+def _four_bit_inputs(folder) -> dict[str, list[int]]:
+    """The twin's 4-bit weight initializers (name -> dims), each checked to live in model.kernels.onnx.data."""
+    twin = onnx.load(str(folder / "model.kernels.onnx"), load_external_data=False)
+    out = {}
+    for t in twin.graph.initializer:
+        if t.name.endswith(".q4"):
+            assert {e.key: e.value for e in t.external_data}["location"] == KERNEL_WEIGHTS, t.name
+            out[t.name] = list(t.dims)
+    return out
+
+
+def test_int4_kernel_twin_reads_its_4_bit_matrices_as_blocks(tiny_int4_dir):
+    """The twin takes model.onnx's 4-bit matrices as 4-bit blocks (rounded to nearest: random weights are on no
+    grid) and leaves its 8-bit ones 8-bit; its check against fp32 passed with the int4 limits."""
+    m = json.loads((tiny_int4_dir / "edgellm.json").read_text())
+    info = m["quantization"]["kernel_graph"]
+    assert info["four_bit_nodes"] == 6 and info["four_bit_exact"] == 0.0
+    assert m["files"]["kernel_weights"] == KERNEL_WEIGHTS and KERNEL_WEIGHTS in m["checksums"]
+    check = m["validation"]["kernel_graph"]
+    assert check["passed"] and check["kept"] and check["thresholds"] == INT4_KERNEL_THRESHOLDS.to_dict()
+    assert check["kv_consistency"]["bit_identical"]
+    blocks = _four_bit_inputs(tiny_int4_dir)
+    assert sorted(blocks) == sorted(f"layers.{i}/{p}.q4" for i in (2, 3) for p in ("qkv_proj", "o_proj",
+                                                                                     "gate_up_proj"))
+    assert blocks["layers.2/gate_up_proj.q4"] == [2 * 128, 64 // 32, 16]
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_1_hf_dir(tiny4_hf_dir, tmp_path_factory):
+    """The tiny model with every projection on Q4_1 grids, as a Q4_1 GGUF's weights reach convert."""
+    import shutil
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from edgellm.convert.q4_blocks import dequantize, from_weights
+
+    out = tmp_path_factory.mktemp("tiny-q4_1") / "tiny-llama"
+    shutil.copytree(tiny4_hf_dir, out)
+    model = LlamaForCausalLM.from_pretrained(tiny4_hf_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.weight"):
+                p.copy_(torch.from_numpy(dequantize(from_weights(p.numpy()))))
+    model.save_pretrained(out)
+    return out
+
+
+def test_int4_twin_runs_a_q4_1_source_exactly(tiny_q4_1_hf_dir, tmp_path):
+    """Weights on Q4_1 grids: every projection, 8-bit ones in model.onnx included, runs as its own blocks, bit for
+    bit, and the twin is closer to fp32 than model.onnx's requantized 4-bit."""
+    out = tmp_path / "int4-q4_1"
+    convert(str(tiny_q4_1_hf_dir), out, ConvertOptions(precision="int4", progress=False, validation=SETTINGS))
+    m = json.loads((out / "edgellm.json").read_text())
+    info, v = m["quantization"]["kernel_graph"], m["validation"]
+    assert info["four_bit_nodes"] == 6 * 4 and info["four_bit_exact"] == 1.0
+    assert len(_four_bit_inputs(out)) == 6 * 4
+    twin = v["kernel_graph"]
+    assert twin["passed"] and abs(twin["perplexity_ratio"] - 1) < abs(v["perplexity_ratio"] - 1)
+    assert twin["greedy_agreement"] > v["greedy_agreement"], (twin["greedy_agreement"], v["greedy_agreement"])
+    got = generate_in_fresh_process(out, "hello there", threads=1, max_new_tokens=8, ignore_eos=True)
+    assert len(got["token_ids"]) == 8 and got["heavy_modules"] == []
