@@ -41,7 +41,8 @@ def main(verbose: bool) -> None:
 @click.argument("source")
 @click.option("-o", "--output", "output", required=True, type=click.Path(), help="Model folder to write.")
 @click.option("--precision", type=click.Choice(["int8", "int4", "fp32", "fp16"]), default="int8", show_default=True,
-              help="Weights: int8 (block-wise MatMulNBits), int4 (mixed 4/8-bit, cpu only, its own gate limits), "
+              help="Weights: int8 (block-wise MatMulNBits), int4 (cpu only, its own gate limits: mixed 4/8-bit "
+                   "for onnxruntime, and on edgellm's kernels the source's own 4-bit blocks, a Q4_1 GGUF's exactly), "
                    "fp32 (cpu only) or fp16 (cuda only).")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cpu: fp32 activations for ARM/x86 CPUs. cuda: fp16 activations and KV cache for onnxruntime's "
