@@ -100,8 +100,8 @@ def main() -> None:
         summary[name] = {"perplexity": round(score.perplexity, 4),
                          "perplexity_vs_fp32": round(score.perplexity / reference.perplexity, 5),
                          "greedy_agreement": round(float((score.argmax == reference.argmax).mean()), 4)}
-        rows.append([name, summary[name]["perplexity"], summary[name]["perplexity_vs_fp32"],
-                     summary[name]["greedy_agreement"]])
+        rows.append([name, f"{score.perplexity:.3f}", f"{summary[name]['perplexity_vs_fp32']:.4f}",
+                     f"{summary[name]['greedy_agreement']:.3f}"])
     table = Table(["int8 activations on", "held-out perplexity", "× fp32", "greedy agreement vs fp32"], rows)
     recorder.write(args.out, samples={k: v.perplexity for k, v in scores.items()}, summary=summary, table=table,
                    notes=f"{m.name}: {len(tokens) - 1} held-out tokens in windows of {window}, {args.threads} threads")
