@@ -123,3 +123,36 @@ def test_a_width_that_disagrees_with_bits_fails_at_load(library):
     with pytest.raises(RuntimeException, match=r"MatMulQ8 node 'proj': input B has shape \[48, 2, 16\].*at load; it "
                                                r"must be uint8 with N\*K = 3072 elements"):
         session(q4_model(64, 48, blocks, bits=8), 1, with_library=True)
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("forced", ["avx2", "scalar"])
+def test_the_plain_c_path_matches_where_the_cpu_has_no_vnni(library, forced):
+    """EDGELLM_Q8_ISA lowers the code path (read once per process): the 4-bit weights then stay unpacked and run the
+    plain-C kernel with plain-C 16-bit activations, and still give the float matmul's answer."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from edgellm import kernels
+
+    script = textwrap.dedent("""
+        import sys, numpy as np
+        import tests.test_kernel_q4 as t
+        from edgellm.convert.q4_blocks import from_weights
+        for K, N in t.SHAPES[:3]:
+            W = t.q4_source(K, N, seed=9)
+            A = np.random.default_rng(2).standard_normal((3, K), dtype=np.float32)
+            got = t.session(t.q4_model(K, N, from_weights(W)), 2, True).run(None, {"A": A})[0]
+            exact = t.int16_activations(A) @ W.T.astype(np.float64)
+            err, peak = float(np.abs(got - exact).max()), float(np.abs(exact).max())
+            assert err <= 2e-5 * peak, (K, N, err, peak)
+        print("ok")
+    """)
+    env = {**os.environ, "EDGELLM_Q8_ISA": forced}
+    env.pop(kernels.ENV, None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
