@@ -330,8 +330,8 @@ def twin_session(folder: Path, manifest: Manifest, capacity: int, threads: int |
 def applies(manifest: Manifest) -> str | None:
     """None when a folder can have a kernel twin, else why it cannot."""
     if manifest.precision != "int8" or manifest.graph.target != "cpu":
-        return (f"the folder is {manifest.precision} for target {manifest.graph.target}; the kernel graph is built "
-                "for int8 CPU folders")
+        return (f"the folder is {manifest.precision} for target {manifest.graph.target}; the kernel graph is added "
+                "to int8 CPU folders (an int4 folder gets its own from `edgellm convert`: it needs the fp32 weights)")
     if manifest.graph.batch_invariant:
         return "the folder was converted --batch-invariant, which edgellm's kernels do not promise to keep"
     if manifest.graph.head_tokens:

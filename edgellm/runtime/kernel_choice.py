@@ -1,8 +1,9 @@
-"""Which decode graph a CPU session loads: the folder's kernel twin (edgellm's own int8 MatMul) or model.onnx.
+"""Which decode graph a CPU session loads: the folder's kernel twin (edgellm's own MatMul) or model.onnx.
 
-`edgellm convert` writes `model.kernels.onnx` beside `model.onnx` for int8 CPU models
-(edgellm/convert/kernel_graph.py): the same graph with its 8-bit MatMulNBits nodes as
-`ai.edgellm.MatMulQ8`, which only edgellm's kernel library (edgellm.kernels) implements. The
+`edgellm convert` writes `model.kernels.onnx` beside `model.onnx` for int8 and int4 CPU models
+(edgellm/convert/kernel_graph.py): the same graph with its MatMulNBits nodes as `ai.edgellm.MatMulQ8`
+(an int4 twin's reading the source's own 4-bit blocks), which only edgellm's kernel library
+(edgellm.kernels) implements. The
 twin runs when all of these hold, else the standard graph does (and the reason is logged once):
 the session runs on the CPU provider, the folder has the twin, the library is there for this
 machine and runs its AVX-512 VNNI path (the measured one), and the user did not turn it off
