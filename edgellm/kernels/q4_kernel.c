@@ -18,6 +18,8 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #define EDGELLM_X86 1
 #include <immintrin.h>
+
+#include "simd_avx512.h"
 #endif
 
 /* The scratch, per activation row: uint8 lo[np*64] | int8 hi[np*64] | int32 sum[2np] | float scale[2np], np = pairs of
@@ -162,34 +164,13 @@ VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile4(const
   for (int r = 0; r < R; ++r) out[r] = acc[r];
 }
 
-/* Up to 8 activation rows share each weight register when M <= 8 (decode, speculative verify), 4 for prompts
- * (as q8_kernel.c's matmul_packed_vnni). */
 VNNI_TARGET static void matmul_packed4_vnni(const uint8_t* scratch, int64_t M, int64_t K, const uint8_t* P, int64_t N,
                                             int64_t n0, int64_t n1, float* Y) {
   const int64_t np = pairs_of(K);
   const size_t rb = row16_bytes(K);
-  for (int64_t t = n0 / 16; t * 16 < n1; ++t) {
-    const uint8_t* tile = P + (size_t)t * (size_t)np * PACK4_PAIR;
-    const int64_t n = t * 16;
-    const __mmask16 keep = n + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-    const int64_t group = M <= 8 ? 8 : 4;
-    for (int64_t m = 0; m < M; m += group) {
-      __m512 out[8];
-      const uint8_t* row = scratch + m * rb;
-      const int64_t R = M - m < group ? M - m : group;
-      switch (R) {
-        case 1: packed_tile4(row, rb, K, tile, 1, out); break;
-        case 2: packed_tile4(row, rb, K, tile, 2, out); break;
-        case 3: packed_tile4(row, rb, K, tile, 3, out); break;
-        case 4: packed_tile4(row, rb, K, tile, 4, out); break;
-        case 5: packed_tile4(row, rb, K, tile, 5, out); break;
-        case 6: packed_tile4(row, rb, K, tile, 6, out); break;
-        case 7: packed_tile4(row, rb, K, tile, 7, out); break;
-        default: packed_tile4(row, rb, K, tile, 8, out); break;
-      }
-      for (int64_t r = 0; r < R; ++r) _mm512_mask_storeu_ps(Y + (m + r) * N + n, keep, out[r]);
-    }
-  }
+#define Q4_TILE(row, R, tile, out) packed_tile4(row, rb, K, tile, R, out)
+  EDGELLM_PACKED_TILES((size_t)np * PACK4_PAIR, rb, Q4_TILE)
+#undef Q4_TILE
 }
 #endif
 

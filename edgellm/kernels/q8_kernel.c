@@ -383,28 +383,9 @@ VNNI_TARGET static void matmul_packed_vnni(const uint8_t* scratch, int64_t M, in
                                            int64_t n0, int64_t n1, float* Y) {
   const int64_t np = pairs_of(K);
   const size_t rb = row_bytes(K);
-  for (int64_t t = n0 / 16; t * 16 < n1; ++t) {
-    const uint8_t* tile = P + (size_t)t * (size_t)np * PACK_PAIR;
-    const int64_t n = t * 16;
-    const __mmask16 keep = n + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-    const int64_t group = M <= 8 ? 8 : 4;
-    for (int64_t m = 0; m < M; m += group) {
-      __m512 out[8];
-      const uint8_t* row = scratch + m * rb;
-      const int64_t R = M - m < group ? M - m : group;
-      switch (R) {
-        case 1: packed_tile(row, rb, np, tile, 1, out); break;
-        case 2: packed_tile(row, rb, np, tile, 2, out); break;
-        case 3: packed_tile(row, rb, np, tile, 3, out); break;
-        case 4: packed_tile(row, rb, np, tile, 4, out); break;
-        case 5: packed_tile(row, rb, np, tile, 5, out); break;
-        case 6: packed_tile(row, rb, np, tile, 6, out); break;
-        case 7: packed_tile(row, rb, np, tile, 7, out); break;
-        default: packed_tile(row, rb, np, tile, 8, out); break;
-      }
-      for (int64_t r = 0; r < R; ++r) _mm512_mask_storeu_ps(Y + (m + r) * N + n, keep, out[r]);
-    }
-  }
+#define Q8_TILE(row, R, tile, out) packed_tile(row, rb, np, tile, R, out)
+  EDGELLM_PACKED_TILES((size_t)np * PACK_PAIR, rb, Q8_TILE)
+#undef Q8_TILE
 }
 
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
