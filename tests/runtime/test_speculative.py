@@ -328,3 +328,81 @@ def test_verify_cost_is_measured_per_k_and_the_cheap_k_is_found(tiny_fp32_dir):
     assert costs[3] > 25 and costs[1] < 5  # measured apart: 200 ms against ~0
     assert session.stats.current_k == 1
     assert session.stats.tokens_per_pass > 1.4
+
+
+class WidthLoggingSession:
+    """The real tiny-model session, each decode or verify pass slowed to 5 ms + 2 ms per token past the first
+    (a verify pass of k=1 costs 40% more than a plain step), logging the width of every pass."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.widths = inner, []
+
+    def forward(self, token_ids, keep=1):
+        import time
+
+        self.widths.append(len(token_ids))
+        if keep > 1 or len(token_ids) == 1:
+            time.sleep(0.005 + 0.002 * (len(token_ids) - 1))
+        return self.inner.forward(token_ids, keep)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class SwitchingDrafter:
+    """Proposes each prompt's known greedy continuation (nearly free, always accepted) until `wrong` is set;
+    then proposes tokens the model never picks (always rejected)."""
+
+    def __init__(self, continuations) -> None:
+        self.continuations, self.wrong = [list(c) for c in continuations], False
+
+    def propose(self, context, k):
+        n = len(context)
+        for expected in self.continuations:
+            if list(context) == expected[:n]:
+                drafts = expected[n:n + k]
+                return [(t + 1) % 40 + 5 for t in drafts] if self.wrong else drafts
+        return []
+
+
+def _two_replies(tiny_fp32_dir):
+    from edgellm.runtime.speculative import SpeculativeSession
+
+    llm = edgellm.load(tiny_fp32_dir, threads=1)
+    params = edgellm.SamplingParams(max_new_tokens=60, temperature=0.0, ignore_eos=True)
+    continuations = [list(llm.encode(p)) + list(llm.generate(p, params).token_ids) for p in PROMPTS[:2]]
+    llm.reset()
+    timed = WidthLoggingSession(llm.session)
+    drafter = SwitchingDrafter(continuations)
+    session = SpeculativeSession(timed, drafter, SpeculativeConfig(probe_every=1000))
+    llm.session = session
+    return llm, params, timed, drafter, session
+
+
+def test_a_new_prompt_measures_its_own_step_cost_before_drafting(tiny_fp32_dir):
+    """Step costs belong to a context length (a long prompt's steps are slower): after a reply that drafted
+    with success, the next prompt's first steps are plain ones that measure its baseline, then drafting resumes."""
+    llm, params, timed, _, session = _two_replies(tiny_fp32_dir)
+    llm.generate(PROMPTS[0], params)
+    assert session.stats.current_k > 0 and session.stats.accepted > 20
+    start = len(timed.widths)
+    llm.generate(PROMPTS[1], params)
+    decode_widths = [w for w in timed.widths[start:] if w <= 8][1:]  # after the prefill's passes
+    assert decode_widths[:3] == [1, 1, 1]
+    assert max(decode_widths) > 1  # and drafting pays again once the baseline is known
+
+
+def test_a_reply_whose_drafts_fail_stops_drafting_within_a_few_cycles(tiny_fp32_dir):
+    """What the last reply taught about acceptance weighs like the prior only: after a reply of accepted drafts,
+    a reply whose drafts all fail switches drafting off after a few verify passes, not after a dozen."""
+    llm, params, _, drafter, session = _two_replies(tiny_fp32_dir)
+    llm.generate(PROMPTS[0], params)
+    assert session.stats.acceptance_rate > 0.95
+    before, drafted_before = session.stats.cycles, session.stats.drafted
+    drafter.wrong = True
+    got = llm.generate(PROMPTS[1], params).token_ids
+    assert got[:40] == plain_tokens(tiny_fp32_dir, GREEDY)[1]
+    failed = session.stats.cycles - before
+    wasted = session.stats.drafted - drafted_before
+    # Measured: 3-4 passes, 7-10 drafts; with the last reply's full weight (before this change) 16-20 drafts.
+    assert 1 <= failed <= 5 and wasted <= 12 and session.stats.current_k == 0
