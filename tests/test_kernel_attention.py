@@ -111,3 +111,36 @@ def test_a_full_cache_is_a_clear_error(kernel_library):
     runner.total = CAPACITY  # the next token would be past the cache
     with pytest.raises(Exception, match=r"CachedAttention node 'attn': sequence 0 has total length 41.*cache \(40\)"):
         runner.step(np.zeros((1, 1, (H + 2 * HKV) * 64), np.float32))
+
+
+def test_decode_heads_on_the_pool_give_the_same_bits(kernel_library, tmp_path):
+    """Past EDGELLM_ATTENTION_PARALLEL_FROM positions a decode step hands its heads to the intra-op pool (read once
+    per process, so set in a child): the same bits as one thread doing them all, and GroupQueryAttention's answer."""
+    import os
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys, numpy as np
+        sys.path.insert(0, sys.argv[1])
+        import test_kernel_attention as t
+        rng = np.random.default_rng(3)
+        ours = t.Runner(True, 64, sys.argv[2], in_place=True)
+        theirs = t.Runner(False, 64, sys.argv[2], in_place=True)
+        outs = []
+        for tokens in (9, 1, 1, 1, 2, 1):
+            qkv = rng.standard_normal((1, tokens, (t.H + 2 * t.HKV) * 64)).astype(np.float32)
+            got, want = ours.step(qkv), theirs.step(qkv)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+            outs.append(got)
+        np.save(sys.argv[3], np.concatenate([o.reshape(-1) for o in outs]))
+    """)
+    results = {}
+    for parallel_from in ("0", "100000"):  # every decode step on the pool; never
+        out = tmp_path / f"attention-{parallel_from}.npy"
+        env = {**os.environ, "EDGELLM_ATTENTION_PARALLEL_FROM": parallel_from}
+        done = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(kernel_library), str(out)],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[parallel_from] = np.load(out)
+    np.testing.assert_array_equal(results["0"], results["100000"])

@@ -97,6 +97,17 @@ int64_t tasks_per_cpu() {
   return count;
 }
 
+// A decode step's heads go to the intra-op pool once the context holds this many positions (EDGELLM_ATTENTION_
+// PARALLEL_FROM); below it one thread does them all, since handing out 9 tiny heads costs more than it saves.
+int64_t attention_parallel_from() {
+  static const int64_t from = [] {
+    const char* v = std::getenv("EDGELLM_ATTENTION_PARALLEL_FROM");
+    const long n = v ? std::strtol(v, nullptr, 10) : 256;
+    return (int64_t)(n >= 0 ? n : 256);
+  }();
+  return from;
+}
+
 struct TensorShape {
   std::vector<int64_t> dims;
   int element_type = 0;
@@ -706,8 +717,8 @@ OrtStatus* attention_math(const AttentionKernel& k, OrtKernelContext* context, c
       }
     AttentionTask task{&k, qkv, c.cos, c.sin, keys, values, c.y + b * S * k.H * D, S, D, capacity, past, S};
     const size_t items = (size_t)(S * k.H);
-    if (S == 1) {  // a decode step: 9 tiny heads, cheaper on this thread than handing them out
-      for (size_t i = 0; i < items; ++i) attend_task(&task, i);
+    if (S == 1 && past < attention_parallel_from()) {  // a decode step on a short context: 9 tiny heads,
+      for (size_t i = 0; i < items; ++i) attend_task(&task, i);    // cheaper on this thread than handing them out
     } else if (OrtStatus* s = KernelContext_ParallelFor::get(g_api)(context, attend_task, items, 0, &task)) {
       return s;
     }
