@@ -25,7 +25,8 @@ pessimistic below), and is then judged on its own measurement once tried. The ex
 fraction of a plain step, and the plain step is measured again at each new prompt: a step over a
 1000-token context costs ~1.5x one over 50 tokens (attention), so times from the last reply mislead.
 For the same reason what a reply taught about acceptance is carried into the next one with the weight
-of the prior only, so a reply whose drafts fail switches drafting off within a few cycles. The
+of the prior only, so a reply whose drafts fail switches drafting off within a few cycles, and k starts
+at 1 in each reply, growing with the drafts accepted in it (slow start), so those cycles are cheap. The
 generator's own work per token (sampling, decoding text, stops) is part of every token's cost whether
 it was drafted or not, so the model of the gain counts it too.
 
@@ -184,6 +185,7 @@ class SpeculativeSession:
         self._prompts_off = 0
         self._prompt_interval = 1
         self._cycles = self._drafted = self._accepted = self._rejected = self._plain = 0
+        self._reply_accepted = 0  # drafts accepted in the current reply (slow start, see _choose_k)
         # Set by the generator for a constrained reply: (drafts, k) -> the drafts the grammar allows, plus the
         # tokens it forces after them. Drafts it forbids could never be sampled, so they are not verified.
         self.draft_filter: Callable[[list[int], int], list[int]] | None = None
@@ -248,6 +250,7 @@ class SpeculativeSession:
             if token == int(token_ids[0]):
                 self._pending.popleft()
                 self._accepted += 1
+                self._reply_accepted += 1
                 self._acc += 1
                 self._last_call = (now, True)
                 return row
@@ -312,6 +315,7 @@ class SpeculativeSession:
         self._realized = {True: [0.0, 0.0], False: [0.0, 0.0]}
         self._realized_tokens = {True: 0, False: 0}
         self._since_speculating = 0
+        self._reply_accepted = 0
         weight = self._acc + self._rej
         if weight > PRIOR_WEIGHT:
             self._acc, self._rej = self._acc * PRIOR_WEIGHT / weight, self._rej * PRIOR_WEIGHT / weight
@@ -381,7 +385,10 @@ class SpeculativeSession:
         if not self._extra_frac and not vetoed:
             return self._first_k  # the first cycle measures verification (tried again once a veto is forgotten)
         # (Vetoed before any cycle: drafting found nothing, and looking cost more than plain steps did.)
-        best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup) if self._extra_frac else 0
+        # Slow start: in each reply k grows with the drafts accepted in it, since the acceptance carried over from the
+        # last reply may not hold here, and a failed pass of 3 drafts costs ~2.5x one of 1.
+        largest = min(self.config.max_draft, 1 + self._reply_accepted)
+        best_k = max(range(1, largest + 1), key=self.expected_speedup) if self._extra_frac else 0
         if not vetoed and self.realized_ms_per_token(True) is not None:
             self._veto_interval = self.config.probe_every  # speculation proved itself: retries after a veto stay quick
         if best_k and self.expected_speedup(best_k) >= 1 + self.config.margin and not vetoed:
