@@ -15,8 +15,8 @@ Environment: EDGELLM_KERNELS=0 turns the kernels off; EDGELLM_Q8_ISA=avx2|scalar
 EDGELLM_KERNEL_TASKS_PER_CPU=n (default 1) splits each MatMulQ8's rows into n contiguous work items per usable
 CPU (more items let idle pool threads take over work from threads a busy machine delays);
 EDGELLM_ATTENTION_PARALLEL_FROM=n (default 256) hands a decode step's attention heads to the intra-op pool once
-the context holds n positions (a 1024-token context's step took ~17% less at 2 threads; below ~256 one thread
-is as fast); EDGELLM_KERNEL_HUGEPAGES=0 keeps the weights out of 2 MB pages (weight_arena.h says why they are the default);
+the context holds n positions (below that, handing out 9 small heads costs about what it saves);
+EDGELLM_KERNEL_HUGEPAGES=0 keeps the weights out of 2 MB pages (weight_arena.h says why they are the default);
 EDGELLM_KERNEL_PACK=0 keeps MatMulNBits' weight layout on the AVX-512 VNNI path instead of packing the weights
 into 16-row tiles at load (q8_kernel.c, PACK_PAIR, says why packing is the default).
 """
