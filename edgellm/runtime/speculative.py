@@ -21,21 +21,14 @@ and then, in case the text becomes easier to predict). The extra cost of a verif
 each k apart, because it is far from linear in k: with edgellm's int8 kernels one extra token costs
 ~3% of a step (the decode kernel absorbs a second row while it waits for memory) and three cost ~50%.
 A k not yet tried is estimated from the nearest one measured, scaled linearly (optimistic above it,
-pessimistic below), and is then judged on its own measurement once tried. The extra cost is kept as a
-fraction of a plain step, and the plain step is measured again at each new prompt: a step over a
-1000-token context costs ~1.5x one over 50 tokens (attention), so times from the last reply mislead.
-For the same reason what a reply taught about acceptance is carried into the next one with the weight
-of the prior only, so a reply whose drafts fail switches drafting off within a few cycles, and k starts
-at 1 in each reply, growing with the drafts accepted in it (slow start), so those cycles are cheap. The
-generator's own work per token (sampling, decoding text, stops) is part of every token's cost whether
-it was drafted or not, so the model of the gain counts it too.
+pessimistic below), and is then judged on its own measurement once tried.
 
 The model of the cost cannot see everything (a multi-token pass that takes a slower kernel, drafts that
 are found but rejected, the generator's own work per token), so the session also clocks what each mode
 really delivers: the wall time from one decode call to the next, per token, while speculating and
-while not, within the current reply. Once both are known, speculating is vetoed while its realized time
-per token is more than 10% above the plain one: a safety net for what the cost model misses, loose
-enough that the noise of single steps does not switch off drafting that pays.
+while not. Once both are known, speculating is vetoed while its realized time per token is more than
+10% above the plain one: a safety net for what the cost model misses, loose enough that the noise of
+mixed positions and replies does not switch off drafting that pays.
 """
 
 from __future__ import annotations
@@ -119,14 +112,13 @@ class PromptLookupDrafter:
 
 
 MIN_PLAIN_SAMPLES = 3
-PRIOR_WEIGHT = 4.0       # the acceptance prior counts as 4 drafts; a new prompt starts from this weight again
 MAX_PROMPT_INTERVAL = 8  # while off, probe at least on every 8th new prompt
 MIN_REALIZED_TOKENS = 6  # tokens timed in a mode before its realized rate may overrule the cost model
 REALIZED_MEMORY = 0.9    # forgetting factor per token of the realized ms/token estimates (~10-token window)
 # The realized rates veto speculation only when it is measurably slower than plain decoding: they mix
-# positions and single steps are noisy, so demanding a realized *gain* of the cost model's margin as well
-# switched off drafting that paid (chat 1.07x plain against 1.02x with the cost model alone,
-# benchmarks/speculation_cost.json before this change).
+# positions and replies (a long context's steps are slower whichever mode ran them), so demanding a realized
+# *gain* of the cost model's margin as well switched off drafting that paid (chat 1.07x plain against 1.02x
+# with the cost model alone, benchmarks/speculation_cost.json before this change).
 REALIZED_VETO_MARGIN = 0.10
 # A veto is forgotten after this many plain steps (x probe_every), doubling after each retry that fails.
 
@@ -172,11 +164,11 @@ class SpeculativeSession:
         self.drafter = drafter
         self.config = config or SpeculativeConfig()
         self._pending: deque[tuple[int, np.ndarray]] = deque()  # drafted tokens in the cache, with their logits
-        prior = self.config.acceptance_prior
-        self._acc, self._rej = prior * PRIOR_WEIGHT, (1 - prior) * PRIOR_WEIGHT  # forgetting counts of accept/reject
-        self._plain_samples: deque[float] = deque(maxlen=9)  # this reply's recent plain steps; median = baseline
+        prior, weight = self.config.acceptance_prior, 4.0
+        self._acc, self._rej = prior * weight, (1 - prior) * weight  # forgetting counts of accept / reject
+        self._plain_samples: deque[float] = deque(maxlen=9)  # recent plain steps; their median is the baseline
         self._plain_ms: float | None = None
-        self._extra_frac: dict[int, float] = {}  # k -> verify cost of k drafts beyond a plain step, / a plain step
+        self._extra_ms: dict[int, float] = {}  # k -> measured verify cost of k drafts beyond a plain step
         self._draft_ms: float | None = None
         self._k = self._first_k = min(3, self.config.max_draft)
         self._off_steps = 0
@@ -185,7 +177,6 @@ class SpeculativeSession:
         self._prompts_off = 0
         self._prompt_interval = 1
         self._cycles = self._drafted = self._accepted = self._rejected = self._plain = 0
-        self._reply_accepted = 0  # drafts accepted in the current reply (slow start, see _choose_k)
         # Set by the generator for a constrained reply: (drafts, k) -> the drafts the grammar allows, plus the
         # tokens it forces after them. Drafts it forbids could never be sampled, so they are not verified.
         self.draft_filter: Callable[[list[int], int], list[int]] | None = None
@@ -250,7 +241,6 @@ class SpeculativeSession:
             if token == int(token_ids[0]):
                 self._pending.popleft()
                 self._accepted += 1
-                self._reply_accepted += 1
                 self._acc += 1
                 self._last_call = (now, True)
                 return row
@@ -258,8 +248,6 @@ class SpeculativeSession:
             self._rejected += 1
         self._drop_pending()
         if not decode_step:
-            if self._decoding:
-                self._new_reply()
             if self._k == 0 and self._decoding:  # a new prompt: its reply may be easier to predict, so look
                 self._prompts_off += 1             # again soon, on every 1st, 2nd, 4th... prompt while off
                 if self._prompts_off >= self._prompt_interval:
@@ -307,19 +295,6 @@ class SpeculativeSession:
         self._last_call = (began if started is None else started, speculative)
         return logits
 
-    def _new_reply(self) -> None:
-        """A new prompt: the step costs of the last reply belong to its context length, so they are measured
-        again (plain decoding first, which costs nothing); its acceptance is kept with the prior's weight."""
-        self._plain_samples.clear()
-        self._plain_ms = None
-        self._realized = {True: [0.0, 0.0], False: [0.0, 0.0]}
-        self._realized_tokens = {True: 0, False: 0}
-        self._since_speculating = 0
-        self._reply_accepted = 0
-        weight = self._acc + self._rej
-        if weight > PRIOR_WEIGHT:
-            self._acc, self._rej = self._acc * PRIOR_WEIGHT / weight, self._rej * PRIOR_WEIGHT / weight
-
     def _learn_realized(self, speculative: bool, ms: float) -> None:
         entry = self._realized[speculative]
         entry[0] = REALIZED_MEMORY * entry[0] + ms
@@ -342,9 +317,8 @@ class SpeculativeSession:
     def _learn_cycle(self, k: int, draft_ms: float, verify_ms: float) -> None:
         self._cycles += 1
         self._draft_ms = self._mix(self._draft_ms, draft_ms / k)
-        if self._plain_ms:
-            extra = max(0.0, verify_ms - self._plain_ms) / self._plain_ms
-            self._extra_frac[k] = self._mix(self._extra_frac.get(k), extra)
+        if self._plain_ms is not None:
+            self._extra_ms[k] = self._mix(self._extra_ms.get(k), max(0.0, verify_ms - self._plain_ms))
         m = self.config.memory
         self._acc, self._rej = self._acc * m, self._rej * m
 
@@ -356,25 +330,22 @@ class SpeculativeSession:
         return self._acc / (self._acc + self._rej)
 
     def verify_extra_ms(self, k: int) -> float | None:
-        """The extra ms of verifying k drafts at the current plain step: measured for k, else scaled linearly
-        from the nearest measured k (None before any verify pass). Linear is optimistic above (costs grow faster
-        than k), so an unmeasured larger k gets tried and then judged on its own measurement."""
-        if not self._extra_frac or not self._plain_ms:
+        """The extra ms of verifying k drafts: measured for k, else scaled linearly from the nearest measured k
+        (None before any verify pass). Linear is optimistic above (costs grow faster than k), so an unmeasured
+        larger k gets tried and then judged on its own measurement."""
+        if k in self._extra_ms:
+            return self._extra_ms[k]
+        if not self._extra_ms:
             return None
-        if k in self._extra_frac:
-            return self._extra_frac[k] * self._plain_ms
-        nearest = min(self._extra_frac, key=lambda measured: (abs(measured - k), measured))
-        return self._extra_frac[nearest] * k / nearest * self._plain_ms
+        nearest = min(self._extra_ms, key=lambda measured: (abs(measured - k), measured))
+        return self._extra_ms[nearest] * k / nearest
 
     def expected_speedup(self, k: int) -> float:
-        """Expected tokens per ms with k drafts, relative to plain decoding (needs both timings measured).
-        The generator's work per token (realized plain time less the model's step) is paid by every token."""
+        """Expected tokens per ms with k drafts, relative to plain decoding (needs both timings measured)."""
         a = min(self.acceptance_estimate, 0.999)
         tokens = (1 - a ** (k + 1)) / (1 - a)  # accepted drafts + the model's own next token
-        realized_plain = self.realized_ms_per_token(False)
-        per_token = max(0.0, realized_plain - self._plain_ms) if realized_plain is not None else 0.0
-        cost = k * (self._draft_ms or 0.0) + self._plain_ms + (self.verify_extra_ms(k) or 0.0) + tokens * per_token
-        return tokens * (self._plain_ms + per_token) / cost
+        cost = k * (self._draft_ms or 0.0) + self._plain_ms + (self.verify_extra_ms(k) or 0.0)
+        return tokens / cost * self._plain_ms
 
     def _choose_k(self) -> int:
         if not self.config.adaptive:
@@ -382,13 +353,10 @@ class SpeculativeSession:
         if len(self._plain_samples) < MIN_PLAIN_SAMPLES or self._realized_tokens[False] < MIN_REALIZED_TOKENS:
             return 0  # the first steps measure plain decoding
         vetoed = self._realized_says_no()
-        if not self._extra_frac and not vetoed:
+        if not self._extra_ms and not vetoed:
             return self._first_k  # the first cycle measures verification (tried again once a veto is forgotten)
         # (Vetoed before any cycle: drafting found nothing, and looking cost more than plain steps did.)
-        # Slow start: in each reply k grows with the drafts accepted in it, since the acceptance carried over from the
-        # last reply may not hold here, and a failed pass of 3 drafts costs ~2.5x one of 1.
-        largest = min(self.config.max_draft, 1 + self._reply_accepted)
-        best_k = max(range(1, largest + 1), key=self.expected_speedup) if self._extra_frac else 0
+        best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup) if self._extra_ms else 0
         if not vetoed and self.realized_ms_per_token(True) is not None:
             self._veto_interval = self.config.probe_every  # speculation proved itself: retries after a veto stay quick
         if best_k and self.expected_speedup(best_k) >= 1 + self.config.margin and not vetoed:
@@ -400,20 +368,17 @@ class SpeculativeSession:
         if self._off_steps >= self._probe_interval:  # look again: the text may have become predictable
             self._off_steps = 0
             self._probe_interval = min(2 * self._probe_interval, 4 * self.config.probe_every)
-            return 1 if 1 not in self._extra_frac else min(2, self.config.max_draft)  # k=1 is estimated, not measured,
+            return 1 if 1 not in self._extra_ms else min(2, self.config.max_draft)  # k=1 is estimated, not measured,
         return 0                                                                   # until a probe tries it
 
     def _extra_per_token(self) -> float:
-        k = self._k if self._k in self._extra_frac else next(reversed(self._extra_frac), None)
-        return self.verify_extra_ms(k) / k if k and self._plain_ms else math.nan
+        k = self._k if self._k in self._extra_ms else next(reversed(self._extra_ms), None)
+        return self._extra_ms[k] / k if k else math.nan
 
     @property
     def verify_extra_ms_by_k(self) -> dict[int, float]:
-        """Measured extra ms of a verify pass over a plain step, by number of drafts verified (at the current
-        plain step's cost; empty until one is measured in this reply)."""
-        if not self._plain_ms:
-            return {}
-        return {k: frac * self._plain_ms for k, frac in sorted(self._extra_frac.items())}
+        """Measured extra ms of a verify pass over a plain step, by number of drafts verified."""
+        return dict(sorted(self._extra_ms.items()))
 
     def _drop_pending(self) -> None:
         if self._pending:
