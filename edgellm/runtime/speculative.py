@@ -86,6 +86,7 @@ class PromptLookupDrafter:
     incrementally, so a draft costs a search, not a conversion of the whole context every step."""
 
     takes_array = True
+    looks_are_free = True  # a look costs ~10 us against a ~10 ms step: see SpeculativeSession's watching
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 2) -> None:
         if not 1 <= min_ngram <= max_ngram:
@@ -112,6 +113,10 @@ class PromptLookupDrafter:
 
 
 MIN_PLAIN_SAMPLES = 3
+# Watching (drafters whose looks are free): each reply starts from the prior at this weight, and drafts only
+# after WATCH_FIRST of its own drafts were watched (found and checked against what the generator picked).
+WATCH_PRIOR_WEIGHT = 2.0
+WATCH_FIRST = 2
 MAX_PROMPT_INTERVAL = 8  # while off, probe at least on every 8th new prompt
 MIN_REALIZED_TOKENS = 6  # tokens timed in a mode before its realized rate may overrule the cost model
 REALIZED_MEMORY = 0.9    # forgetting factor per token of the realized ms/token estimates (~10-token window)
@@ -169,6 +174,7 @@ class SpeculativeSession:
         self._plain_samples: deque[float] = deque(maxlen=9)  # recent plain steps; their median is the baseline
         self._plain_ms: float | None = None
         self._extra_ms: dict[int, float] = {}  # k -> measured verify cost of k drafts beyond a plain step
+        self._extra_plain_ms: dict[int, float] = {}  # k -> the plain step's cost when _extra_ms[k] was measured
         self._draft_ms: float | None = None
         self._k = self._first_k = min(3, self.config.max_draft)
         self._off_steps = 0
@@ -190,6 +196,13 @@ class SpeculativeSession:
         # _mirrored equal target.tokens; truncate() lowers it, and a draft copies only what was appended since.
         self._mirror = np.zeros(target.capacity + 2, dtype=np.int64)
         self._mirrored = 0
+        # Watching: while not drafting, a drafter whose looks are free still proposes, and its drafts are
+        # checked against the tokens the generator picks next: acceptance learned without a verify pass.
+        self._watches = bool(getattr(drafter, "looks_are_free", False)) and self.config.adaptive
+        self._watched: deque[int] = deque()  # the watched draft's tokens not yet checked
+        self._reply_watched = 0  # watched drafts checked in the current reply
+        if self._watches:
+            self._new_reply()
 
     # --- the DecoderSession interface ---------------------------------------------------------------
     @property
@@ -215,6 +228,7 @@ class SpeculativeSession:
 
     def truncate(self, length: int) -> None:
         self._drop_pending()
+        self._watched.clear()
         self.target.truncate(length)
         self._mirrored = min(self._mirrored, length)
 
@@ -236,6 +250,8 @@ class SpeculativeSession:
         if decode_step and self._last_call is not None:
             self._learn_realized(self._last_call[1], (now - self._last_call[0]) * 1000)
         self._last_call = None
+        if decode_step and self._watched:
+            self._check_watched(int(token_ids[0]))
         if decode_step and self._pending:
             token, row = self._pending[0]
             if token == int(token_ids[0]):
@@ -248,6 +264,9 @@ class SpeculativeSession:
             self._rejected += 1
         self._drop_pending()
         if not decode_step:
+            self._watched.clear()
+            if self._watches and self._decoding:
+                self._new_reply()
             if self._k == 0 and self._decoding:  # a new prompt: its reply may be easier to predict, so look
                 self._prompts_off += 1             # again soon, on every 1st, 2nd, 4th... prompt while off
                 if self._prompts_off >= self._prompt_interval:
@@ -259,7 +278,12 @@ class SpeculativeSession:
         self._decoding = True
         k = self._choose_k()
         if k == 0:
+            if self._watches and not self._watched:
+                self._watched.extend(self.drafter.propose(self._context(int(token_ids[0])), self.config.max_draft))
+                if self._watched:
+                    self._forget()
             return self._plain_step(token_ids)
+        self._watched.clear()  # a verify pass learns the same thing; counting both would count it twice
         started = time.perf_counter()
         drafts = self.drafter.propose(self._context(int(token_ids[0])), k)
         if self.draft_filter is not None:
@@ -319,8 +343,32 @@ class SpeculativeSession:
         self._draft_ms = self._mix(self._draft_ms, draft_ms / k)
         if self._plain_ms is not None:
             self._extra_ms[k] = self._mix(self._extra_ms.get(k), max(0.0, verify_ms - self._plain_ms))
+            self._extra_plain_ms[k] = self._mix(self._extra_plain_ms.get(k), self._plain_ms)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Once per draft (verified or watched), older outcomes lose weight."""
         m = self.config.memory
         self._acc, self._rej = self._acc * m, self._rej * m
+
+    def _check_watched(self, token: int) -> None:
+        """The generator picked `token`: score the watched draft's next token as a verify pass would have."""
+        if token == self._watched[0]:
+            self._watched.popleft()
+            self._acc += 1
+        else:
+            self._watched.clear()
+            self._rej += 1
+        if not self._watched:
+            self._reply_watched += 1
+
+    def _new_reply(self) -> None:
+        """A new prompt may be as predictable as the last one or not at all (a summary of a long text after a
+        repetition): with watching free, each reply learns its own acceptance, from the prior."""
+        prior = self.config.acceptance_prior
+        self._acc, self._rej = prior * WATCH_PRIOR_WEIGHT, (1 - prior) * WATCH_PRIOR_WEIGHT
+        self._reply_watched = 0
+        self._plain_samples.clear()  # this context's step cost is measured again (its first steps are plain)
 
     def _mix(self, old: float | None, new: float) -> float:
         return new if old is None else self.config.memory * old + (1 - self.config.memory) * new
@@ -333,12 +381,14 @@ class SpeculativeSession:
         """The extra ms of verifying k drafts: measured for k, else scaled linearly from the nearest measured k
         (None before any verify pass). Linear is optimistic above (costs grow faster than k), so an unmeasured
         larger k gets tried and then judged on its own measurement."""
-        if k in self._extra_ms:
-            return self._extra_ms[k]
         if not self._extra_ms:
             return None
-        nearest = min(self._extra_ms, key=lambda measured: (abs(measured - k), measured))
-        return self._extra_ms[nearest] * k / nearest
+        nearest = k if k in self._extra_ms else min(self._extra_ms, key=lambda measured: (abs(measured - k), measured))
+        # Each extra row attends over the whole context, so it costs what a plain step gained since then:
+        # verifying 2 drafts costs ~1.4 ms more than a plain step after 50 tokens and ~5 ms after 925 (int8,
+        # Xeon VM), while the plain step itself grew ~3 ms.
+        growth = (self._plain_ms or 0.0) - self._extra_plain_ms[nearest]
+        return max(0.0, self._extra_ms[nearest] * k / nearest + k * growth)
 
     def expected_speedup(self, k: int) -> float:
         """Expected tokens per ms with k drafts, relative to plain decoding (needs both timings measured)."""
@@ -353,6 +403,9 @@ class SpeculativeSession:
         if len(self._plain_samples) < MIN_PLAIN_SAMPLES or self._realized_tokens[False] < MIN_REALIZED_TOKENS:
             return 0  # the first steps measure plain decoding
         vetoed = self._realized_says_no()
+        if self._watches and self._reply_watched < WATCH_FIRST:
+            self._k = 0  # this reply's first drafts are watched, not verified
+            return 0
         if not self._extra_ms and not vetoed:
             return self._first_k  # the first cycle measures verification (tried again once a veto is forgotten)
         # (Vetoed before any cycle: drafting found nothing, and looking cost more than plain steps did.)
@@ -364,6 +417,8 @@ class SpeculativeSession:
             self._prompt_interval = 1
             return best_k
         self._k = 0
+        if self._watches:
+            return 0  # watching keeps the acceptance estimate current: no probing pass needed
         self._off_steps += 1
         if self._off_steps >= self._probe_interval:  # look again: the text may have become predictable
             self._off_steps = 0
