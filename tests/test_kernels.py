@@ -210,6 +210,27 @@ def test_other_paths_match(library, forced, tasks_per_cpu):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("name,value,says", [
+    ("EDGELLM_ATTENTION_PARALLEL_FROM", "lots", "a whole number >= 0"),
+    ("EDGELLM_ATTENTION_PARALLEL_FROM", "-5", "a whole number >= 0"),
+    ("EDGELLM_KERNEL_TASKS_PER_CPU", "0", "from 1 to 64"),
+    ("EDGELLM_KERNEL_TASKS_PER_CPU", "2.5", "from 1 to 64"),
+    ("EDGELLM_Q8_ISA", "avx512", "avx2, scalar"),
+])
+def test_a_kernel_setting_the_library_cannot_use_is_refused_at_load(monkeypatch, name, value, says):
+    """The library would read these values as its default (or 0) without a word: register() refuses them."""
+    import onnxruntime as ort
+
+    from edgellm.errors import InvalidParameterError
+
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidParameterError, match=f"{name}={value!r}.*{says}.*Fix: unset it"):
+        kernels.register(ort.SessionOptions())
+    monkeypatch.setenv(name, {"EDGELLM_Q8_ISA": "avx2"}.get(name, "3"))
+    kernels.check_settings()  # a usable value passes
+
+
 def test_import_stays_light():
     """Importing edgellm.kernels loads neither torch nor the library (it is opened on first use)."""
     code = ("import sys, edgellm.kernels; print('torch' in sys.modules, "

@@ -18,7 +18,9 @@ EDGELLM_ATTENTION_PARALLEL_FROM=n (default 256) hands a decode step's attention 
 the context holds n positions (below that, handing out 9 small heads costs about what it saves);
 EDGELLM_KERNEL_HUGEPAGES=0 keeps the weights out of 2 MB pages (weight_arena.h says why they are the default);
 EDGELLM_KERNEL_PACK=0 keeps MatMulNBits' weight layout on the AVX-512 VNNI path instead of packing the weights
-into 16-row tiles at load (q8_kernel.c, PACK_PAIR, says why packing is the default).
+into 16-row tiles at load (q8_kernel.c, PACK_PAIR, says why packing is the default). A value the library
+cannot use (EDGELLM_KERNEL_TASKS_PER_CPU outside 1-64, a negative or non-numeric
+EDGELLM_ATTENTION_PARALLEL_FROM, an EDGELLM_Q8_ISA other than avx2 or scalar) is refused at load.
 """
 
 from __future__ import annotations
@@ -119,11 +121,43 @@ def isa() -> str:
     return _open(path).edgellm_q8_isa().decode()
 
 
+# The library reads these once per process and would quietly fall back on a value it cannot use: checked here,
+# at load, so a typo is one clear error instead of a setting that silently does nothing.
+_INT_SETTINGS = {"EDGELLM_KERNEL_TASKS_PER_CPU": (1, 64, 1), "EDGELLM_ATTENTION_PARALLEL_FROM": (0, None, 256)}
+_ISA_SETTING = ("EDGELLM_Q8_ISA", ("avx2", "scalar"))
+
+
+def check_settings() -> None:
+    """Raise InvalidParameterError naming the variable, its value, the allowed range and the fix."""
+    from ..errors import InvalidParameterError
+
+    for name, (low, high, default) in _INT_SETTINGS.items():
+        raw = os.environ.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        limit = f"a whole number from {low} to {high}" if high is not None else f"a whole number >= {low}"
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise InvalidParameterError(f"{name}={raw!r}: must be {limit} (default {default}). "
+                                        f"Fix: unset it, or set e.g. {name}={default}.")
+    name, allowed = _ISA_SETTING
+    raw = os.environ.get(name)
+    if raw is not None and raw.strip() != "" and raw.strip() not in allowed:
+        raise InvalidParameterError(f"{name}={raw!r}: it can only lower the code path, to one of "
+                                    f"{', '.join(allowed)}. Fix: unset it to run the best path this CPU has.")
+
+
 def register(options: "ort.SessionOptions") -> bool:
     """Register the kernel library (op domain ai.edgellm) on onnxruntime SessionOptions.
 
     True when registered; False when library_path() is None or onnxruntime refuses the library (the reason is
-    logged once at info level). A session whose graph uses ai.edgellm ops needs this before it is created."""
+    logged once at info level). A session whose graph uses ai.edgellm ops needs this before it is created.
+    Raises InvalidParameterError for a kernel setting in the environment that the library cannot use."""
+    if not _turned_off():
+        check_settings()
     path = library_path()
     if path is None:
         return False

@@ -21,7 +21,17 @@ and then, in case the text becomes easier to predict). The extra cost of a verif
 each k apart, because it is far from linear in k: with edgellm's int8 kernels one extra token costs
 ~3% of a step (the decode kernel absorbs a second row while it waits for memory) and three cost ~50%.
 A k not yet tried is estimated from the nearest one measured, scaled linearly (optimistic above it,
-pessimistic below), and is then judged on its own measurement once tried.
+pessimistic below), and is then judged on its own measurement once tried. Each verified row also attends
+over the whole context, so a cost measured at one context length is moved by k times what a plain step
+gained or lost since (on the int8 kernels a verify pass's extra cost was ~3x larger after 925 tokens
+than after 50).
+
+A drafter whose looks are free (prompt lookup: ~10 us a look against a ~10 ms step) is *watched* while
+the session decodes plainly: it still proposes, and its draft is checked token by token against what the
+generator picks next, exactly as a verify pass would have judged it, at no cost. So each reply learns its
+own acceptance rate from the prior (a summary of a long text took ~1 in 4 lookups, a repetition ~3 in 4),
+starts drafting only after two of its own draft tokens were watched, and needs no probing passes while off. A
+drafter that costs a model pass (a draft model) is not watched: it is probed now and then instead.
 
 The model of the cost cannot see everything (a multi-token pass that takes a slower kernel, drafts that
 are found but rejected, the generator's own work per token), so the session also clocks what each mode
@@ -114,9 +124,14 @@ class PromptLookupDrafter:
 
 MIN_PLAIN_SAMPLES = 3
 # Watching (drafters whose looks are free): each reply starts from the prior at this weight, and drafts only
-# after WATCH_FIRST of its own drafts were watched (found and checked against what the generator picked).
+# after WATCH_FIRST tokens of its own drafts were watched (checked against what the generator picked).
 WATCH_PRIOR_WEIGHT = 2.0
 WATCH_FIRST = 2
+# A reply's own estimate rests on a handful of its tokens, and its replies are short: drafting must be expected
+# to pay by this much more than the configured margin. On SmolLM2's chat, repetition and long-context replies,
+# prompt lookup hovers near break-even (verified acceptance ~0.4 at +30% a verify pass) and edit-a-quote
+# clears it easily.
+WATCH_EXTRA_MARGIN = 0.10
 MAX_PROMPT_INTERVAL = 8  # while off, probe at least on every 8th new prompt
 MIN_REALIZED_TOKENS = 6  # tokens timed in a mode before its realized rate may overrule the cost model
 REALIZED_MEMORY = 0.9    # forgetting factor per token of the realized ms/token estimates (~10-token window)
@@ -200,7 +215,7 @@ class SpeculativeSession:
         # checked against the tokens the generator picks next: acceptance learned without a verify pass.
         self._watches = bool(getattr(drafter, "looks_are_free", False)) and self.config.adaptive
         self._watched: deque[int] = deque()  # the watched draft's tokens not yet checked
-        self._reply_watched = 0  # watched drafts checked in the current reply
+        self._reply_watched = 0  # watched draft tokens checked in the current reply
         if self._watches:
             self._new_reply()
 
@@ -353,14 +368,13 @@ class SpeculativeSession:
 
     def _check_watched(self, token: int) -> None:
         """The generator picked `token`: score the watched draft's next token as a verify pass would have."""
+        self._reply_watched += 1
         if token == self._watched[0]:
             self._watched.popleft()
             self._acc += 1
         else:
             self._watched.clear()
             self._rej += 1
-        if not self._watched:
-            self._reply_watched += 1
 
     def _new_reply(self) -> None:
         """A new prompt may be as predictable as the last one or not at all (a summary of a long text after a
@@ -407,12 +421,15 @@ class SpeculativeSession:
             self._k = 0  # this reply's first drafts are watched, not verified
             return 0
         if not self._extra_ms and not vetoed:
+            if self._watches and self.acceptance_estimate < self.config.acceptance_prior:
+                return 0  # watched drafts are no better than the prior: measuring a verify pass would only cost
             return self._first_k  # the first cycle measures verification (tried again once a veto is forgotten)
         # (Vetoed before any cycle: drafting found nothing, and looking cost more than plain steps did.)
         best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup) if self._extra_ms else 0
         if not vetoed and self.realized_ms_per_token(True) is not None:
             self._veto_interval = self.config.probe_every  # speculation proved itself: retries after a veto stay quick
-        if best_k and self.expected_speedup(best_k) >= 1 + self.config.margin and not vetoed:
+        margin = self.config.margin + (WATCH_EXTRA_MARGIN if self._watches else 0.0)
+        if best_k and self.expected_speedup(best_k) >= 1 + margin and not vetoed:
             self._k, self._off_steps, self._probe_interval = best_k, 0, self.config.probe_every
             self._prompt_interval = 1
             return best_k

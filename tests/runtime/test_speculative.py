@@ -182,20 +182,21 @@ def slowest_pass_s(model_dir, tokens: int = 8, repeats: int = 5) -> float:
 
 
 class PaddedPassSession:
-    """The real tiny-model session, every pass padded to a fixed wall time (plus `per_token_s` for every token
-    past the second): like a memory-bound device, where one pass costs the same for 1 or 2 tokens. Padding, not
-    adding, keeps the costs the controller measures the same on every machine, emulated arm64 included, as long
-    as `pass_s` clears the model's own time (see slowest_pass_s)."""
+    """The real tiny-model session, every pass padded to a fixed wall time, plus `per_token_s` for every row of
+    logits kept past `free_rows` (a verify pass keeps one a token; a prefill one): like a memory-bound device,
+    where one pass costs the same for 1 or 2 tokens. Padding, not adding, keeps the costs the controller measures
+    the same on every machine, emulated arm64 included, as long as `pass_s` clears the model's own time (see
+    slowest_pass_s)."""
 
-    def __init__(self, inner, pass_s: float, per_token_s: float = 0.0) -> None:
-        self.inner, self.pass_s, self.per_token_s = inner, pass_s, per_token_s
+    def __init__(self, inner, pass_s: float, per_token_s: float = 0.0, free_rows: int = 2) -> None:
+        self.inner, self.pass_s, self.per_token_s, self.free_rows = inner, pass_s, per_token_s, free_rows
 
     def forward(self, token_ids, keep=1):
         import time
 
         started = time.perf_counter()
         logits = self.inner.forward(token_ids, keep)
-        target = self.pass_s + self.per_token_s * max(0, len(token_ids) - 2)
+        target = self.pass_s + self.per_token_s * max(0, keep - self.free_rows)
         time.sleep(max(0.0, target - (time.perf_counter() - started)))
         return logits
 
@@ -339,3 +340,53 @@ def test_verify_cost_is_measured_per_k_and_the_cheap_k_is_found(tiny_fp32_dir):
     assert costs[3] > 25 and costs[1] < 5  # measured apart: 200 ms (or more) against ~0
     assert session.stats.current_k == 1
     assert session.stats.tokens_per_pass > 1.4
+
+
+class ScriptedDrafter:
+    """Drafts each prompt's known greedy continuation or, while `wrong`, the ids one above it (always rejected).
+    Its looks are free, like prompt lookup's, so the session watches its drafts while it is not drafting."""
+
+    looks_are_free = True
+
+    def __init__(self, continuations, vocab_size: int) -> None:
+        self.continuations, self.vocab_size, self.wrong = [list(c) for c in continuations], vocab_size, False
+
+    def propose(self, context, k):
+        n, context = len(context), list(context)
+        for known in self.continuations:
+            if known[:n] == context:
+                drafts = known[n:n + k]
+                return [(t + 1) % self.vocab_size for t in drafts] if self.wrong else drafts
+        return []
+
+
+def test_watched_drafts_decide_each_reply_without_verify_passes(tiny_fp32_dir):
+    """A drafter whose looks are free is watched while the session decodes plainly: its drafts are checked
+    against the tokens the generator picks. Wrong drafts are found out without one verify pass (before, the first
+    cycle verified 3 of them blind), right ones switch drafting on, and a reply after a good one learns its own
+    acceptance (before, the last reply's ~0.95 carried over and verified the wrong drafts first)."""
+    from edgellm.runtime.speculative import SpeculativeSession
+
+    llm = edgellm.load(tiny_fp32_dir, threads=1)
+    params = edgellm.SamplingParams(max_new_tokens=60, temperature=0.0, ignore_eos=True)
+    plain = [list(llm.generate(p, params).token_ids) for p in PROMPTS[:2]]
+    llm.reset()
+    drafter = ScriptedDrafter([list(llm.encode(p)) + out for p, out in zip(PROMPTS, plain)], llm.session.vocab_size)
+    pass_s = max(0.005, 2 * slowest_pass_s(tiny_fp32_dir))
+    # a pass costs the same for 1 token or 2; each more verified draft costs half a pass more
+    costly = PaddedPassSession(llm.session, pass_s, per_token_s=pass_s / 2, free_rows=1)
+    session = SpeculativeSession(costly, drafter)
+    llm.session = session
+
+    drafter.wrong = True
+    assert list(llm.generate(PROMPTS[0], params).token_ids) == plain[0]
+    assert session.stats.cycles == 0 and session.acceptance_estimate < 0.1
+
+    drafter.wrong = False
+    assert list(llm.generate(PROMPTS[1], params).token_ids) == plain[1]
+    assert session.stats.cycles > 0 and session.stats.accepted > 20 and session.stats.rejected == 0
+
+    cycles = session.stats.cycles
+    drafter.wrong = True
+    assert list(llm.generate(PROMPTS[0], params).token_ids) == plain[0]
+    assert session.stats.cycles == cycles and session.stats.rejected == 0
