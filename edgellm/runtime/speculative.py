@@ -148,6 +148,7 @@ class SpeculativeConfig:
     max_draft: int = 6            # largest k tried
     probe_every: int = 32         # while off, plain steps before a probing cycle (doubles after each failed probe)
     margin: float = 0.05          # speculate only if expected to be this much faster than plain decoding
+                                  # (a watched drafter, prompt lookup, needs WATCH_EXTRA_MARGIN more)
     acceptance_prior: float = 0.6 # initial guess of the per-token acceptance rate
     memory: float = 0.9           # forgetting factor of the running estimates (per cycle)
     adaptive: bool = True         # False: always draft max_draft tokens (for tests and k sweeps)
