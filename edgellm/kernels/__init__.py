@@ -145,7 +145,7 @@ def check_settings() -> None:
                                         f"Fix: unset it, or set e.g. {name}={default}.")
     name, allowed = _ISA_SETTING
     raw = os.environ.get(name)
-    if raw is not None and raw.strip() != "" and raw.strip() not in allowed:
+    if raw and raw not in allowed:  # compared as the library does (strcmp): " avx2" would be ignored there
         raise InvalidParameterError(f"{name}={raw!r}: it can only lower the code path, to one of "
                                     f"{', '.join(allowed)}. Fix: unset it to run the best path this CPU has.")
 

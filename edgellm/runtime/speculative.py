@@ -423,6 +423,7 @@ class SpeculativeSession:
             return 0
         if not self._extra_ms and not vetoed:
             if self._watches and self.acceptance_estimate < self.config.acceptance_prior:
+                self._k = 0
                 return 0  # watched drafts are no better than the prior: measuring a verify pass would only cost
             return self._first_k  # the first cycle measures verification (tried again once a veto is forgotten)
         # (Vetoed before any cycle: drafting found nothing, and looking cost more than plain steps did.)

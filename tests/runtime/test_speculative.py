@@ -336,7 +336,6 @@ def test_verify_cost_is_measured_per_k_and_the_cheap_k_is_found(tiny_fp32_dir):
     got = llm.generate(PROMPTS[0], params).token_ids
     assert got[:40] == plain_tokens(tiny_fp32_dir, GREEDY)[0]
     costs = session.verify_extra_ms_by_k
-    print(costs, pass_s)
     assert costs[3] > 25 and costs[1] < 5  # measured apart: 200 ms (or more) against ~0
     assert session.stats.current_k == 1
     assert session.stats.tokens_per_pass > 1.4
