@@ -31,7 +31,11 @@ the session decodes plainly: it still proposes, and its draft is checked token b
 generator picks next, exactly as a verify pass would have judged it, at no cost. So each reply learns its
 own acceptance rate from the prior (a summary of a long text took ~1 in 4 lookups, a repetition ~3 in 4),
 starts drafting only after two of its own draft tokens were watched, and needs no probing passes while off. A
-drafter that costs a model pass (a draft model) is not watched: it is probed now and then instead.
+drafter that costs a model pass (a draft model) is not watched: it is probed now and then instead, within a
+budget: a probe first catches the draft's cache up to the context (a whole new prompt: ~600 ms for a
+10-layer draft after 925 tokens, more than a 64-token reply's decoding), so probes may spend at most 1% of
+the plain decoding time since speculation last paid, and one waits for a reply whose context is cheap to
+catch up.
 
 The model of the cost cannot see everything (a multi-token pass that takes a slower kernel, drafts that
 are found but rejected, the generator's own work per token), so the session also clocks what each mode
@@ -74,17 +78,24 @@ class ModelDrafter:
         self.session = session
         self.eos = frozenset(eos_token_ids)
         self.sync_ms = 0.0  # time of the last call spent catching the draft's cache up (not per-draft cost)
+        self.sync_ms_per_token: float | None = None  # measured cost of catching up, per token (None: not yet)
+
+    def catch_up_tokens(self, context: Sequence[int]) -> int:
+        """Tokens of `context` the draft's cache does not hold: what the next draft must prefill first."""
+        return len(context) - common_prefix_length(self.session.tokens, context)
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         if len(context) + k > self.session.capacity:
             return []  # the draft's cache is full; the model decodes on alone
         self.sync_ms = 0.0
-        if len(context) - common_prefix_length(self.session.tokens, context) > 2:
+        if (missing := self.catch_up_tokens(context)) > 2:
             # Catching up more than the usual 1-2 tokens (a new prompt, or after plain steps) is a one-off
             # cost: timed apart, so the per-draft estimate stays the steady-state one.
             started = time.perf_counter()
             prefill(self.session, context[:-1])
             self.sync_ms = (time.perf_counter() - started) * 1000
+            rate = self.sync_ms / (missing - 1)
+            self.sync_ms_per_token = rate if self.sync_ms_per_token is None else (self.sync_ms_per_token + rate) / 2
         return greedy(self.session, context, k, self.eos, reuse_cache=True).tokens  # re-uses the draft's cache
 
 
@@ -133,6 +144,12 @@ WATCH_FIRST = 2
 # clears it easily.
 WATCH_EXTRA_MARGIN = 0.10
 MAX_PROMPT_INTERVAL = 8  # while off, probe at least on every 8th new prompt
+# While off, a draft model (a drafter with a cache to catch up, ModelDrafter) probes only while the drafting its probes cost
+# (catching its cache up to the context, then k draft steps) stays within this share of the plain decoding
+# time since speculation last paid. A probe of a 10-layer draft of SmolLM2 cost 30-70 ms after a short
+# prompt and ~600 ms after a 925-token one (its whole cache caught up), against ~0.5 s for a 64-token reply:
+# on the old schedule alone, a probe every other reply made decoding 1.1-1.9x slower than plain.
+PROBE_BUDGET = 0.01
 MIN_REALIZED_TOKENS = 6  # tokens timed in a mode before its realized rate may overrule the cost model
 REALIZED_MEMORY = 0.9    # forgetting factor per token of the realized ms/token estimates (~10-token window)
 # The realized rates veto speculation only when it is measurably slower than plain decoding: they mix
@@ -208,6 +225,10 @@ class SpeculativeSession:
         self._realized_tokens = {True: 0, False: 0}
         self._since_speculating = 0  # plain steps since the last speculative token was timed
         self._veto_interval = self.config.probe_every
+        self._probing = False       # the current cycle is a probe while off
+        self._probe_draft_ms = 0.0  # drafting time of probes since speculation last paid (catch-up included)
+        self._off_plain_ms = 0.0    # plain decoding time over the same span
+        self._catch_up: tuple[int, int] | None = None  # (context length, draft tokens to catch up then), per reply
         # The committed tokens as an int64 array for drafters that take one (prompt lookup): positions below
         # _mirrored equal target.tokens; truncate() lowers it, and a draft copies only what was appended since.
         self._mirror = np.zeros(target.capacity + 2, dtype=np.int64)
@@ -280,6 +301,7 @@ class SpeculativeSession:
             self._rejected += 1
         self._drop_pending()
         if not decode_step:
+            self._catch_up = None
             self._watched.clear()
             if self._watches and self._decoding:
                 self._new_reply()
@@ -306,6 +328,8 @@ class SpeculativeSession:
             drafts = self.draft_filter(drafts, k)
         drafted_at = time.perf_counter()
         draft_ms = (drafted_at - started) * 1000 - getattr(self.drafter, "sync_ms", 0.0)
+        if self._probing:
+            self._probe_draft_ms += (drafted_at - started) * 1000
         if not drafts or self.length + 1 + len(drafts) > self.capacity:
             # No draft: a plain step, but one that paid for looking; its time counts against speculating.
             return self._plain_step(token_ids, started=now, speculative=True)
@@ -328,7 +352,10 @@ class SpeculativeSession:
                 self._veto_interval = min(2 * self._veto_interval, 16 * self.config.probe_every)
         began = time.perf_counter()
         logits = self.target.forward(token_ids, keep=1)
-        self._plain_samples.append((time.perf_counter() - began) * 1000)
+        step_ms = (time.perf_counter() - began) * 1000
+        self._plain_samples.append(step_ms)
+        if self._k == 0:
+            self._off_plain_ms += step_ms
         self._plain_ms = statistics.median(self._plain_samples)  # a median: one slow step must not decide k (and
         # statistics' is ~10x cheaper than numpy's on 9 numbers: this runs every plain step)
         self._plain += 1
@@ -413,6 +440,7 @@ class SpeculativeSession:
         return tokens / cost * self._plain_ms
 
     def _choose_k(self) -> int:
+        self._probing = False
         if not self.config.adaptive:
             return self.config.max_draft
         if len(self._plain_samples) < MIN_PLAIN_SAMPLES or self._realized_tokens[False] < MIN_REALIZED_TOKENS:
@@ -434,16 +462,34 @@ class SpeculativeSession:
         if best_k and self.expected_speedup(best_k) >= 1 + margin and not vetoed:
             self._k, self._off_steps, self._probe_interval = best_k, 0, self.config.probe_every
             self._prompt_interval = 1
+            self._probe_draft_ms = self._off_plain_ms = 0.0
             return best_k
         self._k = 0
         if self._watches:
             return 0  # watching keeps the acceptance estimate current: no probing pass needed
         self._off_steps += 1
-        if self._off_steps >= self._probe_interval:  # look again: the text may have become predictable
-            self._off_steps = 0
+        if self._off_steps >= self._probe_interval and self._probe_fits_budget():
+            self._off_steps = 0  # look again: the text may have become predictable
+            self._probing = True
             self._probe_interval = min(2 * self._probe_interval, 4 * self.config.probe_every)
             return 1 if 1 not in self._extra_ms else min(2, self.config.max_draft)  # k=1 is estimated, not measured,
         return 0                                                                   # until a probe tries it
+
+    def _probe_fits_budget(self) -> bool:
+        """Would this probe's drafting keep all probes since speculation last paid within PROBE_BUDGET of the
+        plain decoding time? Counts what the draft must catch up first (a whole new prompt, for a draft model),
+        so a probe waits for a reply whose context the draft can take cheaply."""
+        if not hasattr(self.drafter, "catch_up_tokens"):
+            return True  # not a draft model: its looks cost no model pass, and the veto bounds what they waste
+        allowance = PROBE_BUDGET * self._off_plain_ms - self._probe_draft_ms
+        rate = self.drafter.sync_ms_per_token
+        if allowance < 0 or rate is None:
+            return allowance >= 0
+        length = self.target.length
+        if self._catch_up is None:  # counted once a reply: later steps add the tokens decoded since
+            self._catch_up = (length, self.drafter.catch_up_tokens(self.target.tokens))
+        then, missing = self._catch_up
+        return (missing + length - then) * rate <= allowance
 
     def _extra_per_token(self) -> float:
         k = self._k if self._k in self._extra_ms else next(reversed(self._extra_ms), None)

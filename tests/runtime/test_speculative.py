@@ -389,3 +389,59 @@ def test_watched_drafts_decide_each_reply_without_verify_passes(tiny_fp32_dir):
     drafter.wrong = True
     assert list(llm.generate(PROMPTS[0], params).token_ids) == plain[0]
     assert session.stats.cycles == cycles and session.stats.rejected == 0
+
+
+class TimedTarget:
+    """The real session, with the wall time of its one-token passes (plain decode steps) added up."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.plain_ms = inner, 0.0
+
+    def forward(self, token_ids, keep=1):
+        import time
+
+        started = time.perf_counter()
+        logits = self.inner.forward(token_ids, keep)
+        if len(token_ids) == 1:
+            self.plain_ms += (time.perf_counter() - started) * 1000
+        return logits
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_draft_models_probes_stay_within_their_budget(tiny_fp32_dir, draft_dir):
+    """While a draft model's drafts are rejected, its probes (catching its cache up to a new prompt, then drafting)
+    cost at most PROBE_BUDGET of the plain decoding time, and the session still probes. Before the budget, the
+    schedule alone probed a 10-layer draft of SmolLM2 every other reply, 1.1-1.9x slower than plain decoding."""
+    import time
+
+    from edgellm.runtime.speculative import PROBE_BUDGET, ModelDrafter, SpeculativeSession
+
+    class TimedDrafter(ModelDrafter):
+        def __init__(self, session) -> None:
+            super().__init__(session)
+            self.calls_ms: list[float] = []
+
+        def propose(self, context, k):
+            started = time.perf_counter()
+            drafts = super().propose(context, k)
+            self.calls_ms.append((time.perf_counter() - started) * 1000)
+            return drafts
+
+    llm = edgellm.load(tiny_fp32_dir, threads=1)
+    target = TimedTarget(llm.session)
+    drafter = TimedDrafter(edgellm.load(draft_dir, threads=1).session)
+    session = SpeculativeSession(target, drafter, SpeculativeConfig(probe_every=1))  # the schedule probes at will
+    llm.session = session
+    params = edgellm.SamplingParams(max_new_tokens=80, temperature=0.0, ignore_eos=True)
+    long_prompt = " ".join(["the kitchen light is on and the door is closed"] * 20)
+    for reply in range(24):
+        llm.generate(long_prompt if reply % 2 else PROMPTS[reply % 3], params)
+    stats = session.stats
+    assert stats.acceptance_rate < 0.3 and stats.current_k == 0  # a random draft: speculation stays off
+    first_cycle_ms, probes_ms = drafter.calls_ms[0], drafter.calls_ms[1:]
+    assert probes_ms, "the session stopped probing altogether"
+    assert sum(probes_ms) <= PROBE_BUDGET * target.plain_ms + max(probes_ms), (
+        f"probes drafted {sum(probes_ms):.1f} ms in {len(probes_ms)} calls against {target.plain_ms:.0f} ms of "
+        f"plain decoding (first cycle {first_cycle_ms:.1f} ms)")
