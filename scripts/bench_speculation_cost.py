@@ -56,7 +56,7 @@ def main() -> None:
     def speculative() -> SpeculativeSession:  # what load(..., draft=) builds, on the shared target
         if args.draft == "prompt-lookup":
             return SpeculativeSession(target, PromptLookupDrafter())
-        draft = edgellm.load(args.draft, threads=args.threads)
+        draft = edgellm.load(args.draft, threads=args.threads, spin=False)  # as load(..., draft=DIR) loads it
         return SpeculativeSession(target, ModelDrafter(draft.session, llm.manifest.generation.eos_token_ids))
 
     drafted = speculative()

@@ -293,7 +293,7 @@ def _warn_if_mismatched(manifest: Manifest, target: str, provider: str) -> None:
 
 def load(path: str | Path, providers: Sequence[str] | str | None = None, threads: int | None = None,
          context_length: int | None = None, verify: bool = True, draft: str | Path | LLM | None = None,
-         fingerprint: str | None = None, kernels: bool | None = None) -> LLM:
+         fingerprint: str | None = None, kernels: bool | None = None, spin: bool = True) -> LLM:
     """Load a model folder written by `edgellm convert`.
 
     providers: "cpu", "cuda", "tensorrt" or onnxruntime provider names, in order of preference. Default: "cpu",
@@ -311,6 +311,10 @@ def load(path: str | Path, providers: Sequence[str] | str | None = None, threads
         where they can run (CPU provider, the folder has the twin, the library is built for this machine), else the
         standard graph; False: never; True: required (KernelError naming why they cannot run). None defers to
         EDGELLM_KERNELS (0: never, 1: required). `llm.graph` says which graph runs and why.
+    spin: onnxruntime's threads keep spinning a while after each step, ready for the next (fastest for a model
+        decoding alone). False stops them at once, so they leave the cores to other work: a draft folder passed
+        as `draft` is loaded so (its spinning threads slowed the model's verify passes ~20x: 10 ms extra for one
+        draft token instead of 0.5, SmolLM2 with a 10-layer draft on 2 cores); load your own draft LLM with it.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidParameterError(f"path={path!r:.60} must be a model folder path (str or Path). "
@@ -352,9 +356,11 @@ def load(path: str | Path, providers: Sequence[str] | str | None = None, threads
     prefill_path = paths.get("prefill_model")
     if prefill_path is not None and resolve_providers(providers)[0] != "CPUExecutionProvider":
         prefill_path = None  # a CPU graph for prompts: on a GPU the decode graph does both
+    if not isinstance(spin, bool):
+        raise InvalidParameterError(f"spin={spin!r:.40} must be True or False. Fix: pass spin=False for a draft model.")
     session = DecoderSession(paths["model"], manifest.io, manifest.dims, capacity, providers, threads, head_tokens,
                              graph=manifest.graph, prefill_path=prefill_path, kernel_path=paths.get("kernel_model"),
-                             kernels=kernels)
+                             kernels=kernels, spin_after_run=spin)
     _warn_if_mismatched(manifest, target, session.provider)
     logger.info("loaded %s (%s) on %s, context %d, graph %s", manifest.name, manifest.precision, session.provider,
                 capacity, session.choice.graph)
@@ -365,7 +371,7 @@ def load(path: str | Path, providers: Sequence[str] | str | None = None, threads
         if isinstance(draft, (str, Path)) and str(draft) != "prompt-lookup":
             draft_limit = read_manifest(Path(draft)).generation.context_length
             draft = load(draft, providers, threads, context_length=min(capacity, draft_limit), verify=verify,
-                         kernels=None if kernels is True else kernels)  # the draft's own twin where it has one
+                         kernels=None if kernels is True else kernels, spin=False)  # its own twin where it has one
         enable_speculation(llm, draft)
     return llm
 

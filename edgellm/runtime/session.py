@@ -147,7 +147,7 @@ class DecoderSession:
                  providers: Sequence[str] | str | None = None, threads: int | None = None,
                  head_tokens: np.ndarray | None = None, graph: GraphOptions | dict | None = None,
                  prefill_path: Path | None = None, kernel_path: Path | None = None,
-                 kernels: bool | None = False) -> None:
+                 kernels: bool | None = False, spin_after_run: bool = True) -> None:
         """io, dims, graph: the manifest's contract (edgellm.contract; dicts are read with from_dict).
         graph.attention_pad_rows: cache slots past `capacity` the graph writes (batch-invariant graphs: 1);
         None means unknown, and one spare slot is kept, which is safe for every graph edgellm builds.
@@ -161,6 +161,8 @@ class DecoderSession:
         runs it where edgellm's kernel library can (CPU), True requires it (KernelError naming why not), False
         (the default here: convert's own sessions) never (edgellm.runtime.kernel_choice). `self.choice` says which
         graph runs and why.
+        spin_after_run: onnxruntime's worker threads spin a while after each run, ready for the next step; False
+        stops them at once (a draft model, whose spinning threads take the cores from the model it drafts for).
         Raises ModelFormatError when the graph's inputs/outputs disagree with io, dims or the KV dtype."""
         dims = dims if isinstance(dims, ModelDims) else ModelDims.from_dict(dims)
         io = io if isinstance(io, IONames) else IONames.from_dict(io, dims.num_layers)
@@ -171,7 +173,7 @@ class DecoderSession:
         if self.providers[0] in GPU_PROVIDERS and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]), if there
         self.choice = kernel_choice.choose(Path(model_path), kernel_path, self.providers[0], kernels)
-        self.session = self._open_decoder(Path(model_path), threads)
+        self.session = self._open_decoder(Path(model_path), threads, spin_after_run)
         model_path = self.choice.path
         self.provider = self.session.get_providers()[0]
         if self.providers[0] in GPU_PROVIDERS and self.provider != self.providers[0]:
@@ -220,13 +222,13 @@ class DecoderSession:
         self._keep = {}
         self.tokens: list[int] = []  # tokens whose keys/values are in the cache, in order
 
-    def _open_decoder(self, model_path: Path, threads: int | None) -> ort.InferenceSession:
+    def _open_decoder(self, model_path: Path, threads: int | None, spin_after_run: bool) -> ort.InferenceSession:
         """model_path, or its kernel twin with edgellm's kernel library registered (self.choice). A twin that
         cannot be registered or whose nodes onnxruntime refuses falls back to model_path with a warning, unless
         kernels were required; a twin file that cannot be read is a ModelFormatError, as for model.onnx."""
         providers = _provider_options(self.providers, model_path)
         if self.choice.kernels:
-            options = _session_options(threads)
+            options = _session_options(threads, spin_after_run)
             try:
                 kernel_choice.register(options, self.choice)
                 session = _open(self.choice.path, options, providers)
@@ -239,7 +241,7 @@ class DecoderSession:
                 kernel_choice.log_once(self.choice, str(model_path.parent))
                 return session
         kernel_choice.log_once(self.choice, str(model_path.parent))
-        return _open(model_path, _session_options(threads), providers)
+        return _open(model_path, _session_options(threads, spin_after_run), providers)
 
     def _cache_dtype(self, model_path: Path, expected: str | None) -> type:
         types = {i.name: i.type for i in self.session.get_inputs()}

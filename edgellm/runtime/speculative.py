@@ -144,12 +144,13 @@ WATCH_FIRST = 2
 # clears it easily.
 WATCH_EXTRA_MARGIN = 0.10
 MAX_PROMPT_INTERVAL = 8  # while off, probe at least on every 8th new prompt
-# While off, a draft model (a drafter with a cache to catch up, ModelDrafter) probes only while the drafting its probes cost
-# (catching its cache up to the context, then k draft steps) stays within this share of the plain decoding
-# time since speculation last paid. A probe of a 10-layer draft of SmolLM2 cost 30-70 ms after a short
-# prompt and ~600 ms after a 925-token one (its whole cache caught up), against ~0.5 s for a 64-token reply:
-# on the old schedule alone, a probe every other reply made decoding 1.1-1.9x slower than plain.
-PROBE_BUDGET = 0.01
+# While off, a draft model (a drafter with a cache to catch up, ModelDrafter) probes only while what its probes
+# cost beyond plain steps (catching its cache up to the context, k draft steps, the verify pass's extra) stays
+# within this share of the plain decoding time since speculation last paid. A probe of a 10-layer draft of
+# SmolLM2 cost 30-70 ms after a short prompt and ~600 ms after a 925-token one (its whole cache caught up),
+# against ~0.6 s for a 64-token reply: on the schedule alone, a probe every other reply made decoding 1.1-1.9x
+# slower than plain, and at 1% the probes, all on the cheapest (shortest) prompt, made that one 1.09x.
+PROBE_BUDGET = 0.005
 MIN_REALIZED_TOKENS = 6  # tokens timed in a mode before its realized rate may overrule the cost model
 REALIZED_MEMORY = 0.9    # forgetting factor per token of the realized ms/token estimates (~10-token window)
 # The realized rates veto speculation only when it is measurably slower than plain decoding: they mix
@@ -226,7 +227,7 @@ class SpeculativeSession:
         self._since_speculating = 0  # plain steps since the last speculative token was timed
         self._veto_interval = self.config.probe_every
         self._probing = False       # the current cycle is a probe while off
-        self._probe_draft_ms = 0.0  # drafting time of probes since speculation last paid (catch-up included)
+        self._probe_ms = 0.0        # what probes cost beyond plain steps since speculation last paid
         self._off_plain_ms = 0.0    # plain decoding time over the same span
         self._catch_up: tuple[int, int] | None = None  # (context length, draft tokens to catch up then), per reply
         # The committed tokens as an int64 array for drafters that take one (prompt lookup): positions below
@@ -328,14 +329,16 @@ class SpeculativeSession:
             drafts = self.draft_filter(drafts, k)
         drafted_at = time.perf_counter()
         draft_ms = (drafted_at - started) * 1000 - getattr(self.drafter, "sync_ms", 0.0)
-        if self._probing:
-            self._probe_draft_ms += (drafted_at - started) * 1000
+        if self._probing:  # what the probe costs beyond a plain step: drafting (catch-up included), and below,
+            self._probe_ms += (drafted_at - started) * 1000  # the verify pass's extra
         if not drafts or self.length + 1 + len(drafts) > self.capacity:
             # No draft: a plain step, but one that paid for looking; its time counts against speculating.
             return self._plain_step(token_ids, started=now, speculative=True)
         rows = self.target.forward([int(token_ids[0]), *drafts], keep=len(drafts) + 1)
         done = time.perf_counter()
         self._learn_cycle(len(drafts), draft_ms, (done - drafted_at) * 1000)
+        if self._probing:
+            self._probe_ms += max(0.0, (done - drafted_at) * 1000 - (self._plain_ms or 0.0))
         self._pending.extend(zip(drafts, rows[1:, None, :]))
         self._drafted += len(drafts)
         self._last_call = (now, True)
@@ -462,7 +465,7 @@ class SpeculativeSession:
         if best_k and self.expected_speedup(best_k) >= 1 + margin and not vetoed:
             self._k, self._off_steps, self._probe_interval = best_k, 0, self.config.probe_every
             self._prompt_interval = 1
-            self._probe_draft_ms = self._off_plain_ms = 0.0
+            self._probe_ms = self._off_plain_ms = 0.0
             return best_k
         self._k = 0
         if self._watches:
@@ -476,12 +479,12 @@ class SpeculativeSession:
         return 0                                                                   # until a probe tries it
 
     def _probe_fits_budget(self) -> bool:
-        """Would this probe's drafting keep all probes since speculation last paid within PROBE_BUDGET of the
+        """Would this probe keep all probes since speculation last paid within PROBE_BUDGET of the
         plain decoding time? Counts what the draft must catch up first (a whole new prompt, for a draft model),
         so a probe waits for a reply whose context the draft can take cheaply."""
         if not hasattr(self.drafter, "catch_up_tokens"):
             return True  # not a draft model: its looks cost no model pass, and the veto bounds what they waste
-        allowance = PROBE_BUDGET * self._off_plain_ms - self._probe_draft_ms
+        allowance = PROBE_BUDGET * self._off_plain_ms - self._probe_ms
         rate = self.drafter.sync_ms_per_token
         if allowance < 0 or rate is None:
             return allowance >= 0
@@ -525,7 +528,8 @@ class SpeculativeSession:
 def enable_speculation(llm, draft="prompt-lookup", config: SpeculativeConfig | None = None) -> SpeculativeSession:
     """Make `llm` decode speculatively, in place; returns the session, whose `.stats` report acceptance.
 
-    draft: another loaded LLM with the same tokenizer (e.g. a distilled student), or "prompt-lookup".
+    draft: another loaded LLM with the same tokenizer (e.g. a distilled student; load it with spin=False, as
+    load(..., draft=DIR) does), or "prompt-lookup".
     """
     if isinstance(llm.session, SpeculativeSession):
         disable_speculation(llm)
