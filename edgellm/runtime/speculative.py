@@ -149,8 +149,11 @@ MAX_PROMPT_INTERVAL = 8  # while off, probe at least on every 8th new prompt
 # within this share of the plain decoding time since speculation last paid. A probe of a 10-layer draft of
 # SmolLM2 cost 30-70 ms after a short prompt and ~600 ms after a 925-token one (its whole cache caught up),
 # against ~0.6 s for a 64-token reply: on the schedule alone, a probe every other reply made decoding 1.1-1.9x
-# slower than plain, and at 1% the probes, all on the cheapest (shortest) prompt, made that one 1.09x.
-PROBE_BUDGET = 0.005
+# slower than plain. Probes go to the prompts the draft catches up most cheaply (the shortest), so one kind of
+# prompt can pay several times the budget: at 1% the chat prompt, shortest of five kinds, decoded 1.09x slower
+# than plain, at 0.5% 1.034x (benchmarks/speculation_cost_draft_model_budget*.json). At 0.2% a probe of ~20 ms
+# comes about every 10 s of plain decoding (~1,000 tokens).
+PROBE_BUDGET = 0.002
 MIN_REALIZED_TOKENS = 6  # tokens timed in a mode before its realized rate may overrule the cost model
 REALIZED_MEMORY = 0.9    # forgetting factor per token of the realized ms/token estimates (~10-token window)
 # The realized rates veto speculation only when it is measurably slower than plain decoding: they mix
