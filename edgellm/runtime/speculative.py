@@ -33,7 +33,7 @@ own acceptance rate from the prior (a summary of a long text took ~1 in 4 lookup
 starts drafting only after two of its own draft tokens were watched, and needs no probing passes while off. A
 drafter that costs a model pass (a draft model) is not watched: it is probed now and then instead, within a
 budget: a probe first catches the draft's cache up to the context (a whole new prompt: ~600 ms for a
-10-layer draft after 925 tokens, more than a 64-token reply's decoding), so probes may spend at most 1% of
+10-layer draft after 925 tokens, more than a 64-token reply's decoding), so probes may spend at most 0.2% of
 the plain decoding time since speculation last paid, and one waits for a reply whose context is cheap to
 catch up.
 
