@@ -488,7 +488,7 @@ class SpeculativeSession:
         if not hasattr(self.drafter, "catch_up_tokens"):
             return True  # not a draft model: its looks cost no model pass, and the veto bounds what they waste
         allowance = PROBE_BUDGET * self._off_plain_ms - self._probe_ms
-        rate = self.drafter.sync_ms_per_token
+        rate = getattr(self.drafter, "sync_ms_per_token", None)  # a drafter of one's own may not time catch-ups
         if allowance < 0 or rate is None:
             return allowance >= 0
         length = self.target.length
