@@ -143,6 +143,10 @@ WATCH_FIRST = 2
 # prompt lookup hovers near break-even (verified acceptance ~0.4 at +30% a verify pass) and edit-a-quote
 # clears it easily.
 WATCH_EXTRA_MARGIN = 0.10
+# The cost model's best k is re-computed when the plain step moved by more than this share since it was last
+# computed (or any other estimate moved). A 5% slower step moves an expected speedup by at most ~2.5% (a draft as
+# slow as the model, k=1; ~0.5% for prompt lookup), against the 5% margin a decision needs.
+PLAIN_DRIFT = 0.05
 MAX_PROMPT_INTERVAL = 8  # while off, probe at least on every 8th new prompt
 # While off, a draft model (a drafter with a cache to catch up, ModelDrafter) probes only while what its probes
 # cost beyond plain steps (catching its cache up to the context, k draft steps, the verify pass's extra) stays
@@ -233,6 +237,7 @@ class SpeculativeSession:
         self._probe_ms = 0.0        # what probes cost beyond plain steps since speculation last paid
         self._off_plain_ms = 0.0    # plain decoding time over the same span
         self._catch_up: tuple[int, int] | None = None  # (context length, draft tokens to catch up then), per reply
+        self._best_cache: tuple[tuple, float, tuple[int, float]] | None = None  # _best_k's inputs, plain ms, answer
         # The committed tokens as an int64 array for drafters that take one (prompt lookup): positions below
         # _mirrored equal target.tokens; truncate() lowers it, and a draft copies only what was appended since.
         self._mirror = np.zeros(target.capacity + 2, dtype=np.int64)
@@ -461,11 +466,11 @@ class SpeculativeSession:
                 return 0  # watched drafts are no better than the prior: measuring a verify pass would only cost
             return self._first_k  # the first cycle measures verification (tried again once a veto is forgotten)
         # (Vetoed before any cycle: drafting found nothing, and looking cost more than plain steps did.)
-        best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup) if self._extra_ms else 0
+        best_k, best = self._best_k() if self._extra_ms else (0, 0.0)
         if not vetoed and self.realized_ms_per_token(True) is not None:
             self._veto_interval = self.config.probe_every  # speculation proved itself: retries after a veto stay quick
         margin = self.config.margin + (WATCH_EXTRA_MARGIN if self._watches else 0.0)
-        if best_k and self.expected_speedup(best_k) >= 1 + margin and not vetoed:
+        if best_k and best >= 1 + margin and not vetoed:
             self._k, self._off_steps, self._probe_interval = best_k, 0, self.config.probe_every
             self._prompt_interval = 1
             self._probe_ms = self._off_plain_ms = 0.0
@@ -480,6 +485,20 @@ class SpeculativeSession:
             self._probe_interval = min(2 * self._probe_interval, 4 * self.config.probe_every)
             return 1 if 1 not in self._extra_ms else min(2, self.config.max_draft)  # k=1 is estimated, not measured,
         return 0                                                                   # until a probe tries it
+
+    def _best_k(self) -> tuple[int, float]:
+        """The k the cost model expects to pay most, and its expected speedup. Re-computed only when an input moved:
+        the estimates (a draft judged, a cycle timed, a new reply) or the plain step by over PLAIN_DRIFT. While off,
+        they sit still for hundreds of steps, and evaluating every k on every step cost ~35 of the ~55 us a plain
+        step spent in this class (2-core Xeon VM), ~0.4% of a 9 ms step."""
+        plain = self._plain_ms or 0.0
+        inputs = (self._acc, self._rej, self._draft_ms, self._cycles, len(self._extra_ms))
+        cached = self._best_cache
+        if cached is not None and cached[0] == inputs and abs(plain - cached[1]) <= PLAIN_DRIFT * cached[1]:
+            return cached[2]
+        best_k = max(range(1, self.config.max_draft + 1), key=self.expected_speedup)
+        self._best_cache = (inputs, plain, (best_k, self.expected_speedup(best_k)))
+        return self._best_cache[2]
 
     def _probe_fits_budget(self) -> bool:
         """Would this probe keep all probes since speculation last paid within PROBE_BUDGET of the

@@ -442,7 +442,9 @@ def test_a_draft_models_probes_stay_within_their_budget(tiny_fp32_dir, draft_dir
     for reply in range(24):
         llm.generate(long_prompt if reply % 2 else PROMPTS[reply % 3], params)
     stats = session.stats
-    assert stats.current_k == 0 and stats.acceptance_rate < 0.5  # (a random model repeats: id + 1 is rarely right)
+    # (a random model repeats, so id + 1 is rarely right; one lucky draft in two verified happens, so acceptance_rate
+    # can be 0.5: count against every draft sent to verification instead)
+    assert stats.current_k == 0 and stats.accepted < stats.drafted / 2
     first_cycle_ms, probes_ms = drafter.calls_ms[0], drafter.calls_ms[1:]
     assert probes_ms, "the session stopped probing altogether"
     assert sum(probes_ms) <= PROBE_BUDGET * target.plain_ms + max(probes_ms), (
@@ -468,3 +470,27 @@ def test_a_draft_folder_is_loaded_with_its_threads_stopping_after_each_run(tiny_
     assert stops(llm.session.target) is None
     with pytest.raises(InvalidParameterError, match="spin="):
         edgellm.load(tiny_fp32_dir, spin="no")
+
+
+def test_the_cost_model_is_not_re_evaluated_while_its_inputs_sit_still(tiny_fp32_dir, draft_dir):
+    """While off, evaluating every k each plain step cost ~35 us of a ~9 ms step (0.4%) for an answer that had
+    not changed: the best k is re-computed only when an estimate moves, and then agrees with a fresh evaluation."""
+    from edgellm.runtime.speculative import ModelDrafter, SpeculativeSession
+
+    llm = edgellm.load(tiny_fp32_dir, threads=1)
+    drafter = ModelDrafter(edgellm.load(draft_dir, threads=1).session)
+    drafter.propose = lambda context, k, propose=drafter.propose: [(t + 1) % 256 for t in propose(context, k)]
+    session = SpeculativeSession(llm.session, drafter)
+    evaluations = []
+    session.expected_speedup = lambda k, evaluate=session.expected_speedup: evaluations.append(k) or evaluate(k)
+    llm.session = session
+    params = edgellm.SamplingParams(max_new_tokens=60, temperature=0.0, ignore_eos=True)
+    for reply in range(6):
+        llm.generate(PROMPTS[reply % 3], params)
+    stats = session.stats
+    assert stats.current_k == 0 and stats.plain_steps > 300
+    assert len(evaluations) < 3 * stats.plain_steps, (  # every k of 6 on every step was 7 a step
+        f"{len(evaluations)} evaluations of the cost model in {stats.plain_steps} plain steps")
+    best_k, best = session._best_k()
+    fresh = max(range(1, session.config.max_draft + 1), key=session.expected_speedup)
+    assert best_k == fresh and best == pytest.approx(session.expected_speedup(fresh), rel=0.03)
