@@ -491,6 +491,6 @@ def test_the_cost_model_is_not_re_evaluated_while_its_inputs_sit_still(tiny_fp32
     assert stats.current_k == 0 and stats.plain_steps > 300
     assert len(evaluations) < 3 * stats.plain_steps, (  # every k of 6 on every step was 7 a step
         f"{len(evaluations)} evaluations of the cost model in {stats.plain_steps} plain steps")
-    best_k, best = session._best_k()
-    fresh = max(range(1, session.config.max_draft + 1), key=session.expected_speedup)
-    assert best_k == fresh and best == pytest.approx(session.expected_speedup(fresh), rel=0.03)
+    best_k, best = session._best_k()  # (two k can be within the drift of each other: judge the speedups, not k)
+    fresh = max(session.expected_speedup(k) for k in range(1, session.config.max_draft + 1))
+    assert best == pytest.approx(fresh, rel=0.03) and session.expected_speedup(best_k) == pytest.approx(fresh, rel=0.03)
