@@ -34,7 +34,8 @@ starts drafting only after two of its own draft tokens were watched, and needs n
 drafter that costs a model pass (a draft model) is not watched: it is probed now and then instead, within a
 budget: a probe first catches the draft's cache up to the context (a whole new prompt: ~600 ms for a
 10-layer draft after 925 tokens, more than a 64-token reply's decoding), so probes may spend at most 0.2% of
-the plain decoding time since speculation last paid, and one waits for a reply whose context is cheap to
+the plain decoding time since speculation last paid, divided by the number of probes that found nothing since
+(each one makes the next less likely to find anything), and one waits for a reply whose context is cheap to
 catch up.
 
 The model of the cost cannot see everything (a multi-token pass that takes a slower kernel, drafts that
@@ -157,6 +158,12 @@ MAX_PROMPT_INTERVAL = 8  # while off, probe at least on every 8th new prompt
 # prompt can pay several times the budget: at 1% the chat prompt, shortest of five kinds, decoded 1.09x slower
 # than plain, at 0.5% 1.034x (benchmarks/speculation_cost_draft_model_budget*.json). At 0.2% a probe of ~20 ms
 # comes about every 10 s of plain decoding (~1,000 tokens).
+# The share is divided by 1 + the probes since speculation last paid: after n probes that found nothing, all of
+# them may have cost PROBE_BUDGET / n of the plain time, so the n-th waits ~2n times longer than the first and n grows
+# as the square root of the decoding time (a 12 ms probe: ~8 in 6 minutes, ~24 in an hour). Without it, a
+# 10-layer draft that never paid (0 of 26 probed drafts accepted) probed every other reply of the chat prompt, the
+# one it caught up most cheaply, and those replies ran ~4% slower than the others (1.024x plain over 90 rounds,
+# benchmarks/speculation_cost_draft_model_60rounds.json and the 90-round file before this change).
 PROBE_BUDGET = 0.002
 MIN_REALIZED_TOKENS = 6  # tokens timed in a mode before its realized rate may overrule the cost model
 REALIZED_MEMORY = 0.9    # forgetting factor per token of the realized ms/token estimates (~10-token window)
@@ -236,6 +243,7 @@ class SpeculativeSession:
         self._probing = False       # the current cycle is a probe while off
         self._probe_ms = 0.0        # what probes cost beyond plain steps since speculation last paid
         self._off_plain_ms = 0.0    # plain decoding time over the same span
+        self._probes_off = 0        # probes over the same span (none of them paid)
         self._catch_up: tuple[int, int] | None = None  # (context length, draft tokens to catch up then), per reply
         self._best_cache: tuple[tuple, float, tuple[int, float]] | None = None  # _best_k's inputs, plain ms, answer
         # The committed tokens as an int64 array for drafters that take one (prompt lookup): positions below
@@ -474,6 +482,7 @@ class SpeculativeSession:
             self._k, self._off_steps, self._probe_interval = best_k, 0, self.config.probe_every
             self._prompt_interval = 1
             self._probe_ms = self._off_plain_ms = 0.0
+            self._probes_off = 0
             return best_k
         self._k = 0
         if self._watches:
@@ -482,6 +491,7 @@ class SpeculativeSession:
         if self._off_steps >= self._probe_interval and self._probe_fits_budget():
             self._off_steps = 0  # look again: the text may have become predictable
             self._probing = True
+            self._probes_off += 1
             self._probe_interval = min(2 * self._probe_interval, 4 * self.config.probe_every)
             return 1 if 1 not in self._extra_ms else min(2, self.config.max_draft)  # k=1 is estimated, not measured,
         return 0                                                                   # until a probe tries it
@@ -501,12 +511,12 @@ class SpeculativeSession:
         return self._best_cache[2]
 
     def _probe_fits_budget(self) -> bool:
-        """Would this probe keep all probes since speculation last paid within PROBE_BUDGET of the
-        plain decoding time? Counts what the draft must catch up first (a whole new prompt, for a draft model),
-        so a probe waits for a reply whose context the draft can take cheaply."""
+        """Would this probe keep all probes since speculation last paid within PROBE_BUDGET of the plain
+        decoding time, divided by 1 + their number? Counts what the draft must catch up first (a whole new prompt,
+        for a draft model), so a probe waits for a reply whose context the draft can take cheaply."""
         if not hasattr(self.drafter, "catch_up_tokens"):
             return True  # not a draft model: its looks cost no model pass, and the veto bounds what they waste
-        allowance = PROBE_BUDGET * self._off_plain_ms - self._probe_ms
+        allowance = PROBE_BUDGET * self._off_plain_ms / (1 + self._probes_off) - self._probe_ms
         rate = getattr(self.drafter, "sync_ms_per_token", None)  # a drafter of one's own may not time catch-ups
         if allowance < 0 or rate is None:
             return allowance >= 0

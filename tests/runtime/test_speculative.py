@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import edgellm
-from edgellm.runtime.speculative import (PromptLookupDrafter, SpeculativeConfig, disable_speculation,
+from edgellm.runtime.speculative import (ModelDrafter, PromptLookupDrafter, SpeculativeConfig, disable_speculation,
                                          enable_speculation)
 
 from ..conftest import DRAFT_LAYERS, DRAFT_SEED, _convert, _prebuilt, build_tiny_hf_model
@@ -410,31 +410,32 @@ class TimedTarget:
         return getattr(self.inner, name)
 
 
+class WrongDrafter(ModelDrafter):
+    """A real draft model's work (catch-up and draft steps), timed; its drafts are made wrong (id + 1), so
+    speculation never pays and every cycle after the first is a probe."""
+
+    def __init__(self, session) -> None:
+        super().__init__(session)
+        self.calls_ms: list[float] = []
+
+    def propose(self, context, k):
+        import time
+
+        started = time.perf_counter()
+        drafts = [(t + 1) % self.session.vocab_size for t in super().propose(context, k)]
+        self.calls_ms.append((time.perf_counter() - started) * 1000)
+        return drafts
+
+
 def test_a_draft_models_probes_stay_within_their_budget(tiny_fp32_dir, draft_dir):
     """While a draft model's drafts are rejected, its probes (catching its cache up to a new prompt, then drafting)
     cost at most PROBE_BUDGET of the plain decoding time, and the session still probes. Before the budget, the
     schedule alone probed a 10-layer draft of SmolLM2 every other reply, 1.1-1.9x slower than plain decoding."""
-    import time
-
-    from edgellm.runtime.speculative import PROBE_BUDGET, ModelDrafter, SpeculativeSession
-
-    class TimedDrafter(ModelDrafter):
-        """A real draft model's work (catch-up and draft steps), timed; its drafts are made wrong (id + 1), so
-        speculation never pays and every cycle after the first is a probe."""
-
-        def __init__(self, session) -> None:
-            super().__init__(session)
-            self.calls_ms: list[float] = []
-
-        def propose(self, context, k):
-            started = time.perf_counter()
-            drafts = [(t + 1) % self.session.vocab_size for t in super().propose(context, k)]
-            self.calls_ms.append((time.perf_counter() - started) * 1000)
-            return drafts
+    from edgellm.runtime.speculative import PROBE_BUDGET, SpeculativeSession
 
     llm = edgellm.load(tiny_fp32_dir, threads=1)
     target = TimedTarget(llm.session)
-    drafter = TimedDrafter(edgellm.load(draft_dir, threads=1).session)
+    drafter = WrongDrafter(edgellm.load(draft_dir, threads=1).session)
     session = SpeculativeSession(target, drafter, SpeculativeConfig(probe_every=1))  # the schedule probes at will
     llm.session = session
     params = edgellm.SamplingParams(max_new_tokens=80, temperature=0.0, ignore_eos=True)
@@ -450,6 +451,27 @@ def test_a_draft_models_probes_stay_within_their_budget(tiny_fp32_dir, draft_dir
     assert sum(probes_ms) <= PROBE_BUDGET * target.plain_ms + max(probes_ms), (
         f"probes drafted {sum(probes_ms):.1f} ms in {len(probes_ms)} calls against {target.plain_ms:.0f} ms of "
         f"plain decoding (first cycle {first_cycle_ms:.1f} ms)")
+
+
+def test_probes_that_find_nothing_grow_rarer(tiny_fp32_dir, draft_dir):
+    """n probes that found nothing may have cost PROBE_BUDGET / n of the plain decoding time, so they thin out
+    as the square root of it. With the share undivided, a 10-layer draft of SmolLM2 that never paid probed every
+    other reply of the prompt it caught up most cheaply, and those replies ran ~4% slower."""
+    from edgellm.runtime.speculative import PROBE_BUDGET, SpeculativeSession
+
+    llm = edgellm.load(tiny_fp32_dir, threads=1)
+    target = TimedTarget(llm.session)
+    drafter = WrongDrafter(edgellm.load(draft_dir, threads=1).session)
+    session = SpeculativeSession(target, drafter, SpeculativeConfig(probe_every=1))
+    llm.session = session
+    params = edgellm.SamplingParams(max_new_tokens=100, temperature=0.0, ignore_eos=True)
+    for _ in range(80):  # one short prompt again and again: the draft catches up a few tokens a probe
+        llm.generate(PROMPTS[0], params)
+    assert session.stats.current_k == 0
+    probes_ms = drafter.calls_ms[1:]
+    assert len(probes_ms) >= 2, "the session stopped probing altogether"
+    assert sum(probes_ms) <= PROBE_BUDGET * target.plain_ms / len(probes_ms) + max(probes_ms), (
+        f"{len(probes_ms)} probes drafted {sum(probes_ms):.2f} ms against {target.plain_ms:.0f} ms of plain decoding")
 
 
 def test_a_draft_folder_is_loaded_with_its_threads_stopping_after_each_run(tiny_fp32_dir, draft_dir):
