@@ -162,8 +162,8 @@ MAX_PROMPT_INTERVAL = 8  # while off, probe at least on every 8th new prompt
 # them may have cost PROBE_BUDGET / n of the plain time, so the n-th waits ~2n times longer than the first and n grows
 # as the square root of the decoding time (a 12 ms probe: ~8 in 6 minutes, ~24 in an hour). Without it, a
 # 10-layer draft that never paid (0 of 26 probed drafts accepted) probed every other reply of the chat prompt, the
-# one it caught up most cheaply, and those replies ran ~4% slower than the others (1.024x plain over 90 rounds,
-# benchmarks/speculation_cost_draft_model_60rounds.json and the 90-round file before this change).
+# one it caught up most cheaply, and those replies ran ~4% slower than the others: 1.024x plain over 90 rounds
+# (benchmarks/speculation_cost_draft_model_undivided.json), 1.016x with the share divided (6 probe cycles, not 26).
 PROBE_BUDGET = 0.002
 MIN_REALIZED_TOKENS = 6  # tokens timed in a mode before its realized rate may overrule the cost model
 REALIZED_MEMORY = 0.9    # forgetting factor per token of the realized ms/token estimates (~10-token window)
