@@ -34,9 +34,9 @@ starts drafting only after two of its own draft tokens were watched, and needs n
 drafter that costs a model pass (a draft model) is not watched: it is probed now and then instead, within a
 budget: a probe first catches the draft's cache up to the context (a whole new prompt: ~600 ms for a
 10-layer draft after 925 tokens, more than a 64-token reply's decoding), so probes may spend at most 0.2% of
-the plain decoding time since speculation last paid, divided by the number of probes that found nothing since
-(each one makes the next less likely to find anything), and one waits for a reply whose context is cheap to
-catch up.
+the plain decoding time since speculation last paid, divided by 1 + the number of probes that found nothing
+since (each one makes the next less likely to find anything), and one waits for a reply whose context is cheap
+to catch up.
 
 The model of the cost cannot see everything (a multi-token pass that takes a slower kernel, drafts that
 are found but rejected, the generator's own work per token), so the session also clocks what each mode
