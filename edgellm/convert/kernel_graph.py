@@ -275,10 +275,58 @@ def check(standard: DecoderSession, twin: DecoderSession, tokens: list[int], win
     `reference_score` (fp32's inside convert, else model.onnx's); KV consistency on the first
     `consistency_tokens`; decode speed of both alternately (recorded, not judged). kept is set by the caller."""
     limits = limits or KernelThresholds()
-    sequences = [(list(tokens[:window + 1]), 1)]  # (tokens, where the compared positions start)
+    sequences = _compared_sequences(standard, tokens, window, chats, eos_ids)
+    diff, same, positions = _compare_logits(standard, twin, sequences)
+    score = measure.perplexity(twin, tokens, window)
+    choice = twin.choice
+    result = KernelCheck(
+        graph=KERNEL_MODEL, library=Path(choice.library or "?").name, isa=choice.isa, positions=positions,
+        max_abs_logit_diff=round(diff, 5), argmax_match=round(same / positions, 5),
+        kv_consistency=measure.kv_consistency(twin, tokens[:consistency_tokens]), reference=reference,
+        perplexity_ratio=round(score.perplexity / reference_score.perplexity, 5),
+        greedy_agreement=round(float((score.argmax == reference_score.argmax).mean()), 5),
+        decode_ms_per_token=_decode_speeds(standard, twin, speed_prompt),
+        passed=False, kept=False, failures=(), thresholds=limits)
+    failures = kernel_failures(result, thresholds, precision)
+    return replace(result, passed=not failures, failures=tuple(failures))
+
+
+def check_restricted_head(result: KernelCheck, standard: DecoderSession, twin: DecoderSession, tokens: list[int],
+                          window: int, chats: list[list[int]], eos_ids: set[int], speed_prompt: list[int],
+                          thresholds: Thresholds) -> KernelCheck:
+    """`result` (a --draft-head folder's twin checked with the whole lm_head, inside convert) extended to the twin
+    rebuilt once the head was restricted: its logits against the restricted model.onnx's on the same kind of
+    sequences, over the head's columns (the rest are -inf in both), and the decode speeds of the graphs that ship.
+
+    Why two steps: perplexity, agreement and KV consistency need every token's logit, which a restricted head no
+    longer has; the layers they judge are the same in both twins."""
+    diff, same, positions = _compare_logits(standard, twin, _compared_sequences(standard, tokens, window, chats,
+                                                                                eos_ids))
+    matched = result.argmax_match * result.positions + same
+    extended = replace(result, positions=result.positions + positions,
+                       max_abs_logit_diff=round(max(result.max_abs_logit_diff, diff), 5),
+                       argmax_match=round(matched / (result.positions + positions), 5),
+                       decode_ms_per_token=_decode_speeds(standard, twin, speed_prompt))
+    failures = kernel_failures(extended, thresholds, "int8")
+    return replace(extended, passed=not failures, failures=tuple(failures))
+
+
+def _compared_sequences(standard: DecoderSession, tokens: list[int], window: int, chats: list[list[int]],
+                        eos_ids: set[int]) -> list[tuple[list[int], int]]:
+    """(tokens, where the compared positions start): the held-out text's first window, then model.onnx's greedy
+    reply (32 tokens) to each chat prompt."""
+    sequences = [(list(tokens[:window + 1]), 1)]
     for ids in chats:
         reply = measure.greedy(standard, ids, 32, eos_ids).tokens
         sequences.append((ids + reply, len(ids)))
+    return sequences
+
+
+def _compare_logits(standard: DecoderSession, twin: DecoderSession,
+                    sequences: list[tuple[list[int], int]]) -> tuple[float, int, int]:
+    """(max |logit difference|, positions with the same argmax, positions), teacher-forced. Only entries finite in
+    model.onnx's logits count (a --draft-head session fills the tokens outside its head with -inf); the difference is
+    inf where the twin's are not finite at the same entries."""
     diff, same, positions = 0.0, 0, 0
     for seq, start in sequences:
         keep = len(seq) - start
@@ -287,25 +335,23 @@ def check(standard: DecoderSession, twin: DecoderSession, tokens: list[int], win
             session.truncate(0)
             logits.append(session.forward(seq[:-1], keep=keep).copy())
             session.truncate(0)
-        diff = max(diff, float(np.abs(logits[0] - logits[1]).max()))
+        finite = np.isfinite(logits[0])
+        if np.array_equal(finite, np.isfinite(logits[1])):
+            diff = max(diff, float(np.abs(logits[0][finite] - logits[1][finite]).max()))
+        else:  # a twin with NaN or inf where model.onnx has a number (or a head of other columns) fails the limit
+            diff = float("inf")
         same += int((logits[0].argmax(-1) == logits[1].argmax(-1)).sum())
         positions += keep
-    score = measure.perplexity(twin, tokens, window)
+    return diff, same, positions
+
+
+def _decode_speeds(standard: DecoderSession, twin: DecoderSession, prompt: list[int]) -> dict[str, float]:
+    """Decode ms/token of both graphs, SPEED_ROUNDS probes each, alternating; medians."""
     speed: dict[str, list[float]] = {"model.onnx": [], KERNEL_MODEL: []}
     for _ in range(SPEED_ROUNDS):
         for name, session in (("model.onnx", standard), (KERNEL_MODEL, twin)):
-            speed[name].append(measure.decode_probe(session, speed_prompt).decode_ms_per_token)
-    choice = twin.choice
-    result = KernelCheck(
-        graph=KERNEL_MODEL, library=Path(choice.library or "?").name, isa=choice.isa, positions=positions,
-        max_abs_logit_diff=round(diff, 5), argmax_match=round(same / positions, 5),
-        kv_consistency=measure.kv_consistency(twin, tokens[:consistency_tokens]), reference=reference,
-        perplexity_ratio=round(score.perplexity / reference_score.perplexity, 5),
-        greedy_agreement=round(float((score.argmax == reference_score.argmax).mean()), 5),
-        decode_ms_per_token={k: round(statistics.median(v), 3) for k, v in speed.items()},
-        passed=False, kept=False, failures=(), thresholds=limits)
-    failures = kernel_failures(result, thresholds, precision)
-    return replace(result, passed=not failures, failures=tuple(failures))
+            speed[name].append(measure.decode_probe(session, prompt).decode_ms_per_token)
+    return {k: round(statistics.median(v), 3) for k, v in speed.items()}
 
 
 def library_reason() -> str | None:
@@ -335,7 +381,8 @@ def applies(manifest: Manifest) -> str | None:
     if manifest.graph.batch_invariant:
         return "the folder was converted --batch-invariant, which edgellm's kernels do not promise to keep"
     if manifest.graph.head_tokens:
-        return "the folder is a --draft-head model"
+        return ("the folder is a --draft-head model, whose twin is checked with the whole lm_head before it is "
+                "restricted: re-run `edgellm convert --draft-head N`, which writes it")
     return None
 
 

@@ -24,7 +24,7 @@ from ..errors import InvalidParameterError, UnsupportedArchitectureError
 from ..manifest import GenerationDefaults, Manifest
 from ..runtime import measure
 from ..runtime.session import PREFILL_GRAPH_MIN_TOKENS, DecoderSession
-from ..validation import INT4_KERNEL_THRESHOLDS, DraftHead, HeldOut, PerplexityScore, ValidationReport
+from ..validation import INT4_KERNEL_THRESHOLDS, DraftHead, HeldOut, KernelCheck, PerplexityScore, ValidationReport
 from . import draft_head, output, validate
 from ..contract import GraphOptions
 from .graph import DecoderDims, build_decoder, io_names, save_model
@@ -362,8 +362,13 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
         steps.step("validate")
         report = _validate(loaded, dims, fp32_path, model_path, options)
         if options.draft_head:
-            report = replace(report, draft_head=_restrict_head(resolved, loaded, dims, model_path, staging, options))
+            head, token_ids = _restrict_head(resolved, loaded, dims, model_path, staging, options)
+            report = replace(report, draft_head=head)
             files["head_tokens"] = draft_head.HEAD_TOKENS_FILE
+            if kernel_info is not None:
+                kernel_info, checked = _restrict_kernel_graph(loaded, dims, model_path, staging, options, token_ids,
+                                                              report.kernel_graph)
+                report = replace(report, kernel_graph=checked)
         steps.done()
     finally:
         if fp32_dir != staging and not options.keep_fp32:
@@ -387,9 +392,10 @@ def _build(resolved: ResolvedSource, staging: Path, options: ConvertOptions, ste
 
 def _wants_kernel_graph(options: ConvertOptions) -> bool:
     """The kernel twin is written for int8 and int4 CPU graphs (not batch-invariant ones, whose bit-exactness
-    edgellm's kernels do not promise, nor draft-head ones, whose lm_head is rewritten after validation)."""
+    edgellm's kernels do not promise). An int8 --draft-head folder's is checked with the whole head, then rebuilt
+    from the restricted graph (_restrict_kernel_graph); an int4 one's would need its 4-bit blocks again."""
     return (options.kernel_graph and options.precision in ("int8", "int4") and options.target == "cpu"
-            and not options.batch_invariant and not options.draft_head)
+            and not options.batch_invariant and not (options.draft_head and options.precision == "int4"))
 
 
 def _keep_kernel_graph(report: ValidationReport, info: dict, files: dict, staging: Path,
@@ -500,8 +506,8 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
 
 
 def _restrict_head(resolved: ResolvedSource, loaded: LoadedModel, dims: DecoderDims, model_path: Path,
-                   staging: Path, options: ConvertOptions) -> DraftHead:
-    """After validation of the whole model: keep the lm_head rows of the most frequent chat tokens."""
+                   staging: Path, options: ConvertOptions) -> tuple[DraftHead, np.ndarray]:
+    """After validation of the whole model: keep the lm_head rows of the most frequent chat tokens (returned)."""
     import onnx
     from tokenizers import Tokenizer
 
@@ -520,7 +526,34 @@ def _restrict_head(resolved: ResolvedSource, loaded: LoadedModel, dims: DecoderD
                              head_tokens=token_ids, graph=GraphOptions.for_build(options.batch_invariant))
     return DraftHead(tokens=len(token_ids), of=dims.vocab_size, counted_texts=len(train),
                      heldout_coverage=round(draft_head.coverage(token_ids, encode(heldout)), 4),
-                     speed=measure.decode_probe(session, prompt))
+                     speed=measure.decode_probe(session, prompt)), token_ids
+
+
+def _restrict_kernel_graph(loaded: LoadedModel, dims: DecoderDims, model_path: Path, staging: Path,
+                           options: ConvertOptions, token_ids: np.ndarray,
+                           checked: KernelCheck | None) -> tuple[dict, KernelCheck | None]:
+    """The twin rebuilt from the restricted model.onnx (the old one points into the data file the restriction
+    rewrote), and `checked` (the whole-head twin's check) extended to it: (quantization.kernel_graph, the check)."""
+    from tokenizers import Tokenizer
+
+    from . import kernel_graph
+
+    info = kernel_graph.write(staging).describe()
+    if checked is None:  # no kernel library here: written unchecked, as the whole-head twin was
+        return info, None
+    settings = options.validation
+    tokenizer = Tokenizer.from_str(loaded.tokenizer_json)
+    tokens = tokenizer.encode(HELDOUT_TEXT.read_text(), add_special_tokens=False).ids[:settings.heldout_tokens + 1]
+    chats = ([tokenizer.encode(_render(loaded, q), add_special_tokens=False).ids for q in validate.CHAT_PROMPTS]
+             if loaded.chat_template else [])
+    common = dict(io=io_names(dims.num_layers), dims=dims, capacity=max(settings.window, 64) + 64,
+                  threads=options.threads, head_tokens=token_ids, graph=GraphOptions.for_build(False))
+    standard = DecoderSession(model_path, **common)
+    twin = DecoderSession(model_path, kernel_path=staging / kernel_graph.KERNEL_MODEL, kernels=True, **common)
+    prompt = tokenizer.encode(_speed_prompt(loaded), add_special_tokens=False).ids
+    return info, kernel_graph.check_restricted_head(checked, standard, twin, tokens, settings.window, chats,
+                                                    set(loaded.eos_token_ids), prompt,
+                                                    settings.thresholds_for(options.precision))
 
 
 def _render(loaded: LoadedModel, question: str) -> str:

@@ -44,14 +44,47 @@ def test_head_folder_records_its_tokens_and_checks_them(head_dir):
     assert report.tokens == HEAD and 0.5 < report.heldout_coverage <= 1.0
 
 
-def test_kept_logits_equal_the_full_models_and_the_rest_are_minus_inf(head_dir, tiny_int8_dir):
+@pytest.mark.parametrize("kernels", [False, None], ids=["onnxruntime", "kernel-twin"])
+def test_kept_logits_equal_the_full_models_and_the_rest_are_minus_inf(head_dir, tiny_int8_dir, kernels):
     head = np.load(head_dir / read_manifest(head_dir).graph.head_tokens)
-    # kernels=False: a --draft-head folder has no kernel twin, so both run model.onnx on onnxruntime
-    full = edgellm.load(tiny_int8_dir, threads=1, kernels=False).session.forward(TOKENS, keep=4).copy()
-    got = edgellm.load(head_dir, threads=1).session.forward(TOKENS, keep=4)
+    full_llm = edgellm.load(tiny_int8_dir, threads=1, kernels=kernels)
+    head_llm = edgellm.load(head_dir, threads=1, kernels=kernels)
+    assert head_llm.session.choice.kernels == full_llm.session.choice.kernels
+    full = full_llm.session.forward(TOKENS, keep=4).copy()
+    got = head_llm.session.forward(TOKENS, keep=4)
     np.testing.assert_allclose(got[:, head], full[:, head], rtol=0, atol=1e-5)
     outside = np.setdiff1d(np.arange(full.shape[-1]), head)
     assert np.isneginf(got[:, outside]).all()
+
+
+def test_a_head_folder_has_a_kernel_twin_checked_on_both_heads(head_dir):
+    """The twin is checked with the whole head (perplexity, agreement, KV) and again, rebuilt, on the restricted
+    head's columns; the folder runs it where the kernel library runs."""
+    from edgellm.convert.kernel_graph import KERNEL_MODEL, library_reason
+
+    m = read_manifest(head_dir)
+    assert m.files["kernel_model"] == KERNEL_MODEL and KERNEL_MODEL in m.checksums
+    if library_reason() is not None:  # no kernel library: written unchecked, as for a whole-head folder
+        assert m.quantization["kernel_graph"]["checked"] is False
+        return
+    checked = m.validation.kernel_graph
+    assert checked.passed and checked.kept, checked.failures
+    assert np.isfinite(checked.max_abs_logit_diff) and checked.max_abs_logit_diff <= checked.thresholds.max_abs_logit_diff
+    # the whole-head check's held-out window plus the restricted one's: twice the gate's window at least
+    assert checked.positions >= 2 * 128
+    assert set(checked.decode_ms_per_token) == {"model.onnx", KERNEL_MODEL}
+    assert edgellm.load(head_dir, threads=1).session.choice.kernels
+
+
+def test_a_head_that_is_not_the_twins_counts_as_an_infinite_difference(head_dir, tiny_int8_dir):
+    """A twin whose logits are not finite where model.onnx's are fails the logit limit instead of passing as NaN."""
+    from edgellm.convert.kernel_graph import _compare_logits
+
+    full = edgellm.load(tiny_int8_dir, threads=1, kernels=False).session
+    head = edgellm.load(head_dir, threads=1, kernels=False).session
+    diff, same, positions = _compare_logits(full, head, [(TOKENS, 4)])
+    assert diff == float("inf") and positions == len(TOKENS) - 4
+    assert _compare_logits(head, head, [(TOKENS, 4)])[0] == 0.0
 
 
 def test_drafting_with_a_head_model_is_exact(head_dir, tiny_int8_invariant_dir):
