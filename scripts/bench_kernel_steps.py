@@ -4,6 +4,8 @@
     python scripts/bench_kernel_steps.py --model .cache/models/smollm2-135m-instruct --threads 1,2 \
         --out benchmarks/kernel_steps.json
 
+Any int8 CPU folder, a --draft-head one included (its logits cover the head's tokens only).
+
 Variants of the same int8 folder, each built from its model.onnx with the functions convert uses
 (edgellm/convert/kernel_graph.py, fuse_layers.py, half_scales.py) into a scratch copy of the folder:
 
@@ -36,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -78,8 +82,10 @@ def worker(folder: str, graph: str | None, threads: int, prompt: list[int], step
     from edgellm.runtime.session import DecoderSession
 
     manifest = read_manifest(Path(folder))
+    head = manifest.graph.head_tokens  # a --draft-head folder: its logits cover these tokens only
     session = DecoderSession(Path(folder) / manifest.files["model"], io=manifest.io, dims=manifest.dims,
                              capacity=len(prompt) + steps + 8, threads=threads, graph=manifest.graph,
+                             head_tokens=np.load(Path(folder) / head) if head else None,
                              kernel_path=Path(folder) / graph if graph else None, kernels=graph is not None)
     measure.decode_probe(session, prompt, 4)  # warm-up: first-run allocations, page faults
     runs = [measure.decode_probe(session, prompt, steps) for _ in range(probes)]
