@@ -463,7 +463,7 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
         graphs.prefill_min_tokens = PREFILL_GRAPH_MIN_TOKENS
     chat = None
     if candidate and loaded.chat_template:
-        chats = [tokenizer.encode(_render(loaded, q), add_special_tokens=False).ids for q in validate.CHAT_PROMPTS]
+        chats = _chat_prompt_ids(loaded, tokenizer)
         chat = validate.chat_agreement(sessions["fp32"], sessions[candidate], chats, set(loaded.eos_token_ids))
     prompt = tokenizer.encode(_speed_prompt(loaded), add_special_tokens=False).ids
     speed = {name: measure.decode_probe(s, prompt) for name, s in sessions.items()}
@@ -478,10 +478,9 @@ def _validate(loaded: LoadedModel, dims: DecoderDims, fp32_path: Path, model_pat
                 model_path, io, dims, capacity, threads=options.threads, graph=graph)
             twin = DecoderSession(model_path, io, dims, capacity, threads=options.threads, graph=graph,
                                   kernel_path=model_path.with_name(kernel_graph.KERNEL_MODEL), kernels=True)
-            chat_ids = ([tokenizer.encode(_render(loaded, q), add_special_tokens=False).ids
-                         for q in validate.CHAT_PROMPTS] if loaded.chat_template else [])
-            kernel = kernel_graph.check(standard, twin, tokens, settings.window, chat_ids, set(loaded.eos_token_ids),
-                                        settings.consistency_tokens, prompt, "fp32", scores["fp32"],
+            kernel = kernel_graph.check(standard, twin, tokens, settings.window, _chat_prompt_ids(loaded, tokenizer),
+                                        set(loaded.eos_token_ids), settings.consistency_tokens, prompt, "fp32",
+                                        scores["fp32"],
                                         settings.thresholds_for(options.precision), options.precision,
                                         INT4_KERNEL_THRESHOLDS if options.precision == "int4" else None)
         else:
@@ -544,16 +543,22 @@ def _restrict_kernel_graph(loaded: LoadedModel, dims: DecoderDims, model_path: P
     settings = options.validation
     tokenizer = Tokenizer.from_str(loaded.tokenizer_json)
     tokens = tokenizer.encode(HELDOUT_TEXT.read_text(), add_special_tokens=False).ids[:settings.heldout_tokens + 1]
-    chats = ([tokenizer.encode(_render(loaded, q), add_special_tokens=False).ids for q in validate.CHAT_PROMPTS]
-             if loaded.chat_template else [])
     common = dict(io=io_names(dims.num_layers), dims=dims, capacity=max(settings.window, 64) + 64,
                   threads=options.threads, head_tokens=token_ids, graph=GraphOptions.for_build(False))
     standard = DecoderSession(model_path, **common)
     twin = DecoderSession(model_path, kernel_path=staging / kernel_graph.KERNEL_MODEL, kernels=True, **common)
     prompt = tokenizer.encode(_speed_prompt(loaded), add_special_tokens=False).ids
-    return info, kernel_graph.check_restricted_head(checked, standard, twin, tokens, settings.window, chats,
+    return info, kernel_graph.check_restricted_head(checked, standard, twin, tokens, settings.window,
+                                                    _chat_prompt_ids(loaded, tokenizer),
                                                     set(loaded.eos_token_ids), prompt,
                                                     settings.thresholds_for(options.precision))
+
+
+def _chat_prompt_ids(loaded: LoadedModel, tokenizer) -> list[list[int]]:
+    """The gate's chat prompts as the model's template renders them (none without a template)."""
+    if not loaded.chat_template:
+        return []
+    return [tokenizer.encode(_render(loaded, q), add_special_tokens=False).ids for q in validate.CHAT_PROMPTS]
 
 
 def _render(loaded: LoadedModel, question: str) -> str:

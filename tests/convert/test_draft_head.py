@@ -69,7 +69,8 @@ def test_a_head_folder_has_a_kernel_twin_checked_on_both_heads(head_dir):
         return
     checked = m.validation.kernel_graph
     assert checked.passed and checked.kept, checked.failures
-    assert np.isfinite(checked.max_abs_logit_diff) and checked.max_abs_logit_diff <= checked.thresholds.max_abs_logit_diff
+    assert np.isfinite(checked.max_abs_logit_diff)
+    assert checked.max_abs_logit_diff <= checked.thresholds.max_abs_logit_diff
     # the whole-head check's held-out window plus the restricted one's: twice the gate's window at least
     assert checked.positions >= 2 * 128
     assert set(checked.decode_ms_per_token) == {"model.onnx", KERNEL_MODEL}
