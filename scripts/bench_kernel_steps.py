@@ -18,8 +18,10 @@ Variants of the same int8 folder, each built from its model.onnx with the functi
                    every variant before this one runs with EDGELLM_KERNEL_HUGEPAGES=0
   + packed tiles   the same graph with its weights packed at load into 16-row tiles with inline scales (q8_kernel.c,
                    PACK_PAIR); every variant before this one runs with EDGELLM_KERNEL_PACK=0
-  + Q8Layer        each layer's qkv MatMulQ8, CachedAttention and Q8Mlp as one node (3 nodes a layer become 1):
-                   the shipped model.kernels.onnx
+  + Q8Layer        each layer's qkv MatMulQ8, CachedAttention and Q8Mlp as one node (3 nodes a layer become 1),
+                   each of its four matmuls handed to the intra-op pool on its own
+  + one region     the same graph, a decode step's layer handed to the pool once (ort_op.cc, LayerStep): the
+                   shipped model.kernels.onnx; every variant before this one runs with EDGELLM_KERNEL_LAYER_REGION=0
 
 Each (variant, thread count) runs in a fresh process of its own (no two sessions share a process or
 its caches), in a rotating order every round: edgellm.runtime.measure.decode_probe on the bare
@@ -45,9 +47,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from edgellm.record import Recorder, Table  # noqa: E402
 
-VARIANTS = ("onnxruntime", "MatMulQ8", "+ Q8Mlp", "+ CachedAttention", "+ huge pages", "+ packed tiles", "+ Q8Layer")
+VARIANTS = ("onnxruntime", "MatMulQ8", "+ Q8Mlp", "+ CachedAttention", "+ huge pages", "+ packed tiles", "+ Q8Layer",
+            "+ one region")
 HUGEPAGES_FROM = "+ huge pages"  # the first variant that places its weights in huge pages
 PACKED_FROM = "+ packed tiles"  # the first variant whose weights are packed into the kernel's own layout
+REGION_FROM = "+ one region"  # the first variant whose decode step hands each layer to the pool once
 
 
 def build_variants(folder: Path) -> dict[str, str | None]:
@@ -72,7 +76,7 @@ def build_variants(folder: Path) -> dict[str, str | None]:
     files[HUGEPAGES_FROM] = files[PACKED_FROM] = files["+ CachedAttention"]
     fuse_layer_nodes(twin.graph)
     (folder / "variant3.onnx").write_bytes(twin.SerializeToString())
-    files["+ Q8Layer"] = "variant3.onnx"
+    files["+ Q8Layer"] = files[REGION_FROM] = "variant3.onnx"
     return files
 
 
@@ -141,10 +145,10 @@ def main() -> None:
                 for variant in order:
                     cfg = {"folder": str(folder), "graph": files[variant], "threads": t, "prompt": prompt,
                            "steps": args.steps, "probes": args.probes}
-                    huge = VARIANTS.index(variant) >= VARIANTS.index(HUGEPAGES_FROM)
-                    packed = VARIANTS.index(variant) >= VARIANTS.index(PACKED_FROM)
-                    env = {**os.environ, "EDGELLM_KERNEL_HUGEPAGES": "1" if huge else "0",
-                           "EDGELLM_KERNEL_PACK": "1" if packed else "0"}
+                    step = VARIANTS.index(variant)
+                    env = {**os.environ, **{name: "1" if step >= VARIANTS.index(first) else "0" for name, first in (
+                        ("EDGELLM_KERNEL_HUGEPAGES", HUGEPAGES_FROM), ("EDGELLM_KERNEL_PACK", PACKED_FROM),
+                        ("EDGELLM_KERNEL_LAYER_REGION", REGION_FROM))}}
                     run = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
                                          text=True, timeout=600, env=env)
                     if run.returncode != 0:

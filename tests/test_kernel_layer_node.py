@@ -3,7 +3,8 @@ onnxruntime, through a prompt and then decode steps that feed each step's caches
 
 fuse_layer_nodes folds the three nodes into one that runs the same kernels in the same order, so every output
 (the next normed input, the residual and both caches) must be bit-identical, at 1 and 2 threads, with weights
-packed at load and with weights fed at run time; bad shapes fail at the call with the node's name.
+packed at load and with weights fed at run time, and whether a decode step runs as one parallel region or not;
+bad shapes fail at the call with the node's name.
 """
 
 from __future__ import annotations
@@ -135,3 +136,39 @@ def test_a_layer_whose_attention_output_is_read_elsewhere_is_left_alone():
     model.graph.output.append(helper.make_tensor_value_info("qkv.y", TensorProto.FLOAT, None))
     assert fuse_layer_nodes(model.graph) == 0
     assert [n.op_type for n in model.graph.node] == ["MatMulQ8", "CachedAttention", "Q8Mlp"]
+
+
+def test_a_decode_step_as_one_region_gives_the_same_bits_however_its_work_is_cut(kernel_library, tmp_path):
+    """A decode step's layer runs as one parallel region whose phases threads claim unit by unit (LayerStep in
+    ort_op.cc). Settings are read once per process, so each runs in a child: the region with one unit per CPU and
+    with 8 (more units than threads, claimed as they finish), and the matmul-at-a-time path, must give the same bits
+    as the three nodes; a full cache fails at the decode step before anything is written."""
+    import os
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys, numpy as np
+        sys.path.insert(0, sys.argv[1])
+        import test_kernel_layer_node as t
+        sess = t.session(t.one_node(), sys.argv[2], 2)
+        np.save(sys.argv[3], np.concatenate([a.reshape(-1) for step in t.steps(sess) for a in step]))
+        cache = np.zeros((1, t.KV_HEADS, t.CAPACITY, t.D), np.float32)
+        feed = {"x": np.ones((1, 1, t.HIDDEN), np.float32), "residual": np.ones((1, 1, t.HIDDEN), np.float32),
+                "past_key": cache, "past_value": cache, "seqlens_k": np.array([t.CAPACITY], np.int32)}
+        try:
+            sess.run(None, feed)
+        except Exception as e:
+            print(e)
+        assert not cache.any()
+    """)
+    want = np.concatenate([a.reshape(-1) for step in steps(session(three_nodes(), kernel_library, 2)) for a in step])
+    for region, tasks in (("1", "1"), ("1", "8"), ("0", "1")):
+        out = tmp_path / f"layer-{region}-{tasks}.npy"
+        env = {**os.environ, "EDGELLM_KERNEL_LAYER_REGION": region, "EDGELLM_KERNEL_TASKS_PER_CPU": tasks}
+        done = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(kernel_library), str(out)],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        np.testing.assert_array_equal(np.load(out), want, err_msg=f"region {region}, {tasks} units a CPU")
+        assert "sequence 0 has total length 25 for 1 new tokens; it must be at least that and at most the cache " \
+               "(24)" in done.stdout, done.stdout

@@ -10,6 +10,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -689,36 +690,59 @@ OrtStatus* check_attention(const AttentionKernel& k, const std::vector<int64_t>&
   return nullptr;
 }
 
+// Every sequence's total length against the cache and rotary table, before anything is written.
+OrtStatus* check_lengths(const AttentionKernel& k, const AttentionCall& c) {
+  for (int64_t b = 0; b < c.B; ++b) {
+    const int64_t total = (int64_t)c.seqlens[b] + 1, past = total - c.S;
+    if (past < 0 || total > c.capacity || total > c.positions)
+      return error(ORT_INVALID_ARGUMENT, k.where + ": sequence " + std::to_string(b) + " has total length " +
+                                             std::to_string(total) + " for " + std::to_string(c.S) +
+                                             " new tokens; it must be at least that and at most the cache (" +
+                                             std::to_string(c.capacity) + ") and rotary table (" +
+                                             std::to_string(c.positions) + ") sizes");
+  }
+  return nullptr;
+}
+
+// Present starts as past where the caches are not bound in place.
+void start_present(const AttentionKernel& k, const AttentionCall& c) {
+  const size_t cache_bytes = sizeof(float) * (size_t)(c.B * k.Hkv * c.capacity * c.D);
+  if (c.keys != c.past_key) std::memcpy(c.keys, c.past_key, cache_bytes);
+  if (c.values != c.past_value) std::memcpy(c.values, c.past_value, cache_bytes);
+}
+
+// Batch row b's new keys (rotated) and values into the caches; returns its heads' work (S * H items of attend_task).
+AttentionTask store_new_kv(const AttentionKernel& k, const AttentionCall& c, int64_t b) {
+  const int64_t S = c.S, D = c.D, capacity = c.capacity;
+  const int64_t width = (k.H + 2 * k.Hkv) * D, past = (int64_t)c.seqlens[b] + 1 - S;
+  const float* qkv = c.qkv + b * S * width;
+  float* keys = c.keys + b * k.Hkv * capacity * D;
+  float* values = c.values + b * k.Hkv * capacity * D;
+  for (int64_t i = 0; i < S; ++i)
+    for (int64_t g = 0; g < k.Hkv; ++g) {
+      float* key = keys + (g * capacity + past + i) * D;
+      std::memcpy(key, qkv + i * width + (k.H + g) * D, sizeof(float) * (size_t)D);
+      edgellm_rotary(key, D, c.cos + (past + i) * (D / 2), c.sin + (past + i) * (D / 2));
+      std::memcpy(values + (g * capacity + past + i) * D, qkv + i * width + (k.H + k.Hkv + g) * D,
+                  sizeof(float) * (size_t)D);
+    }
+  return AttentionTask{&k, qkv, c.cos, c.sin, keys, values, c.y + b * S * k.H * D, S, D, capacity, past, S};
+}
+
+// A decode step on a short context: its 9 tiny heads cost less on one thread than handed out.
+bool attend_on_one_thread(const AttentionCall& c, int64_t b) {
+  return c.S == 1 && (int64_t)c.seqlens[b] < attention_parallel_from();
+}
+
 // Writes the new keys and values into the caches, then y: each query row attends to the cache up to its position.
 OrtStatus* attention_math(const AttentionKernel& k, OrtKernelContext* context, const AttentionCall& c) {
-  const int64_t S = c.S, D = c.D, capacity = c.capacity;
-  const size_t cache_bytes = sizeof(float) * (size_t)(c.B * k.Hkv * capacity * D);
-  if (c.keys != c.past_key) std::memcpy(c.keys, c.past_key, cache_bytes);  // not bound in place: present starts as past
-  if (c.values != c.past_value) std::memcpy(c.values, c.past_value, cache_bytes);
-  const int64_t width = (k.H + 2 * k.Hkv) * D;
+  if (OrtStatus* s = check_lengths(k, c)) return s;
+  start_present(k, c);
   for (int64_t b = 0; b < c.B; ++b) {
-    const int64_t total = (int64_t)c.seqlens[b] + 1, past = total - S;
-    if (past < 0 || total > capacity || total > c.positions)
-      return error(ORT_INVALID_ARGUMENT, k.where + ": sequence " + std::to_string(b) + " has total length " +
-                                             std::to_string(total) + " for " + std::to_string(S) +
-                                             " new tokens; it must be at least that and at most the cache (" +
-                                             std::to_string(capacity) + ") and rotary table (" +
-                                             std::to_string(c.positions) + ") sizes");
-    const float* qkv = c.qkv + b * S * width;
-    float* keys = c.keys + b * k.Hkv * capacity * D;
-    float* values = c.values + b * k.Hkv * capacity * D;
-    for (int64_t i = 0; i < S; ++i)  // the new keys (rotated) and values into the cache
-      for (int64_t g = 0; g < k.Hkv; ++g) {
-        float* key = keys + (g * capacity + past + i) * D;
-        std::memcpy(key, qkv + i * width + (k.H + g) * D, sizeof(float) * (size_t)D);
-        edgellm_rotary(key, D, c.cos + (past + i) * (D / 2), c.sin + (past + i) * (D / 2));
-        std::memcpy(values + (g * capacity + past + i) * D, qkv + i * width + (k.H + k.Hkv + g) * D,
-                    sizeof(float) * (size_t)D);
-      }
-    AttentionTask task{&k, qkv, c.cos, c.sin, keys, values, c.y + b * S * k.H * D, S, D, capacity, past, S};
-    const size_t items = (size_t)(S * k.H);
-    if (S == 1 && past < attention_parallel_from()) {  // a decode step on a short context: 9 tiny heads,
-      for (size_t i = 0; i < items; ++i) attend_task(&task, i);    // cheaper on this thread than handing them out
+    AttentionTask task = store_new_kv(k, c, b);
+    const size_t items = (size_t)(c.S * k.H);
+    if (attend_on_one_thread(c, b)) {
+      for (size_t i = 0; i < items; ++i) attend_task(&task, i);
     } else if (OrtStatus* s = KernelContext_ParallelFor::get(g_api)(context, attend_task, items, 0, &task)) {
       return s;
     }
@@ -850,6 +874,162 @@ OrtStatus* create_layer(const OrtKernelInfo* info, void** out) {
   return nullptr;
 }
 
+// Whether a decode step runs as one parallel region (EDGELLM_KERNEL_LAYER_REGION, default on; "0" hands out each
+// matmul on its own, to measure what the region buys).
+bool layer_region_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("EDGELLM_KERNEL_LAYER_REGION");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  return on;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+// One decode step of a Q8Layer (one row) as a single parallel region: onnxruntime's pool is handed the layer once
+// instead of once per matmul (4 dispatches a layer, ~121 a token, each a wake-up and a join). The work is cut in
+// phases (qkv, attention, o_proj, gate_up, down_proj); each phase's row ranges are claimed from an atomic counter,
+// and a thread waits for a phase only after every unit of it has been claimed, by threads that are running it, so
+// the region finishes however many of its items the pool runs at once (one thread alone does every unit). Each
+// thread normalizes and quantizes a phase's one input row itself (576 to 1536 floats) rather than waiting for one
+// to do it. Same kernels on the same rows in the same order: bit-identical to the matmul-at-a-time path.
+struct LayerStep {
+  enum Phase { kQkv, kAttend, kO, kGateUp, kDown, kPhases };
+  const MlpKernel* k = nullptr;
+  const AttentionKernel* attention = nullptr;
+  const AttentionCall* call = nullptr;
+  ConstantWeights w[kPhases];  // w[kAttend] unused
+  int64_t K[kPhases] = {0}, N[kPhases] = {0}, tasks[kPhases] = {0};
+  const void* x_quantized = nullptr;  // the layer's input row, quantized once before the region
+  const float *residual = nullptr, *gamma_post = nullptr;
+  float *qkv_out = nullptr, *attn = nullptr, *r = nullptr, *gate_up = nullptr, *down = nullptr;
+  std::atomic<int64_t> claimed[kPhases], done[kPhases];
+
+  float* out(int p) const {
+    switch (p) {
+      case kQkv: return qkv_out;
+      case kO: return r;
+      case kGateUp: return gate_up;
+      default: return down;
+    }
+  }
+
+  // Claims and runs phase p's units until none is left.
+  void run(int p, const void* quantized) {
+    const int64_t units = (N[p] + kRowsPerUnit - 1) / kRowsPerUnit;
+    for (int64_t i; (i = claimed[p].fetch_add(1, std::memory_order_relaxed)) < tasks[p];) {
+      if (p == kAttend) {
+        start_present(*attention, *call);
+        AttentionTask task = store_new_kv(*attention, *call, 0);
+        for (int64_t h = 0; h < attention->H; ++h) attend_task(&task, (size_t)h);
+      } else {
+        const int64_t n0 = (units * i / tasks[p]) * kRowsPerUnit;
+        const int64_t n1 = std::min(N[p], (units * (i + 1) / tasks[p]) * kRowsPerUnit);
+        if (n0 < n1) {
+          Task t;
+          t.scratch = quantized;
+          t.M = 1;
+          t.K = K[p];
+          t.N = N[p];
+          t.w = w[p];
+          t.Y = out(p);
+          run_range(t, n0, n1);
+          if (p == kO)
+            for (int64_t n = n0; n < n1; ++n) r[n] += residual[n];
+        }
+      }
+      done[p].fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void wait(int p) const {
+    for (int spins = 0; done[p].load(std::memory_order_acquire) < tasks[p]; ++spins)
+      if (spins < 4096) cpu_relax(); else std::this_thread::yield();
+  }
+
+  bool left(int p) const { return claimed[p].load(std::memory_order_relaxed) < tasks[p]; }
+
+  // One item of the region: every phase in order, joining whatever work is left.
+  void work() {
+    thread_local std::vector<unsigned char> scratch;
+    thread_local std::vector<float> row;
+    if (row.size() < (size_t)std::max(k->H, k->I)) row.resize((size_t)std::max(k->H, k->I));
+    run(kQkv, x_quantized);
+    wait(kQkv);
+    run(kAttend, nullptr);
+    wait(kAttend);
+    if (left(kO)) {
+      quantize_for(w[kO], attn, 1, k->A, scratch);
+      run(kO, scratch.data());
+    }
+    wait(kO);
+    if (left(kGateUp)) {
+      edgellm_rms_norm(r, gamma_post, k->eps_post, row.data(), k->H);
+      quantize_for(w[kGateUp], row.data(), 1, k->H, scratch);
+      run(kGateUp, scratch.data());
+    }
+    wait(kGateUp);
+    if (left(kDown)) {
+      edgellm_silu_mul(gate_up, gate_up + k->I, row.data(), k->I);
+      quantize_for(w[kDown], row.data(), 1, k->I, scratch);
+      run(kDown, scratch.data());
+    }
+  }
+};
+
+void layer_step_item(void* data, size_t) { static_cast<LayerStep*>(data)->work(); }
+
+// The decode step (one row, attention on one thread) through LayerStep; writes out_norm and r, [hidden].
+OrtStatus* layer_step(const LayerKernel& layer, OrtKernelContext* context, const AttentionCall& c,
+                      const float* x, const float* residual, const ConstantWeights& qkv, const ConstantWeights& wo,
+                      const ConstantWeights& wgu, const ConstantWeights& wd, const float* gamma_post,
+                      const float* gamma_next, float* out_norm, float* r) {
+  const MlpKernel& k = layer.mlp;
+  thread_local std::vector<unsigned char> x_scratch;
+  thread_local std::vector<float> work;
+  const size_t floats = (size_t)(layer.qkv_n + 2 * k.I + k.H);
+  if (work.size() < floats) work.resize(floats);
+  quantize_for(qkv, x, 1, k.H, x_scratch);
+  LayerStep step;
+  step.k = &k;
+  step.attention = &layer.attention;
+  step.x_quantized = x_scratch.data();
+  step.residual = residual;
+  step.gamma_post = gamma_post;
+  step.qkv_out = work.data();
+  step.gate_up = work.data() + layer.qkv_n;
+  step.down = step.gate_up + 2 * k.I;
+  step.attn = c.y;
+  step.r = r;
+  const ConstantWeights weights[LayerStep::kPhases] = {qkv, ConstantWeights(), wo, wgu, wd};
+  const int64_t K[LayerStep::kPhases] = {k.H, 0, k.A, k.H, k.I}, N[LayerStep::kPhases] = {layer.qkv_n, 0, k.H,
+                                                                                          2 * k.I, k.H};
+  for (int p = 0; p < LayerStep::kPhases; ++p) {
+    step.w[p] = weights[p];
+    step.K[p] = K[p];
+    step.N[p] = N[p];
+    step.tasks[p] = p == LayerStep::kAttend
+                        ? 1
+                        : std::min((N[p] + kRowsPerUnit - 1) / kRowsPerUnit, usable_cpus() * tasks_per_cpu());
+    step.claimed[p].store(0, std::memory_order_relaxed);
+    step.done[p].store(0, std::memory_order_relaxed);
+  }
+  AttentionCall call = c;
+  call.qkv = step.qkv_out;
+  step.call = &call;
+  if (OrtStatus* s = KernelContext_ParallelFor::get(g_api)(context, layer_step_item, (size_t)usable_cpus(), 0, &step))
+    return s;
+  for (int64_t i = 0; i < k.H; ++i) r[i] += step.down[i];
+  edgellm_rms_norm(r, gamma_next, k.eps_next, out_norm, k.H);
+  return nullptr;
+}
+
 OrtStatus* compute_layer(const LayerKernel& layer, OrtKernelContext* context) {
   const MlpKernel& k = layer.mlp;
   const OrtValue* x = nullptr;
@@ -888,6 +1068,13 @@ OrtStatus* compute_layer(const LayerKernel& layer, OrtKernelContext* context) {
   if (work.size() < floats) work.resize(floats);
   float* qkv_out = work.data();
   float* attn = work.data() + (size_t)M * layer.qkv_n;
+  if (M == 1 && usable_cpus() > 1 && layer_region_enabled() && attend_on_one_thread(c, 0)) {
+    if (OrtStatus* s = check_lengths(layer.attention, c)) return s;
+    c.y = attn;
+    return layer_step(layer, context, c, static_cast<const float*>(x_data), static_cast<const float*>(residual),
+                      qkv, wo, wgu, wd, static_cast<const float*>(gamma_post), static_cast<const float*>(gamma_next),
+                      static_cast<float*>(norm_data), static_cast<float*>(res_data));
+  }
   if (M > 0) {
     quantize_for(qkv, static_cast<const float*>(x_data), M, k.H, scratch);
     if (OrtStatus* s = parallel_matmul(context, scratch.data(), M, k.H, layer.qkv_n, qkv, qkv_out)) return s;
