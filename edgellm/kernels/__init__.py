@@ -18,7 +18,9 @@ EDGELLM_ATTENTION_PARALLEL_FROM=n (default 256) hands a decode step's attention 
 the context holds n positions (below that, handing out 9 small heads costs about what it saves);
 EDGELLM_KERNEL_HUGEPAGES=0 keeps the weights out of 2 MB pages (weight_arena.h says why they are the default);
 EDGELLM_KERNEL_PACK=0 keeps MatMulNBits' weight layout on the AVX-512 VNNI path instead of packing the weights
-into 16-row tiles at load (q8_kernel.c, PACK_PAIR, says why packing is the default). A value the library
+into 16-row tiles at load (q8_kernel.c, PACK_PAIR, says why packing is the default);
+EDGELLM_KERNEL_LAYER_REGION=0 hands each of a decode step's matmuls to the intra-op pool on its own instead of
+the whole layer once (ort_op.cc, LayerStep; the outputs are the same bits either way). A value the library
 cannot use (EDGELLM_KERNEL_TASKS_PER_CPU outside 1-64, a negative or non-numeric
 EDGELLM_ATTENTION_PARALLEL_FROM, an EDGELLM_Q8_ISA other than avx2 or scalar) is refused at load.
 """
