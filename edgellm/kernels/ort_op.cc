@@ -189,9 +189,21 @@ void quantize_for(const ConstantWeights& w, const float* A, int64_t M, int64_t K
     edgellm_q8_quantize(A, M, K, scratch.data());
 }
 
+// N weight rows as work items: contiguous ranges of 16-row units, at most tasks_per_cpu() per usable CPU.
+int64_t work_items(int64_t N) {
+  return std::min((N + kRowsPerUnit - 1) / kRowsPerUnit, usable_cpus() * tasks_per_cpu());
+}
+
+// Work item i of `items` over N rows: rows n0 .. n1 - 1 (empty when there are more items than units).
+void item_rows(int64_t N, int64_t items, int64_t i, int64_t* n0, int64_t* n1) {
+  const int64_t units = (N + kRowsPerUnit - 1) / kRowsPerUnit;
+  *n0 = (units * i / items) * kRowsPerUnit;
+  *n1 = std::min(N, (units * (i + 1) / items) * kRowsPerUnit);
+}
+
 struct Task {
   const void* scratch;
-  int64_t M, K, N, units, tasks;
+  int64_t M, K, N, tasks;
   ConstantWeights w;
   float* Y;
 };
@@ -211,9 +223,8 @@ void run_range(const Task& t, int64_t n0, int64_t n1) {
 
 void run_task(void* data, size_t index) {
   const Task& t = *static_cast<const Task*>(data);
-  const int64_t i = (int64_t)index;
-  const int64_t n0 = (t.units * i / t.tasks) * kRowsPerUnit;
-  const int64_t n1 = std::min(t.N, (t.units * (i + 1) / t.tasks) * kRowsPerUnit);
+  int64_t n0 = 0, n1 = 0;
+  item_rows(t.N, t.tasks, (int64_t)index, &n0, &n1);
   if (n0 < n1) run_range(t, n0, n1);
 }
 
@@ -226,8 +237,7 @@ OrtStatus* parallel_matmul(OrtKernelContext* context, const void* scratch, int64
   task.M = M;
   task.K = K;
   task.N = N;
-  task.units = (N + kRowsPerUnit - 1) / kRowsPerUnit;
-  task.tasks = std::min(task.units, usable_cpus() * tasks_per_cpu());
+  task.tasks = work_items(N);
   task.w = w;
   task.Y = Y;
   if (task.tasks <= 1) {
@@ -922,15 +932,14 @@ struct LayerStep {
 
   // Claims and runs phase p's units until none is left.
   void run(int p, const void* quantized) {
-    const int64_t units = (N[p] + kRowsPerUnit - 1) / kRowsPerUnit;
     for (int64_t i; (i = claimed[p].fetch_add(1, std::memory_order_relaxed)) < tasks[p];) {
       if (p == kAttend) {
         start_present(*attention, *call);
         AttentionTask task = store_new_kv(*attention, *call, 0);
         for (int64_t h = 0; h < attention->H; ++h) attend_task(&task, (size_t)h);
       } else {
-        const int64_t n0 = (units * i / tasks[p]) * kRowsPerUnit;
-        const int64_t n1 = std::min(N[p], (units * (i + 1) / tasks[p]) * kRowsPerUnit);
+        int64_t n0 = 0, n1 = 0;
+        item_rows(N[p], tasks[p], i, &n0, &n1);
         if (n0 < n1) {
           Task t;
           t.scratch = quantized;
@@ -1014,9 +1023,7 @@ OrtStatus* layer_step(const LayerKernel& layer, OrtKernelContext* context, const
     step.w[p] = weights[p];
     step.K[p] = K[p];
     step.N[p] = N[p];
-    step.tasks[p] = p == LayerStep::kAttend
-                        ? 1
-                        : std::min((N[p] + kRowsPerUnit - 1) / kRowsPerUnit, usable_cpus() * tasks_per_cpu());
+    step.tasks[p] = p == LayerStep::kAttend ? 1 : work_items(N[p]);
     step.claimed[p].store(0, std::memory_order_relaxed);
     step.done[p].store(0, std::memory_order_relaxed);
   }
