@@ -141,8 +141,8 @@ def test_a_layer_whose_attention_output_is_read_elsewhere_is_left_alone():
 def test_a_decode_step_as_one_region_gives_the_same_bits_however_its_work_is_cut(kernel_library, tmp_path):
     """A decode step's layer runs as one parallel region whose phases threads claim unit by unit (LayerStep in
     ort_op.cc). Settings are read once per process, so each runs in a child: the region with one unit per CPU and
-    with 8 (more units than threads, claimed as they finish), and the matmul-at-a-time path, must give the same bits
-    as the three nodes; a full cache fails at the decode step before anything is written."""
+    with 8 (more units than threads, claimed as they finish), the matmul-at-a-time path, and the weight stream's
+    prefetch off and far past every matrix's end, must give the same bits as the three nodes; a full cache fails at the decode step before anything is written."""
     import os
     import subprocess
     import textwrap
@@ -163,12 +163,14 @@ def test_a_decode_step_as_one_region_gives_the_same_bits_however_its_work_is_cut
         assert not cache.any()
     """)
     want = np.concatenate([a.reshape(-1) for step in steps(session(three_nodes(), kernel_library, 2)) for a in step])
-    for region, tasks in (("1", "1"), ("1", "8"), ("0", "1")):
-        out = tmp_path / f"layer-{region}-{tasks}.npy"
-        env = {**os.environ, "EDGELLM_KERNEL_LAYER_REGION": region, "EDGELLM_KERNEL_TASKS_PER_CPU": tasks}
+    for region, tasks, prefetch in (("1", "1", "4352"), ("1", "8", "4352"), ("0", "1", "4352"), ("1", "1", "0"),
+                                    ("1", "1", "1000000")):
+        out = tmp_path / f"layer-{region}-{tasks}-{prefetch}.npy"
+        env = {**os.environ, "EDGELLM_KERNEL_LAYER_REGION": region, "EDGELLM_KERNEL_TASKS_PER_CPU": tasks,
+               "EDGELLM_KERNEL_PREFETCH": prefetch}
         done = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(kernel_library), str(out)],
                               env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
-        np.testing.assert_array_equal(np.load(out), want, err_msg=f"region {region}, {tasks} units a CPU")
+        np.testing.assert_array_equal(np.load(out), want, err_msg=f"region {region}, {tasks} units a CPU, prefetch {prefetch}")
         assert "sequence 0 has total length 25 for 1 new tokens; it must be at least that and at most the cache " \
                "(24)" in done.stdout, done.stdout

@@ -215,6 +215,8 @@ def test_other_paths_match(library, forced, tasks_per_cpu):
     ("EDGELLM_ATTENTION_PARALLEL_FROM", "-5", "a whole number >= 0"),
     ("EDGELLM_KERNEL_TASKS_PER_CPU", "0", "from 1 to 64"),
     ("EDGELLM_KERNEL_TASKS_PER_CPU", "2.5", "from 1 to 64"),
+    ("EDGELLM_KERNEL_PREFETCH", "4k", "from 0 to 1048576"),
+    ("EDGELLM_KERNEL_PREFETCH", "-64", "from 0 to 1048576"),
     ("EDGELLM_Q8_ISA", "avx512", "avx2, scalar"),
 ])
 def test_a_kernel_setting_the_library_cannot_use_is_refused_at_load(monkeypatch, name, value, says):

@@ -20,9 +20,11 @@ EDGELLM_KERNEL_HUGEPAGES=0 keeps the weights out of 2 MB pages (weight_arena.h s
 EDGELLM_KERNEL_PACK=0 keeps MatMulNBits' weight layout on the AVX-512 VNNI path instead of packing the weights
 into 16-row tiles at load (q8_kernel.c, PACK_PAIR, says why packing is the default);
 EDGELLM_KERNEL_LAYER_REGION=0 hands each of a decode step's matmuls to the intra-op pool on its own instead of
-the whole layer once (ort_op.cc, LayerStep; the outputs are the same bits either way). A value the library
-cannot use (EDGELLM_KERNEL_TASKS_PER_CPU outside 1-64, a negative or non-numeric
-EDGELLM_ATTENTION_PARALLEL_FROM, an EDGELLM_Q8_ISA other than avx2 or scalar) is refused at load.
+the whole layer once (ort_op.cc, LayerStep; the outputs are the same bits either way);
+EDGELLM_KERNEL_PREFETCH=bytes (default 4352, 0 off) is how far ahead of a decode step's weight stream the packed
+kernels prefetch (simd_avx512.h, edgellm_prefetch_distance, says why). A value the library cannot use
+(EDGELLM_KERNEL_TASKS_PER_CPU outside 1-64, a negative or non-numeric EDGELLM_ATTENTION_PARALLEL_FROM,
+EDGELLM_KERNEL_PREFETCH outside 0-1048576, an EDGELLM_Q8_ISA other than avx2 or scalar) is refused at load.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ def isa() -> str:
 
 # The library reads these once per process and would quietly fall back on a value it cannot use: checked here,
 # at load, so a typo is one clear error instead of a setting that silently does nothing.
-_INT_SETTINGS = {"EDGELLM_KERNEL_TASKS_PER_CPU": (1, 64, 1), "EDGELLM_ATTENTION_PARALLEL_FROM": (0, None, 256)}
+_INT_SETTINGS = {"EDGELLM_KERNEL_TASKS_PER_CPU": (1, 64, 1), "EDGELLM_ATTENTION_PARALLEL_FROM": (0, None, 256),
+                 "EDGELLM_KERNEL_PREFETCH": (0, 1 << 20, 4352)}
 _ISA_SETTING = ("EDGELLM_Q8_ISA", ("avx2", "scalar"))
 
 

@@ -124,7 +124,8 @@ void edgellm_q4_pack(const uint8_t* B, const uint16_t* dm, int64_t N, int64_t K,
  * As q8_kernel.c's packed_tile: one vpdpbusd with a broadcast activation dword serves 16 rows; here each weight
  * register serves two dwords (its low and high nibbles). */
 VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile4(const uint8_t* row0, size_t rb, int64_t K,
-                                                                        const uint8_t* tile, const int R, __m512 out[8]) {
+                                                                        const uint8_t* tile, const int R, __m512 out[8],
+                                                                        int64_t prefetch, const uint8_t* end) {
   const int64_t np = pairs_of(K);
   const __m512i low = _mm512_set1_epi8(0x0F);
   const int32_t* sum = sums_of(row0, K);
@@ -133,6 +134,7 @@ VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile4(const
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t p = 0; p < np; ++p) {
     const uint8_t* w = tile + p * PACK4_PAIR;
+    if (R == 1 && prefetch) edgellm_prefetch_lines(w + prefetch, PACK4_PAIR, end);
     for (int h = 0; h < 2; ++h) {
       const int64_t b = 2 * p + h;
       __m512i d[8][2]; /* [r][0]: nibbles x low bytes, [r][1]: nibbles x high bytes */
@@ -168,7 +170,7 @@ VNNI_TARGET static void matmul_packed4_vnni(const uint8_t* scratch, int64_t M, i
                                             int64_t n0, int64_t n1, float* Y) {
   const int64_t np = pairs_of(K);
   const size_t rb = row16_bytes(K);
-#define Q4_TILE(row, R, tile, out) packed_tile4(row, rb, K, tile, R, out)
+#define Q4_TILE(row, R, tile, out) packed_tile4(row, rb, K, tile, R, out, prefetch, range_end)
   EDGELLM_PACKED_TILES((size_t)np * PACK4_PAIR, rb, Q4_TILE)
 #undef Q4_TILE
 }

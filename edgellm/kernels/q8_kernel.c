@@ -341,7 +341,8 @@ VNNI_TARGET static void matmul_vnni_tiles(const uint8_t* scratch, int64_t M, int
  * A padded row (past N) or block (past K/32) has weights 128 (zero) and scale 0. */
 /* R activation rows (rb apart in the scratch) against one packed tile: out[r] = the tile's 16 outputs of row r. */
 VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile(const uint8_t* row0, size_t rb, int64_t np,
-                                                                       const uint8_t* tile, const int R, __m512 out[8]) {
+                                                                       const uint8_t* tile, const int R, __m512 out[8],
+                                                                       int64_t prefetch, const uint8_t* end) {
   __m512 acc[8];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const int32_t* cb = (const int32_t*)(row0 + np * 192);
@@ -349,6 +350,7 @@ VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile(const 
   for (int64_t p = 0; p < np; ++p) {
     const uint8_t* w = tile + p * PACK_PAIR;
     const uint16_t* s = (const uint16_t*)(w + 1024);
+    if (R == 1 && prefetch) edgellm_prefetch_lines(w + prefetch, PACK_PAIR, end);
     for (int h = 0; h < 2; ++h) {
       const int64_t b = 2 * p + h;
       __m512i d[8][2];
@@ -383,7 +385,7 @@ VNNI_TARGET static void matmul_packed_vnni(const uint8_t* scratch, int64_t M, in
                                            int64_t n0, int64_t n1, float* Y) {
   const int64_t np = pairs_of(K);
   const size_t rb = row_bytes(K);
-#define Q8_TILE(row, R, tile, out) packed_tile(row, rb, np, tile, R, out)
+#define Q8_TILE(row, R, tile, out) packed_tile(row, rb, np, tile, R, out, prefetch, range_end)
   EDGELLM_PACKED_TILES((size_t)np * PACK_PAIR, rb, Q8_TILE)
 #undef Q8_TILE
 }
