@@ -45,20 +45,23 @@ EDGELLM_AVX512 static inline __m512 edgellm_sum16(const __m512 v[16]) {
 
 /* Bytes ahead of a decode step's weight stream that the packed kernels prefetch (EDGELLM_KERNEL_PREFETCH, default
  * 4352: four 8-bit tile pairs; "0" turns it off). The hardware prefetcher stops at every 4 KB boundary and keeps
- * too few lines in flight for one core to read at memory speed; prefetching every line ahead took the Intel
- * VM's decode from 18.2 to 15.2 ms/token at 1 thread and 10.7 to 9.6 at 2 (development A/B; 4-17 KB all did as
- * well, 0.5-1 KB less; prefetching into L2 only gained less, non-temporal lost). Read once, at the first call. */
+ * too few lines in flight for one core to read at memory speed: prefetching every line ahead took 0.87-0.90x off
+ * a decode step on the Intel VM (benchmarks/kernel_steps_xeon.json, "+ prefetch"), and 4352 was the best of the
+ * distances tried (benchmarks/prefetch_distance_xeon.json). Read once per file, at the first call; the pool's
+ * threads may make that call together, hence the atomic. */
 static inline int64_t edgellm_prefetch_distance(void) {
   static int64_t distance = -1;
-  if (distance < 0) {
+  int64_t d = __atomic_load_n(&distance, __ATOMIC_RELAXED);
+  if (d < 0) {
     const char* v = getenv("EDGELLM_KERNEL_PREFETCH");
-    const long long d = v ? atoll(v) : 4352;
-    distance = d > 0 ? (int64_t)d : 0;
+    const long long parsed = v ? atoll(v) : 4352;
+    d = parsed > 0 ? (int64_t)parsed : 0;
+    __atomic_store_n(&distance, d, __ATOMIC_RELAXED);
   }
-  return distance;
+  return d;
 }
 
-/* Prefetch (into L1) the lines of [from, from + bytes) that lie before end: one pair's worth of the stream, issued
+/* Prefetch (into every cache level) the lines of [from, from + bytes) that lie before end: one pair's worth of the stream, issued
  * as its pair is computed, so the loads spread over the step instead of filling the line-fill buffers at once. */
 static inline void edgellm_prefetch_lines(const uint8_t* from, size_t bytes, const uint8_t* end) {
   const uintptr_t stop = (uintptr_t)from + bytes < (uintptr_t)end ? (uintptr_t)from + bytes : (uintptr_t)end;
