@@ -133,13 +133,15 @@ def git_revision(where: Path | None = None) -> dict[str, Any]:
 
 def kernels() -> dict[str, Any]:
     """Whether edgellm's own int8 CPU kernels could run here (load() then runs a folder's model.kernels.onnx unless
-    told not to): the library file, the ISA it dispatches to, and EDGELLM_KERNELS as set."""
+    told not to): the library file, the ISA it dispatches to, the prefetch distance it uses (its default depends on the
+    CPU) and EDGELLM_KERNELS as set."""
     try:
         from . import kernels as library
     except ImportError:
-        return {"library": None, "isa": None, "EDGELLM_KERNELS": os.environ.get("EDGELLM_KERNELS")}
+        return {"library": None, "isa": None, "prefetch_bytes": None, "EDGELLM_KERNELS": os.environ.get("EDGELLM_KERNELS")}
     path = library.library_path()
     return {"library": path.name if path is not None else None, "isa": library.isa() if path is not None else None,
+            "prefetch_bytes": library.prefetch_distance() if path is not None else None,
             "EDGELLM_KERNELS": os.environ.get("EDGELLM_KERNELS")}
 
 

@@ -22,9 +22,10 @@ Variants of the same int8 folder, each built from its model.onnx with the functi
                    each of its four matmuls handed to the intra-op pool on its own
   + one region     the same graph, a decode step's layer handed to the pool once (ort_op.cc, LayerStep);
                    every variant before this one runs with EDGELLM_KERNEL_LAYER_REGION=0
-  + prefetch       the same graph, the packed kernels prefetching the weight stream ahead of a decode step
-                   (simd_avx512.h, edgellm_prefetch_distance): the shipped model.kernels.onnx as load runs it;
-                   every variant before this one runs with EDGELLM_KERNEL_PREFETCH=0
+  + prefetch       the same graph, the packed kernels prefetching the weight stream 4352 bytes ahead of a decode
+                   step (simd_avx512.h, edgellm_prefetch_distance): the shipped default on Intel CPUs; on AMD's the
+                   default is no prefetch, so there "+ one region" is what load runs. Every variant before this one
+                   runs with EDGELLM_KERNEL_PREFETCH=0
 
 Each (variant, thread count) runs in a fresh process of its own (no two sessions share a process or
 its caches), in a rotating order every round: edgellm.runtime.measure.decode_probe on the bare
@@ -55,7 +56,8 @@ VARIANTS = ("onnxruntime", "MatMulQ8", "+ Q8Mlp", "+ CachedAttention", "+ huge p
 HUGEPAGES_FROM = "+ huge pages"  # the first variant that places its weights in huge pages
 PACKED_FROM = "+ packed tiles"  # the first variant whose weights are packed into the kernel's own layout
 REGION_FROM = "+ one region"  # the first variant whose decode step hands each layer to the pool once
-PREFETCH_FROM = "+ prefetch"  # the first variant whose kernels prefetch the weight stream (the default distance)
+PREFETCH_FROM = "+ prefetch"  # the first variant whose kernels prefetch the weight stream
+PREFETCH_BYTES = "4352"  # its distance: the default on Intel CPUs (AMD's default is 0)
 
 
 def build_variants(folder: Path) -> dict[str, str | None]:
@@ -153,9 +155,7 @@ def main() -> None:
                     env = {**os.environ, **{name: "1" if step >= VARIANTS.index(first) else "0" for name, first in (
                         ("EDGELLM_KERNEL_HUGEPAGES", HUGEPAGES_FROM), ("EDGELLM_KERNEL_PACK", PACKED_FROM),
                         ("EDGELLM_KERNEL_LAYER_REGION", REGION_FROM))}}
-                    env.pop("EDGELLM_KERNEL_PREFETCH", None)
-                    if step < VARIANTS.index(PREFETCH_FROM):
-                        env["EDGELLM_KERNEL_PREFETCH"] = "0"
+                    env["EDGELLM_KERNEL_PREFETCH"] = PREFETCH_BYTES if step >= VARIANTS.index(PREFETCH_FROM) else "0"
                     run = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
                                          text=True, timeout=600, env=env)
                     if run.returncode != 0:

@@ -21,8 +21,9 @@ EDGELLM_KERNEL_PACK=0 keeps MatMulNBits' weight layout on the AVX-512 VNNI path 
 into 16-row tiles at load (q8_kernel.c, PACK_PAIR, says why packing is the default);
 EDGELLM_KERNEL_LAYER_REGION=0 hands each of a decode step's matmuls to the intra-op pool on its own instead of
 the whole layer once (ort_op.cc, LayerStep; the outputs are the same bits either way);
-EDGELLM_KERNEL_PREFETCH=bytes (default 4352, 0 off) is how far ahead of a decode step's weight stream the packed
-kernels prefetch (simd_avx512.h, edgellm_prefetch_distance, says why). A value the library cannot use
+EDGELLM_KERNEL_PREFETCH=bytes (0 off; default 4352 on Intel CPUs and 0 on AMD's, as measured on each) is how far
+ahead of a decode step's weight stream the packed kernels prefetch (simd_avx512.h, edgellm_prefetch_distance,
+says why; prefetch_distance() reads what the library uses). A value the library cannot use
 (EDGELLM_KERNEL_TASKS_PER_CPU outside 1-64, a negative or non-numeric EDGELLM_ATTENTION_PARALLEL_FROM,
 EDGELLM_KERNEL_PREFETCH outside 0-1048576, an EDGELLM_Q8_ISA other than avx2 or scalar) is refused at load.
 """
@@ -127,8 +128,10 @@ def isa() -> str:
 
 # The library reads these once per process and would quietly fall back on a value it cannot use: checked here,
 # at load, so a typo is one clear error instead of a setting that silently does nothing.
-_INT_SETTINGS = {"EDGELLM_KERNEL_TASKS_PER_CPU": (1, 64, 1), "EDGELLM_ATTENTION_PARALLEL_FROM": (0, None, 256),
-                 "EDGELLM_KERNEL_PREFETCH": (0, 1 << 20, 4352)}
+# name: (lowest, highest or None, the default as the error states it, a value to suggest)
+_INT_SETTINGS = {"EDGELLM_KERNEL_TASKS_PER_CPU": (1, 64, "1", 1),
+                 "EDGELLM_ATTENTION_PARALLEL_FROM": (0, None, "256", 256),
+                 "EDGELLM_KERNEL_PREFETCH": (0, 1 << 20, "4352 on Intel CPUs, 0 on AMD's", 4352)}
 _ISA_SETTING = ("EDGELLM_Q8_ISA", ("avx2", "scalar"))
 
 
@@ -136,7 +139,7 @@ def check_settings() -> None:
     """Raise InvalidParameterError naming the variable, its value, the allowed range and the fix."""
     from ..errors import InvalidParameterError
 
-    for name, (low, high, default) in _INT_SETTINGS.items():
+    for name, (low, high, default, example) in _INT_SETTINGS.items():
         raw = os.environ.get(name)
         if raw is None or raw.strip() == "":
             continue
@@ -147,12 +150,26 @@ def check_settings() -> None:
             value = None
         if value is None or value < low or (high is not None and value > high):
             raise InvalidParameterError(f"{name}={raw!r}: must be {limit} (default {default}). "
-                                        f"Fix: unset it, or set e.g. {name}={default}.")
+                                        f"Fix: unset it, or set e.g. {name}={example}.")
     name, allowed = _ISA_SETTING
     raw = os.environ.get(name)
     if raw and raw not in allowed:  # compared as the library does (strcmp): " avx2" would be ignored there
         raise InvalidParameterError(f"{name}={raw!r}: it can only lower the code path, to one of "
                                     f"{', '.join(allowed)}. Fix: unset it to run the best path this CPU has.")
+
+
+def prefetch_distance() -> int | None:
+    """Bytes ahead of a decode step's weight stream that the kernels prefetch in this process (0: none, as on AMD
+    CPUs by default or where the packed path does not run), or None when library_path() is None. Results files
+    record it (edgellm.record.kernels), since the default depends on the CPU."""
+    path = library_path()
+    if path is None:
+        return None
+    check_settings()
+    lib = _open(path)
+    lib.edgellm_kernel_prefetch.restype = ctypes.c_int64
+    lib.edgellm_kernel_prefetch.argtypes = []
+    return int(lib.edgellm_kernel_prefetch())
 
 
 def register(options: "ort.SessionOptions") -> bool:

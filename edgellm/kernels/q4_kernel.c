@@ -170,7 +170,7 @@ VNNI_TARGET static void matmul_packed4_vnni(const uint8_t* scratch, int64_t M, i
                                             int64_t n0, int64_t n1, float* Y) {
   const int64_t np = pairs_of(K);
   const size_t rb = row16_bytes(K);
-#define Q4_TILE(row, R, tile, out) packed_tile4(row, rb, K, tile, R, out, prefetch, range_end)
+#define Q4_TILE(row, R, tile, out, PF) packed_tile4(row, rb, K, tile, R, out, PF, range_end)
   EDGELLM_PACKED_TILES((size_t)np * PACK4_PAIR, rb, Q4_TILE)
 #undef Q4_TILE
 }

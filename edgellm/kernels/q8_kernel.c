@@ -385,7 +385,7 @@ VNNI_TARGET static void matmul_packed_vnni(const uint8_t* scratch, int64_t M, in
                                            int64_t n0, int64_t n1, float* Y) {
   const int64_t np = pairs_of(K);
   const size_t rb = row_bytes(K);
-#define Q8_TILE(row, R, tile, out) packed_tile(row, rb, np, tile, R, out, prefetch, range_end)
+#define Q8_TILE(row, R, tile, out, PF) packed_tile(row, rb, np, tile, R, out, PF, range_end)
   EDGELLM_PACKED_TILES((size_t)np * PACK_PAIR, rb, Q8_TILE)
 #undef Q8_TILE
 }
@@ -496,6 +496,14 @@ void edgellm_rms_norm(const float* x, const float* gamma, float eps, float* out,
 const char* edgellm_q8_isa(void) {
   static const char* names[] = {"scalar", "avx2", "avx512vnni"};
   return names[chosen_isa()];
+}
+
+int64_t edgellm_kernel_prefetch(void) {
+#ifdef EDGELLM_X86
+  return edgellm_q8_packed() ? edgellm_prefetch_distance() : 0;
+#else
+  return 0;
+#endif
 }
 
 void edgellm_q8_matmul(const void* scratch, int64_t M, int64_t K, const uint8_t* B, const uint16_t* scales,

@@ -42,6 +42,8 @@ void edgellm_silu_mul(const float* gate, const float* up, float* out, int64_t n)
 void edgellm_rms_norm(const float* x, const float* gamma, float eps, float* out, int64_t n);
 /* "avx512vnni", "avx2" or "scalar": the code path this CPU runs (EDGELLM_Q8_ISA=avx2|scalar forces a lower one). */
 const char* edgellm_q8_isa(void);
+/* Bytes ahead of a decode step's weight stream that the packed kernels prefetch here (0: none; simd_avx512.h). */
+int64_t edgellm_kernel_prefetch(void);
 
 #ifdef __cplusplus
 }

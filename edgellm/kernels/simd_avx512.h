@@ -43,18 +43,22 @@ EDGELLM_AVX512 static inline __m512 edgellm_sum16(const __m512 v[16]) {
 }
 
 
-/* Bytes ahead of a decode step's weight stream that the packed kernels prefetch (EDGELLM_KERNEL_PREFETCH, default
- * 4352: four 8-bit tile pairs; "0" turns it off). The hardware prefetcher stops at every 4 KB boundary and keeps
- * too few lines in flight for one core to read at memory speed: prefetching every line ahead took 0.87-0.90x off
- * a decode step on the Intel VM (benchmarks/kernel_steps_xeon.json, "+ prefetch"), and 4352 was the best of the
- * distances tried (benchmarks/prefetch_distance_xeon.json). Read once per file, at the first call; the pool's
- * threads may make that call together, hence the atomic. */
+/* Bytes ahead of a decode step's weight stream that the packed kernels prefetch (EDGELLM_KERNEL_PREFETCH; "0" turns
+ * it off). The default depends on the CPU's maker, as measured on both VM kinds. Intel: 4352 (four 8-bit tile
+ * pairs). Its hardware prefetcher stops at every 4 KB boundary and keeps too few lines in flight for one core to read
+ * at memory speed: prefetching every line ahead took 0.87-0.90x off a decode step on the Intel VM
+ * (benchmarks/kernel_steps_xeon.json, "+ prefetch"), and 4352 was the best of the distances tried
+ * (benchmarks/prefetch_distance_xeon.json). AMD: 0. On the AMD EPYC VM (Zen 4) the same prefetch made int8 decode
+ * 1.03-1.11x slower (benchmarks/prefetch_distance.json, benchmarks/kernel_steps.json): its own prefetchers keep up,
+ * and the extra instructions only cost. Read once per file, at the first call; the pool's threads may make that
+ * call together, hence the atomic. */
 static inline int64_t edgellm_prefetch_distance(void) {
   static int64_t distance = -1;
   int64_t d = __atomic_load_n(&distance, __ATOMIC_RELAXED);
   if (d < 0) {
     const char* v = getenv("EDGELLM_KERNEL_PREFETCH");
-    const long long parsed = v ? atoll(v) : 4352;
+    __builtin_cpu_init();
+    const long long parsed = v ? atoll(v) : __builtin_cpu_is("amd") ? 0 : 4352;
     d = parsed > 0 ? (int64_t)parsed : 0;
     __atomic_store_n(&distance, d, __ATOMIC_RELAXED);
   }
@@ -71,7 +75,8 @@ static inline void edgellm_prefetch_lines(const uint8_t* from, size_t bytes, con
 /* The packed matmuls' outer loop (q8_kernel.c, q4_kernel.c), in the caller's scope (scratch, M, P, N, n0, n1, Y):
  * 16-row tiles of TILE_BYTES each; up to 8 activation rows share each weight register when M <= 8 (decode,
  * speculative verify), 4 for prompts (groups of 4 measured ~10% faster there). TILE(row, R, tile, out) computes
- * R rows (a constant, so each case compiles its own register allocation) of one tile. */
+ * R rows (a constant, so each case compiles its own register allocation) of one tile, prefetching PF bytes ahead (one
+ * row only; a constant 0 compiles a copy without the prefetch, so turning it off gives back the code before it). */
 #define EDGELLM_PACKED_TILES(TILE_BYTES, RB, TILE)                                                        \
   const uint8_t* const range_end = P + (size_t)((n1 + 15) / 16) * (TILE_BYTES);                             \
   const int64_t prefetch = M == 1 ? edgellm_prefetch_distance() : 0;                                       \
@@ -85,14 +90,17 @@ static inline void edgellm_prefetch_lines(const uint8_t* from, size_t bytes, con
       const uint8_t* row = scratch + m * (RB);                                                              \
       const int64_t R = M - m < group ? M - m : group;                                                      \
       switch (R) {                                                                                          \
-        case 1: TILE(row, 1, tile, out); break;                                                             \
-        case 2: TILE(row, 2, tile, out); break;                                                             \
-        case 3: TILE(row, 3, tile, out); break;                                                             \
-        case 4: TILE(row, 4, tile, out); break;                                                             \
-        case 5: TILE(row, 5, tile, out); break;                                                             \
-        case 6: TILE(row, 6, tile, out); break;                                                             \
-        case 7: TILE(row, 7, tile, out); break;                                                             \
-        default: TILE(row, 8, tile, out); break;                                                            \
+        case 1:                                                                                             \
+          if (prefetch) TILE(row, 1, tile, out, prefetch);                                                  \
+          else TILE(row, 1, tile, out, 0); /* its own copy, compiled without the prefetch */               \
+          break;                                                                                            \
+        case 2: TILE(row, 2, tile, out, 0); break;                                                          \
+        case 3: TILE(row, 3, tile, out, 0); break;                                                          \
+        case 4: TILE(row, 4, tile, out, 0); break;                                                          \
+        case 5: TILE(row, 5, tile, out, 0); break;                                                          \
+        case 6: TILE(row, 6, tile, out, 0); break;                                                          \
+        case 7: TILE(row, 7, tile, out, 0); break;                                                          \
+        default: TILE(row, 8, tile, out, 0); break;                                                         \
       }                                                                                                     \
       for (int64_t r = 0; r < R; ++r) _mm512_mask_storeu_ps(Y + (m + r) * N + n, keep, out[r]);            \
     }                                                                                                       \
