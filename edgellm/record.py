@@ -138,7 +138,8 @@ def kernels() -> dict[str, Any]:
     try:
         from . import kernels as library
     except ImportError:
-        return {"library": None, "isa": None, "prefetch_bytes": None, "EDGELLM_KERNELS": os.environ.get("EDGELLM_KERNELS")}
+        return {"library": None, "isa": None, "prefetch_bytes": None,
+                "EDGELLM_KERNELS": os.environ.get("EDGELLM_KERNELS")}
     path = library.library_path()
     return {"library": path.name if path is not None else None, "isa": library.isa() if path is not None else None,
             "prefetch_bytes": library.prefetch_distance() if path is not None else None,

@@ -48,10 +48,10 @@ EDGELLM_AVX512 static inline __m512 edgellm_sum16(const __m512 v[16]) {
  * pairs). Its hardware prefetcher stops at every 4 KB boundary and keeps too few lines in flight for one core to read
  * at memory speed: prefetching every line ahead took 0.87-0.90x off a decode step on the Intel VM
  * (benchmarks/kernel_steps_xeon.json, "+ prefetch"), and 4352 was the best of the distances tried
- * (benchmarks/prefetch_distance_xeon.json). AMD: 0. On the AMD EPYC VM (Zen 4) the same prefetch made int8 decode
- * 1.03-1.11x slower (benchmarks/prefetch_distance.json, benchmarks/kernel_steps.json): its own prefetchers keep up,
- * and the extra instructions only cost. Read once per file, at the first call; the pool's threads may make that
- * call together, hence the atomic. */
+ * (benchmarks/prefetch_distance_xeon.json). AMD: 0. On the AMD EPYC VM (Zen 4) the same prefetch made a decode step
+ * 1.07-1.14x slower (benchmarks/kernel_steps.json, "+ prefetch"), and every distance tried was slower for int8
+ * (1.07-1.22x, benchmarks/prefetch_distance.json): its own prefetchers keep up, and the extra instructions only
+ * cost. Read once per file, at the first call; the pool's threads may make that call together, hence the atomic. */
 static inline int64_t edgellm_prefetch_distance(void) {
   static int64_t distance = -1;
   int64_t d = __atomic_load_n(&distance, __ATOMIC_RELAXED);
@@ -65,8 +65,9 @@ static inline int64_t edgellm_prefetch_distance(void) {
   return d;
 }
 
-/* Prefetch (into every cache level) the lines of [from, from + bytes) that lie before end: one pair's worth of the stream, issued
- * as its pair is computed, so the loads spread over the step instead of filling the line-fill buffers at once. */
+/* Prefetch (into every cache level) the lines of [from, from + bytes) that lie before end: one pair's worth of the
+ * stream, issued as its pair is computed, so the loads spread over the step instead of filling the line-fill buffers
+ * at once. */
 static inline void edgellm_prefetch_lines(const uint8_t* from, size_t bytes, const uint8_t* end) {
   const uintptr_t stop = (uintptr_t)from + bytes < (uintptr_t)end ? (uintptr_t)from + bytes : (uintptr_t)end;
   for (uintptr_t a = (uintptr_t)from & ~(uintptr_t)63; a < stop; a += 64) _mm_prefetch((const char*)a, _MM_HINT_T0);
