@@ -253,6 +253,19 @@ def test_the_prefetch_distance_is_the_setting_or_the_cpu_makers_default(value):
     assert int(done.stdout.strip()) == want
 
 
+def test_a_library_older_than_the_prefetch_export_asks_for_a_rebuild(monkeypatch):
+    """A library built before edgellm_kernel_prefetch existed (sources updated, not rebuilt): one error naming the
+    file and the fix, not an AttributeError. A real library without the symbol (libc) stands in for it."""
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(kernels, "_open", lambda path: libc)
+    with pytest.raises(kernels.BuildError,
+                       match="predates edgellm_kernel_prefetch.*Fix: python -m edgellm.kernels build"):
+        kernels.prefetch_distance()
+
+
 def test_import_stays_light():
     """Importing edgellm.kernels loads neither torch nor the library (it is opened on first use)."""
     code = ("import sys, edgellm.kernels; print('torch' in sys.modules, "

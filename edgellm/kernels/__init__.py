@@ -166,10 +166,14 @@ def prefetch_distance() -> int | None:
     if path is None:
         return None
     check_settings()
-    lib = _open(path)
-    lib.edgellm_kernel_prefetch.restype = ctypes.c_int64
-    lib.edgellm_kernel_prefetch.argtypes = []
-    return int(lib.edgellm_kernel_prefetch())
+    try:
+        read = _open(path).edgellm_kernel_prefetch
+    except AttributeError:
+        raise BuildError(f"{path} predates edgellm_kernel_prefetch (it was built from older sources). "
+                         "Fix: python -m edgellm.kernels build") from None
+    read.restype = ctypes.c_int64
+    read.argtypes = []
+    return int(read())
 
 
 def register(options: "ort.SessionOptions") -> bool:
